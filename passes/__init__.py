@@ -1,0 +1,1 @@
+"""Graph passes over exported ONNX IR models; one pass per module."""

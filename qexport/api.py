@@ -1,0 +1,104 @@
+"""The Python API behind the CLI: export a model folder."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import resource
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import onnx_ir as ir
+
+from qexport.artifact import MODEL_FILE
+from qexport.graph_export import ExportSettings, export_graph
+from qexport.loading import load_model, resolve_source
+from qexport.outdir import atomic_output_dir, checksums, write_manifest
+
+log = logging.getLogger(__name__)
+
+EXTERNAL_DATA_FILE = "model.onnx.data"
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's hard limit
+VERSIONED = ("torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "qexport")
+
+
+def package_versions() -> dict[str, str]:
+    found = {}
+    for name in VERSIONED:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def peak_memory_mib() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def save_model(model: ir.Model, folder: Path) -> list[str]:
+    """Save the ONNX model, with external data when it would pass protobuf's 2 GB limit."""
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if size > EXTERNAL_DATA_THRESHOLD:
+        ir.save(model, folder / MODEL_FILE, external_data=EXTERNAL_DATA_FILE)
+        return [MODEL_FILE, EXTERNAL_DATA_FILE]
+    ir.save(model, folder / MODEL_FILE)
+    return [MODEL_FILE]
+
+
+def export(
+    model: str | None = None,
+    out: str | os.PathLike = "qexport-out",
+    *,
+    dtype: str = "fp32",
+    kv_cache: bool = True,
+    force: bool = False,
+    revision: str | None = None,
+) -> Path:
+    """Export MODEL (hub id, folder, .gguf, or the embedded default) to the folder ``out``; returns it."""
+    settings = ExportSettings(dtype=dtype, kv_cache=kv_cache)
+    source = resolve_source(model, revision=revision)
+    out = Path(out)
+    if out.exists() and not force:  # fail before the slow part; atomic_output_dir checks again
+        from qexport.errors import OutputExistsError
+
+        raise OutputExistsError(f"output folder {out} exists; pass --force to replace it")
+    start = time.perf_counter()
+    config, family, hf_model, tokenizer = load_model(source)
+    load_s = time.perf_counter() - start
+    with atomic_output_dir(out, force=force) as tmp:
+        export_start = time.perf_counter()
+        ir_model, signature = export_graph(hf_model, family, settings)
+        export_s = time.perf_counter() - export_start
+        files = save_model(ir_model, tmp)
+        tokenizer.save_pretrained(tmp)
+        config_dict = config.to_dict()
+        config_dict.pop("quantization_config", None)  # the GGUF loader's marker; the ONNX weights are float
+        type(config).from_dict(config_dict).save_pretrained(tmp)
+        manifest = {
+            "format": 1,
+            "source": source.to_json(),
+            "model_type": config.model_type,
+            "family": family.name,
+            "dtype": settings.dtype,
+            "opset": settings.opset,
+            "signature": signature.to_json(),
+            "files": checksums(tmp, files),
+            "versions": package_versions(),
+            "python": platform.python_version(),
+            "export": {
+                "load_seconds": round(load_s, 2),
+                "export_seconds": round(export_s, 2),
+                "total_seconds": round(time.perf_counter() - start, 2),
+                "peak_memory_mib": round(peak_memory_mib(), 1),
+                "nodes": len(ir_model.graph),
+            },
+            "recipe": None,
+            "calibration": None,
+        }
+        write_manifest(tmp, manifest)
+    log.info("wrote %s in %.1f s", out, time.perf_counter() - start)
+    return out

@@ -1,0 +1,70 @@
+"""An exported model folder: model.onnx, tokenizer, config and the qexport.json manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from qexport.errors import QexportError
+from qexport.graph_export import GraphSignature
+from qexport.loading import ModelSource
+from qexport.outdir import read_manifest
+
+MODEL_FILE = "model.onnx"
+RUNTIMES = ("ort-cpu", "ort-cuda", "tensorrt")
+
+
+@dataclasses.dataclass
+class Artifact:
+    """A qexport output folder, opened for evaluation, generation and benchmarks."""
+
+    folder: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike) -> "Artifact":
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        if not (folder / MODEL_FILE).is_file():
+            raise QexportError(f"{folder} has no {MODEL_FILE}; export the model again")
+        return cls(folder, manifest)
+
+    @property
+    def model_path(self) -> Path:
+        return self.folder / MODEL_FILE
+
+    @property
+    def signature(self) -> GraphSignature:
+        return GraphSignature.from_json(self.manifest["signature"])
+
+    @property
+    def source(self) -> ModelSource:
+        return ModelSource.from_json(self.manifest["source"])
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.folder)
+
+    def causal_lm(self, runtime: str = "ort-cpu", threads: int | None = None):
+        """The exported graph as a :class:`CausalLM` on the chosen runtime."""
+        from qexport.runtimes.causal_lm import CausalLM
+
+        if runtime in ("ort-cpu", "ort-cuda"):
+            from qexport.runtimes.ort import OrtRunner
+
+            return CausalLM(OrtRunner(self.model_path, device=runtime.split("-")[1], threads=threads), self.signature)
+        if runtime == "tensorrt":
+            raise QexportError("the TensorRT runtime is not implemented yet; use --runtime ort-cpu or ort-cuda")
+        raise QexportError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+
+    def reference(self, threads: int | None = None):
+        """The PyTorch source model, reloaded from the manifest, as a :class:`CausalLM`."""
+        from qexport.loading import load_model
+        from qexport.runtimes.causal_lm import CausalLM
+        from qexport.runtimes.torch_runner import TorchRunner
+
+        _, _, model, _ = load_model(self.source)
+        return CausalLM(TorchRunner(model, self.signature, threads=threads), self.signature)

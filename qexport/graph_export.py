@@ -1,0 +1,185 @@
+"""Export a causal LM to one ONNX graph that serves prefill and decode (KV cache), via the dynamo exporter."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import warnings
+
+import onnx_ir as ir
+import torch
+
+from qexport.families import Family
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSettings:
+    """How the graph is exported."""
+
+    dtype: str = "fp32"
+    kv_cache: bool = True
+    opset: int = 21
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.opset < 21:
+            raise ValueError("opset must be 21 or later (blocked QDQ needs it)")
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphSignature:
+    """Names and KV-cache layout of an exported graph; stored in the manifest."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    kv_cache: bool
+    uses_position_ids: bool
+    dtype: str
+
+    @property
+    def past_names(self) -> list[str]:
+        if not self.kv_cache:
+            return []
+        return [f"past_key_values.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
+
+    @property
+    def present_names(self) -> list[str]:
+        if not self.kv_cache:
+            return []
+        return [f"present.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
+
+    @property
+    def input_names(self) -> list[str]:
+        names = ["input_ids", "attention_mask"]
+        if self.uses_position_ids:
+            names.append("position_ids")
+        return names + self.past_names
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["logits"] + self.present_names
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "GraphSignature":
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
+
+class CausalLMWithCache(torch.nn.Module):
+    """Flat-tensor front of a Hugging Face causal LM: past key/values in, logits and present out."""
+
+    def __init__(self, model: torch.nn.Module, signature: GraphSignature) -> None:
+        super().__init__()
+        self.model = model
+        self.signature = signature
+
+    def forward(self, input_ids, attention_mask, position_ids=None, past=()):
+        from transformers import DynamicCache
+
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        if not self.signature.kv_cache:
+            return self.model(**kwargs, use_cache=False).logits
+        # A cache without the config holds every layer in full; sliding-window layers mask instead of truncating,
+        # so all layers share one past length and the graph keeps one dynamic axis for it.
+        cache = DynamicCache()
+        for i in range(self.signature.num_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(**kwargs, past_key_values=cache, use_cache=True)
+        present = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def probe_signature(model: torch.nn.Module, family: Family, settings: ExportSettings) -> GraphSignature:
+    """Read the KV-cache layout by running the model once on two tokens."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[1, 2]]), use_cache=True)
+    layers = out.past_key_values.layers
+    shapes = {tuple(layer.keys.shape[1::2]) for layer in layers}
+    if len(shapes) != 1:
+        raise NotImplementedError(f"layers with different KV-cache shapes are not supported yet: {shapes}")
+    (kv_heads, head_dim), = shapes
+    return GraphSignature(
+        num_layers=len(layers),
+        num_kv_heads=int(kv_heads),
+        head_dim=int(head_dim),
+        kv_cache=settings.kv_cache,
+        uses_position_ids=family.uses_position_ids,
+        dtype=settings.dtype,
+    )
+
+
+def _example_inputs(signature: GraphSignature, dtype: torch.dtype):
+    batch, seq, past_len = 2, 3, 4
+    input_ids = torch.tensor([[1, 2, 3], [4, 5, 6]], dtype=torch.long)
+    attention_mask = torch.ones(batch, past_len + seq if signature.kv_cache else seq, dtype=torch.long)
+    start = past_len if signature.kv_cache else 0
+    position_ids = torch.arange(start, start + seq).unsqueeze(0).expand(batch, seq).contiguous()
+    shape = (batch, signature.num_kv_heads, past_len, signature.head_dim)
+    past = [torch.zeros(shape, dtype=dtype) for _ in signature.past_names]
+    args: list = [input_ids, attention_mask]
+    args.append(position_ids if signature.uses_position_ids else None)
+    args.append(past)
+    return tuple(args)
+
+
+def _dynamic_shapes(signature: GraphSignature):
+    from torch.export import Dim
+
+    batch, seq = Dim("batch"), Dim("sequence")
+    total = Dim("total_sequence") if signature.kv_cache else seq
+    past_len = Dim("past_sequence")
+    return {
+        "input_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: total},
+        "position_ids": {0: batch, 1: seq} if signature.uses_position_ids else None,
+        "past": [{0: batch, 2: past_len} for _ in signature.past_names],
+    }
+
+
+def export_graph(model: torch.nn.Module, family: Family, settings: ExportSettings) -> tuple[ir.Model, GraphSignature]:
+    """Export ``model`` (float32, eval mode) to an ONNX IR model with the Optimum-style signature."""
+    dtype = DTYPES[settings.dtype]
+    model = model.to(dtype)
+    signature = probe_signature(model, family, settings)
+    wrapper = CausalLMWithCache(model, signature).eval()
+    log.info("exporting %d layers (kv cache: %s, %s)", signature.num_layers, settings.kv_cache, settings.dtype)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            wrapper,
+            _example_inputs(signature, dtype),
+            dynamo=True,
+            dynamic_shapes=_dynamic_shapes(signature),
+            input_names=signature.input_names,
+            output_names=signature.output_names,
+            opset_version=settings.opset,
+            optimize=True,
+            verbose=False,
+        )
+    ir_model = program.model
+    ir_model.producer_name = "qexport"
+    ir_model.producer_version = _version()
+    return ir_model, signature
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qexport")
+    except PackageNotFoundError:
+        return "0+unknown"
