@@ -1,0 +1,119 @@
+"""Shared IR helpers for the graph passes: constants, copy-on-write initializers, graph walking.
+
+Every write goes through onnx_ir operations (``register_initializer``, ``replace_input_with``,
+``replace_all_uses_with``). Initializers shared between several uses (the exporter deduplicates equal
+tensors, e.g. all-ones norm weights or a tied embedding) are copied before a write, never changed under
+another user's feet.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+log = logging.getLogger(__name__)
+
+# Ops that only move data around: a per-channel scale on their input reaches their output unchanged
+# in value (possibly at another position), so site tracing may walk through them.
+DATA_MOVEMENT = frozenset({"Reshape", "Transpose", "Expand", "Unsqueeze", "Squeeze", "Cast", "Identity", "Concat"})
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The constant held by ``value`` (an initializer), or ``None`` when it is computed."""
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def const_f64(value: ir.Value) -> np.ndarray:
+    """The constant held by ``value`` as a float64 array; raises if ``value`` is not a constant."""
+    array = const_array(value)
+    if array is None:
+        raise ValueError(f"{value.name} is not a constant")
+    return np.asarray(array, dtype=np.float64)
+
+
+def unique_name(graph: ir.Graph, base: str) -> str:
+    """A value name not used by any initializer of ``graph``."""
+    name, k = base, 1
+    while name in graph.initializers:
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+def new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a new initializer named after ``base``."""
+    name = unique_name(graph, base)
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.shape = ir.Shape(array.shape)
+    value.dtype = ir.DataType.from_numpy(array.dtype)
+    graph.register_initializer(value)
+    return value
+
+
+def set_const_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, base: str | None = None) -> ir.Value:
+    """Make input ``index`` of ``node`` hold ``array`` (cast to the old dtype), copying a shared initializer.
+
+    An initializer used only here is overwritten in place (its name stays); one with other uses, or one
+    that is a graph input or output, is left alone and this use is rewired to a new initializer.
+    """
+    old = node.inputs[index]
+    if old is None or old.const_value is None:
+        raise ValueError(f"input {index} of {node.name} is not a constant")
+    array = np.asarray(array, dtype=old.const_value.numpy().dtype)
+    if len(old.uses()) == 1 and not old.is_graph_input() and not old.is_graph_output() and old.is_initializer():
+        old.const_value = ir.tensor(array, name=old.name)
+        old.shape = ir.Shape(array.shape)
+        return old
+    new = new_initializer(graph, base or f"{old.name}.{node.name}", array)
+    node.replace_input_with(index, new)
+    drop_if_unused(graph, old)
+    return new
+
+
+def drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
+    """Remove an initializer nothing reads any more."""
+    if value.is_initializer() and not value.uses() and not value.is_graph_output() and value.name in graph.initializers:
+        del graph.initializers[value.name]
+
+
+def skip_casts_up(value: ir.Value) -> ir.Value:
+    """Walk up through Cast/Identity producers (an FP16 export casts around norms)."""
+    while (p := value.producer()) is not None and p.op_type in ("Cast", "Identity") and p.inputs[0] is not None:
+        value = p.inputs[0]
+    return value
+
+
+def reaches(value: ir.Value, op_types: Iterable[str], depth: int) -> bool:
+    """Whether a producer within ``depth`` steps upstream of ``value`` has one of ``op_types``."""
+    wanted, frontier = set(op_types), [value]
+    for _ in range(depth):
+        next_frontier = []
+        for v in frontier:
+            p = v.producer()
+            if p is None:
+                continue
+            if p.op_type in wanted:
+                return True
+            next_frontier += [i for i in p.inputs if i is not None and i.const_value is None]
+        frontier = next_frontier
+    return False
+
+
+def node_order(graph: ir.Graph) -> dict[ir.Node, int]:
+    """Position of each top-level node (graphs are topologically sorted)."""
+    return {node: i for i, node in enumerate(graph)}
+
+
+def set_graph_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Replace graph output ``old`` by ``new``, moving the output name over so the signature is unchanged."""
+    for i, out in enumerate(graph.outputs):
+        if out is old:
+            name = old.name
+            old.name = f"{name}_pre"
+            new.name = name
+            new.shape, new.type = old.shape, old.type
+            graph.outputs[i] = new
