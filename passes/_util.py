@@ -9,10 +9,13 @@ another user's feet.
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import onnx_ir as ir
+
+if TYPE_CHECKING:  # sites imports this module
+    from qexport.passes.sites import Linear
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +120,34 @@ def set_graph_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
             new.name = name
             new.shape, new.type = old.shape, old.type
             graph.outputs[i] = new
+
+
+def write_weight(graph: ir.Graph, linear: "Linear", w_in_out: np.ndarray) -> None:
+    """Store the [in, out] float64 matrix ``w_in_out`` as ``linear``'s weight, in its own layout and dtype."""
+    stored = w_in_out if linear.layout == "in_out" else w_in_out.T
+    node, index = (linear.transpose, 0) if linear.transpose is not None else (linear.node, 1)
+    set_const_input(graph, node, index, np.ascontiguousarray(stored))
+
+
+def write_bias(graph: ir.Graph, linear: "Linear", bias: np.ndarray) -> None:
+    """Store ``bias`` (length out) as ``linear``'s bias; adds a Gemm C or an Add after a MatMul if it has none."""
+    dtype = linear.weight.const_value.numpy().dtype
+    if linear.bias is not None:
+        index = next(i for i, v in enumerate(linear.bias_node.inputs) if v is linear.bias)
+        set_const_input(graph, linear.bias_node, index, bias)
+        return
+    value = new_initializer(graph, f"{linear.node.name}.bias", np.asarray(bias, dtype=dtype))
+    if linear.node.op_type == "Gemm":
+        linear.node.resize_inputs(3)
+        linear.node.replace_input_with(2, value)
+        return
+    out = linear.node.outputs[0]
+    add = ir.node("Add", [out, value], name=f"{linear.node.name}.bias_add")
+    add.outputs[0].name = f"{out.name}.biased"
+    add.outputs[0].dtype, add.outputs[0].shape = out.dtype, out.shape
+    graph.insert_after(linear.node, add)
+    for use in list(out.uses()):
+        if use.node is not add:
+            use.node.replace_input_with(use.idx, add.outputs[0])
+    if out.is_graph_output():
+        set_graph_output(graph, out, add.outputs[0])

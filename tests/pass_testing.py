@@ -1,0 +1,75 @@
+"""Helpers for the graph-pass tests: run an IR model in ONNX Runtime, make feeds, give norms real weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from qexport.passes import sites
+from qexport.passes._util import const_f64, set_const_input
+
+# FP32 equivalence of lossless passes: float64 folding, then one float32 rounding per weight
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def load(folder: Path) -> ir.Model:
+    return ir.load(Path(folder) / "model.onnx")
+
+
+def run(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def make_feeds(model: ir.Model, seed: int = 0, batch: int = 2, seq: int = 5, past: int = 3) -> dict[str, np.ndarray]:
+    """Random ids, a full mask, positions after ``past`` cached tokens, random past key/values."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for value in model.graph.inputs:
+        if value.name == "input_ids":
+            feeds[value.name] = rng.integers(3, 200, size=(batch, seq), dtype=np.int64)
+        elif value.name == "attention_mask":
+            feeds[value.name] = np.ones((batch, past + seq), dtype=np.int64)
+        elif value.name == "position_ids":
+            feeds[value.name] = np.tile(np.arange(past, past + seq, dtype=np.int64), (batch, 1))
+        else:
+            heads, head_dim = value.shape[1], value.shape[3]
+            feeds[value.name] = rng.normal(0, 1, size=(batch, heads, past, head_dim)).astype(np.float32)
+    return feeds
+
+
+def give_norms_weights(model: ir.Model, seed: int = 0) -> None:
+    """Random gamma, beta and linear biases, each in its own initializer (the tiny models' are 1, 0, 0 and
+    shared, which would make folding trivially exact). Outlier channels make smoothing scales visible."""
+    rng = np.random.default_rng(seed)
+    graph = model.graph
+    for norm in sites.find_norms(graph):
+        if norm.gamma is not None:
+            width = const_f64(norm.gamma).shape[0]
+            gamma = 1 + 0.3 * rng.standard_normal(width)
+            gamma[rng.choice(width, 3, replace=False)] *= 8.0
+            set_const_input(graph, norm.gamma_node, norm.gamma_index, gamma, f"{norm.gamma_node.name}.test_gamma")
+        if norm.beta is not None:
+            beta = 0.2 * rng.standard_normal(const_f64(norm.beta).shape[0])
+            set_const_input(graph, norm.beta_node, norm.beta_index, beta, f"{norm.beta_node.name}.test_beta")
+    for node in graph:
+        linear = sites.match_linear(node)
+        if linear is not None and linear.bias is not None:
+            bias = 0.1 * rng.standard_normal(linear.out_features)
+            index = next(i for i, v in enumerate(linear.bias_node.inputs) if v is linear.bias)
+            set_const_input(graph, linear.bias_node, index, bias, f"{node.name}.test_bias")
+
+
+def assert_outputs_close(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], names=None) -> None:
+    for name in names or expected:
+        np.testing.assert_allclose(actual[name], expected[name], rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+def max_rel_diff(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], name: str = "logits") -> float:
+    return float(np.max(np.abs(actual[name] - expected[name])) / np.max(np.abs(expected[name])))
