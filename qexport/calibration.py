@@ -1,0 +1,185 @@
+"""Calibration statistics of the activations feeding each rewrite site, collected with ONNX Runtime.
+
+The exported graph is copied, the tensor read by each site (norm output, o_proj input, down_proj input)
+becomes an extra graph output of the copy, and token windows are run one at a time; statistics are updated
+in float64 after each window, so memory is bounded by one window's activations (plus the optional
+[C, C] second moments). The result is an explicit :class:`CalibrationStats` handed to passes such as
+``SmoothPass(stats=stats)``.
+
+Statistics describe the graph they were collected on: collect them on the graph the pass will rewrite
+(e.g. after :class:`FoldNormPass` when smoothing follows it), since folding changes the norm outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import uuid
+from typing import Iterable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from qexport.errors import QexportError
+from qexport.passes import sites as site_matching
+
+log = logging.getLogger(__name__)
+
+# per-token absmax histogram: log10 bins from 1e-4 to 1e8
+_HIST_EDGES = np.logspace(-4, 8, 241)
+
+
+@dataclasses.dataclass
+class TensorStats:
+    """Running statistics of one activation, per channel (last axis) and per token (row)."""
+
+    channels: int
+    tokens: int = 0
+    absmax: np.ndarray = dataclasses.field(default=None)  # type: ignore[assignment]
+    channel_min: np.ndarray = dataclasses.field(default=None)  # type: ignore[assignment]
+    channel_max: np.ndarray = dataclasses.field(default=None)  # type: ignore[assignment]
+    sum_squares: np.ndarray = dataclasses.field(default=None)  # type: ignore[assignment]
+    token_absmax_hist: np.ndarray = dataclasses.field(default=None)  # type: ignore[assignment]
+    token_absmax_max: float = 0.0
+    token_absmax_sum: float = 0.0
+    second_moment: np.ndarray | None = None  # running sum of x x^T, [C, C]; None when not collected
+
+    def __post_init__(self) -> None:
+        c = self.channels
+        self.absmax = np.zeros(c) if self.absmax is None else self.absmax
+        self.channel_min = np.full(c, np.inf) if self.channel_min is None else self.channel_min
+        self.channel_max = np.full(c, -np.inf) if self.channel_max is None else self.channel_max
+        self.sum_squares = np.zeros(c) if self.sum_squares is None else self.sum_squares
+        if self.token_absmax_hist is None:
+            self.token_absmax_hist = np.zeros(len(_HIST_EDGES) + 1, dtype=np.int64)
+
+    @classmethod
+    def empty(cls, channels: int, hessian: bool = False) -> "TensorStats":
+        return cls(channels, second_moment=np.zeros((channels, channels)) if hessian else None)
+
+    def update(self, x: np.ndarray) -> None:
+        """Add the rows of ``x`` ([..., channels]) to the statistics."""
+        x = np.asarray(x, dtype=np.float64).reshape(-1, self.channels)
+        a = np.abs(x)
+        self.tokens += x.shape[0]
+        np.maximum(self.absmax, a.max(axis=0), out=self.absmax)
+        np.minimum(self.channel_min, x.min(axis=0), out=self.channel_min)
+        np.maximum(self.channel_max, x.max(axis=0), out=self.channel_max)
+        self.sum_squares += np.einsum("tc,tc->c", x, x)
+        per_token = a.max(axis=1)
+        self.token_absmax_hist += np.bincount(np.searchsorted(_HIST_EDGES, per_token), minlength=len(_HIST_EDGES) + 1)
+        self.token_absmax_max = max(self.token_absmax_max, float(per_token.max()))
+        self.token_absmax_sum += float(per_token.sum())
+        if self.second_moment is not None:
+            self.second_moment += x.T @ x
+
+    @property
+    def l2(self) -> np.ndarray:
+        """Per-channel L2 norm over all tokens (SmoothRot's channel magnitude)."""
+        return np.sqrt(self.sum_squares)
+
+    @property
+    def token_absmax_mean(self) -> float:
+        return self.token_absmax_sum / max(self.tokens, 1)
+
+    def token_absmax_quantile(self, q: float) -> float:
+        """Approximate quantile (0..1) of the per-token absmax, read off the log histogram (upper bin edge)."""
+        cumulative = np.cumsum(self.token_absmax_hist)
+        k = int(np.searchsorted(cumulative, q * cumulative[-1]))
+        return float(_HIST_EDGES[min(k, len(_HIST_EDGES) - 1)])
+
+    def hessian(self) -> np.ndarray:
+        """Mean second moment X^T X / N ([C, C]); GPTQ's H is twice this."""
+        if self.second_moment is None:
+            raise QexportError("second moments were not collected for this tensor; list its site in hessian=")
+        return self.second_moment / max(self.tokens, 1)
+
+
+@dataclasses.dataclass
+class CalibrationStats:
+    """Statistics per site name (``layers.0.attn_norm``, ``layers.3.v_o``, ...), and how they were gathered."""
+
+    sites: dict[str, TensorStats]
+    windows: int = 0
+    tokens: int = 0
+    fingerprint: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)  # marks what passes used it
+
+    def __getitem__(self, site_name: str) -> TensorStats:
+        try:
+            return self.sites[site_name]
+        except KeyError:
+            raise QexportError(f"no calibration statistics for site {site_name!r}; collect them again") from None
+
+    def __contains__(self, site_name: str) -> bool:
+        return site_name in self.sites
+
+
+def collect_stats(
+    model: ir.Model,
+    windows: Iterable[np.ndarray],
+    *,
+    site_map: site_matching.SiteMap | None = None,
+    hessian: Sequence[str] = (),
+    threads: int | None = None,
+) -> CalibrationStats:
+    """Run ``windows`` (int64 token arrays, [seq] or [batch, seq]) through a copy of ``model``.
+
+    ``hessian`` lists globs of site names whose running X^T X is also kept. ``model`` is not changed.
+    """
+    site_map = site_map or site_matching.find_sites(model)
+    targets = {site.name: site.activation.name for site in site_map.all}
+    if not targets:
+        raise QexportError("the graph has no rewrite sites to calibrate")
+    session = _session_with_outputs(model, sorted(set(targets.values())), threads)
+    stats = CalibrationStats({})
+    inputs = {i.name: i for i in session.get_inputs()}
+    for window in windows:
+        feeds = _feeds(np.asarray(window, dtype=np.int64), inputs, model)
+        outputs = dict(zip(session_outputs := [o.name for o in session.get_outputs()], session.run(session_outputs, feeds)))
+        for site_name, value_name in targets.items():
+            x = outputs[value_name]
+            if site_name not in stats.sites:
+                wants_h = any(fnmatch.fnmatchcase(site_name, g) for g in hessian)
+                stats.sites[site_name] = TensorStats.empty(x.shape[-1], hessian=wants_h)
+            stats.sites[site_name].update(x)
+        stats.windows += 1
+        stats.tokens += feeds["input_ids"].size
+        log.debug("calibration window %d (%d tokens)", stats.windows, feeds["input_ids"].size)
+    if stats.windows == 0:
+        raise QexportError("no calibration windows were given")
+    log.info("calibrated %d sites on %d windows (%d tokens)", len(targets), stats.windows, stats.tokens)
+    return stats
+
+
+def _session_with_outputs(model: ir.Model, names: list[str], threads: int | None):
+    """An ONNX Runtime session on a copy of ``model`` that also returns the values ``names``."""
+    import onnxruntime as ort
+
+    proto = ir.to_proto(model)
+    copy = ir.from_proto(proto)
+    values = {v.name: v for node in copy.graph for v in node.outputs}
+    existing = {v.name for v in copy.graph.outputs}
+    for name in names:
+        if name not in existing:
+            copy.graph.outputs.append(values[name])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    data = ir.to_proto(copy).SerializeToString()
+    del proto, copy
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def _feeds(window: np.ndarray, inputs: dict, model: ir.Model) -> dict[str, np.ndarray]:
+    ids = window[None, :] if window.ndim == 1 else window
+    batch, seq = ids.shape
+    feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": np.ones((batch, seq), dtype=np.int64)}
+    if "position_ids" in inputs:
+        feeds["position_ids"] = np.tile(np.arange(seq, dtype=np.int64), (batch, 1))
+    for value in model.graph.inputs:
+        if value.name not in feeds:  # past key/values: empty cache [batch, kv_heads, 0, head_dim]
+            shape = [batch if i == 0 else 0 if i == 2 else int(d) for i, d in enumerate(value.shape)]
+            feeds[value.name] = np.zeros(shape, dtype=value.dtype.numpy())
+    return feeds
