@@ -16,6 +16,7 @@ an offline fold built from it always agree.
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
 
@@ -187,6 +188,23 @@ def random_orthogonal(n: int, seed: int) -> np.ndarray:
     return q * np.sign(np.diag(r))[None, :]
 
 
+class Rotation(enum.Enum):
+    """Which orthogonal matrix a rotation pass uses."""
+
+    HADAMARD = "hadamard"  # hadamard_matrix(n): deterministic
+    RANDOM_HADAMARD = "random_hadamard"  # H diag(+-1) / sqrt(n), seeded
+    ORTHOGONAL = "orthogonal"  # Haar-random, seeded; any size
+
+
+def rotation_matrix(kind: Rotation, n: int, seed: int = 0) -> np.ndarray:
+    """The float64 n x n orthogonal matrix of ``kind`` (``seed`` is ignored for the plain Hadamard)."""
+    if kind is Rotation.HADAMARD:
+        return hadamard_matrix(n)
+    if kind is Rotation.RANDOM_HADAMARD:
+        return random_hadamard(n, seed)
+    return random_orthogonal(n, seed)
+
+
 def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """An initializer of ``graph``, reused when one of that name already holds the same array."""
     existing = graph.initializers.get(name)
@@ -214,7 +232,7 @@ def online_hadamard_nodes(
     if n <= max_dense:
         matrix = _const(graph, f"qexport.hadamard.{n}", hadamard_matrix(n).astype(dtype))
         node = ir.node("MatMul", [x, matrix], name=f"{prefix}/hadamard")
-        return [node], node.outputs[0]
+        return _named([node]), node.outputs[0]
     b = min(m, max_dense)
     while b > 1 and b * b > n:  # balance the two factors: cost is n * (a + b)
         b //= 2
@@ -229,4 +247,12 @@ def online_hadamard_nodes(
     lhs = ir.node("MatMul", [h_left, right.outputs[0]], name=f"{prefix}/hadamard_left")
     merge = ir.node("Reshape", [lhs.outputs[0], shape.outputs[0]], name=f"{prefix}/hadamard_merge")
     log.debug("online Hadamard %d = %d x %d (K=%d) at %s", n, a, b, k, prefix)
-    return [shape, reshape, right, lhs, merge], merge.outputs[0]
+    return _named([shape, reshape, right, lhs, merge]), merge.outputs[0]
+
+
+def _named(nodes: list[ir.Node]) -> list[ir.Node]:
+    """Name each output after its node, and tag the nodes so passes can recognise them."""
+    for node in nodes:
+        node.outputs[0].name = f"{node.name}:0"
+        node.metadata_props["qexport.online_hadamard"] = str(node.op_type)
+    return nodes
