@@ -61,10 +61,11 @@ class Artifact:
         raise QexportError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
 
     def reference(self, threads: int | None = None):
-        """The PyTorch source model, reloaded from the manifest, as a :class:`CausalLM`."""
+        """The PyTorch source model in float32, reloaded from the manifest, as a :class:`CausalLM`."""
         from qexport.loading import load_model
         from qexport.runtimes.causal_lm import CausalLM
         from qexport.runtimes.torch_runner import TorchRunner
 
         _, _, model, _ = load_model(self.source)
-        return CausalLM(TorchRunner(model, self.signature, threads=threads), self.signature)
+        signature = dataclasses.replace(self.signature, dtype="fp32")
+        return CausalLM(TorchRunner(model, signature, threads=threads), signature)

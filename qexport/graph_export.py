@@ -9,6 +9,7 @@ import logging
 import warnings
 
 import onnx_ir as ir
+import onnx_ir.passes.common
 import torch
 
 from qexport.families import Family
@@ -157,7 +158,7 @@ def export_graph(model: torch.nn.Module, family: Family, settings: ExportSetting
     signature = probe_signature(model, family, settings)
     wrapper = CausalLMWithCache(model, signature).eval()
     log.info("exporting %d layers (kv cache: %s, %s)", signature.num_layers, settings.kv_cache, settings.dtype)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), _quiet_exporter():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             wrapper,
@@ -167,13 +168,52 @@ def export_graph(model: torch.nn.Module, family: Family, settings: ExportSetting
             input_names=signature.input_names,
             output_names=signature.output_names,
             opset_version=settings.opset,
-            optimize=True,
+            optimize=False,
             verbose=False,
         )
     ir_model = program.model
+    cleanup(ir_model)
     ir_model.producer_name = "qexport"
     ir_model.producer_version = _version()
     return ir_model, signature
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's own chatter (e.g. 'torchvision is not installed') for the duration of an export."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def cleanup(model: ir.Model) -> None:
+    """Fold constants, lift them to initializers, drop dead nodes and deduplicate, in place.
+
+    This is the cheap part of the exporter's own optimizer: its pattern-rewrite rules take 30-60 s on a
+    30-layer model and change little that ONNX Runtime does not redo when it loads the graph.
+    """
+    from onnxscript.optimizer import _constant_folding
+
+    common = onnx_ir.passes.common
+    fold = _constant_folding.FoldConstantsPass(
+        shape_inference=True,
+        input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+        output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+    )
+    ir.passes.Sequential(
+        common.InlinePass(),
+        ir.passes.PassManager([fold, common.RemoveUnusedNodesPass()], steps=2, early_stop=True),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(),
+        common.RemoveUnusedNodesPass(),
+        common.OutputFixPass(),
+        common.NameFixPass(),
+    )(model)
 
 
 def _version() -> str:

@@ -1,0 +1,184 @@
+"""The `qexport` command line: parses arguments into settings and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from typing import Any, Sequence
+
+from qexport.errors import QexportError
+
+log = logging.getLogger("qexport")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qexport", description="Export causal LMs to calibrated, quantized ONNX.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export a model to an ONNX folder")
+    p.add_argument("model", nargs="?", default=None, help="hub id, local folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--no-kv-cache", action="store_true", help="export without past/present key-value inputs")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    p = sub.add_parser("eval", help="perplexity and parity against the PyTorch source model")
+    p.add_argument("dir")
+    _text_args(p)
+    p.add_argument("--windows", type=int, default=4, help="number of text windows")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    p.add_argument("--greedy-tokens", type=int, default=32, help="greedy tokens compared with PyTorch")
+    p.add_argument("--no-reference", action="store_true", help="skip the PyTorch comparison")
+    _runtime_args(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("generate", help="generate text with the exported model")
+    p.add_argument("dir")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (default: sampling)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the tokenizer's chat template")
+    _runtime_args(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("bench", help="time prefill and decode against the PyTorch source model")
+    p.add_argument("dir")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--no-reference", action="store_true", help="skip timing PyTorch")
+    _runtime_args(p, default_threads=2)
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _text_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", default=None, help="a UTF-8 text file (default: Python's documentation, evaluation half)")
+    p.add_argument("--dataset", default=None, help="a Hugging Face dataset name, NAME or NAME:CONFIG")
+
+
+def _runtime_args(p: argparse.ArgumentParser, default_threads: int | None = None) -> None:
+    p.add_argument("--runtime", default="ort-cpu", choices=["ort-cpu", "ort-cuda", "tensorrt"])
+    p.add_argument("--threads", type=int, default=default_threads, help="intra-op threads")
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s" if verbose == 0 else "%(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+
+
+def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from qexport.api import export
+    from qexport.outdir import read_manifest
+
+    out = export(args.model, args.out, dtype=args.dtype, kv_cache=not args.no_kv_cache, force=args.force, revision=args.revision)
+    manifest = read_manifest(out)
+    if not args.json:
+        e = manifest["export"]
+        print(f"exported {manifest['source']['location']} -> {out} ({e['nodes']} nodes, {e['total_seconds']} s, "
+              f"peak memory {e['peak_memory_mib']:.0f} MiB)")
+    return manifest
+
+
+def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from qexport.evaluation import EvalSettings, evaluate
+
+    settings = EvalSettings(windows=args.windows, seq_len=args.seq_len, greedy_tokens=args.greedy_tokens,
+                            runtime=args.runtime, threads=args.threads, reference=not args.no_reference)
+    result = evaluate(args.dir, text=args.text, dataset=args.dataset, settings=settings)
+    if not args.json:
+        for key, value in result.items():
+            print(f"{key:>20}: {value:.6g}" if isinstance(value, float) else f"{key:>20}: {value}")
+    return result
+
+
+def _cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
+    from qexport.artifact import Artifact
+    from qexport.runtimes.generate import GenerationSettings, generate
+
+    artifact = Artifact.open(args.dir)
+    tokenizer = artifact.tokenizer()
+    if not args.raw and getattr(tokenizer, "chat_template", None):
+        prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "keys"):
+            prompt_ids = prompt_ids["input_ids"]
+    else:
+        prompt_ids = tokenizer(args.prompt)["input_ids"]
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, greedy=args.greedy,
+                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    lm = artifact.causal_lm(args.runtime, threads=args.threads)
+    eos = [t for t in [tokenizer.eos_token_id] if t is not None]
+    new: list[int] = []
+    printed = ""
+
+    def stream(token: int) -> None:
+        nonlocal printed
+        new.append(token)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if not args.json:
+            print(text[len(printed):], end="", flush=True)
+        printed = text
+
+    generate(lm, prompt_ids, settings, eos_token_ids=eos, on_token=stream)
+    if not args.json:
+        print()
+    return {"prompt": args.prompt, "text": printed, "tokens": new, "settings": dataclasses.asdict(settings)}
+
+
+def _cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from qexport.benchmark import BenchSettings, bench, format_table
+
+    settings = BenchSettings(seq_len=args.seq_len, decode_tokens=args.decode_tokens, runs=args.runs,
+                             threads=args.threads, runtime=args.runtime, reference=not args.no_reference)
+    result = bench(args.dir, settings)
+    if not args.json:
+        print(format_table(result["results"]))
+        for key in ("prefill_speedup_vs_pytorch", "decode_speedup_vs_pytorch"):
+            if key in result:
+                print(f"{key}: {result[key]:.2f}x")
+    return result
+
+
+COMMANDS = {"export": _cmd_export, "eval": _cmd_eval, "generate": _cmd_generate, "bench": _cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        result = COMMANDS[args.command](args)
+    except QexportError as exc:
+        print(f"qexport: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qexport: interrupted", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Recipes: YAML files naming an ordered list of graph passes and their settings.
+
+A recipe file maps one-to-one onto :class:`Recipe` and :class:`PassEntry`; each entry's settings map onto the
+fields of its pass class (a frozen dataclass), with enums given by value::
+
+    name: rotate
+    description: QuaRot-style rotations
+    passes:
+      - pass: untie-embeddings
+      - pass: rotate-residual
+        rotation: random_hadamard
+        seed: 0
+
+An unknown key, value or type raises :class:`RecipeError` naming the key and what is allowed. Pass modules
+are imported only when a recipe uses them. Fields whose type cannot be written in YAML (calibration
+statistics) are supplied at run time through :meth:`Recipe.build`.
+
+Presets live in ``samples/recipes/*.yaml`` (the one source of truth). An installed wheel ships that same
+folder as the package ``qexport.recipes`` (a ``package-dir`` mapping in pyproject), which is looked up first.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import enum
+import importlib
+import importlib.resources
+import logging
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from qexport.errors import RecipeError
+
+log = logging.getLogger(__name__)
+
+# pass name -> "module:Class"; modules are imported on first use
+PASSES: dict[str, str] = {
+    "untie-embeddings": "qexport.passes.untie_embeddings:UntieEmbeddingsPass",
+    "fold-norm": "qexport.passes.fold_norm:FoldNormPass",
+    "smooth": "qexport.passes.smooth:SmoothPass",
+    "rotate-residual": "qexport.passes.rotate_residual:RotateResidualPass",
+    "rotate-heads": "qexport.passes.rotate_heads:RotateHeadsPass",
+    "online-hadamard": "qexport.passes.online_hadamard:OnlineHadamardPass",
+}
+_RECIPE_KEYS = ("name", "description", "passes")
+_SCALARS = (bool, int, float, str)
+
+
+def pass_class(name: str) -> type:
+    """The pass class registered as ``name``; raises :class:`RecipeError` for an unknown or missing pass."""
+    if name not in PASSES:
+        raise RecipeError(f"unknown pass {name!r}; registered passes: {', '.join(sorted(PASSES))}")
+    module_name, class_name = PASSES[name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise RecipeError(f"pass {name!r} needs module {module_name}, which cannot be imported: {exc}") from exc
+    return getattr(module, class_name)
+
+
+def _settable(tp: Any) -> bool:
+    """Whether a field of type ``tp`` can be written in YAML."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return all(_settable(a) for a in args)
+    if origin is tuple:
+        return len(args) == 2 and args[1] is Ellipsis and _settable(args[0])
+    if origin is typing.Literal:
+        return True
+    if origin in (dict, collections.abc.Mapping):
+        return args[0] is str and _settable(args[1])
+    return tp is type(None) or tp in _SCALARS or (isinstance(tp, type) and issubclass(tp, enum.Enum))
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_describe(args[0])}"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (dict, collections.abc.Mapping):
+        return f"a mapping of names to {_describe(args[1])}"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _convert(where: str, value: Any, tp: Any) -> Any:
+    """``value`` read from YAML as type ``tp``; raises :class:`RecipeError` naming ``where``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _convert(where, value, arg)
+            except RecipeError:
+                continue
+    elif origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(_convert(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value))
+    elif origin in (dict, collections.abc.Mapping) and isinstance(value, Mapping):
+        return {_convert(f"{where} key", k, str): _convert(f"{where}[{k!r}]", v, args[1]) for k, v in value.items()}
+    elif origin is typing.Literal:
+        if value in args:
+            return value
+    elif isinstance(tp, type) and issubclass(tp, enum.Enum):
+        for member in tp:
+            if value == member.value:
+                return member
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp in _SCALARS and type(value) is tp:
+        return value
+    raise RecipeError(f"{where}: {value!r} is not allowed; expected {_describe(tp)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PassEntry:
+    """One step of a recipe: a registered pass name and its settings (converted to the field types)."""
+
+    name: str
+    settings: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def parse(cls, data: Any, where: str) -> "PassEntry":
+        if not isinstance(data, Mapping) or "pass" not in data:
+            raise RecipeError(f"{where}: each pass entry must be a mapping with a 'pass' key, got {data!r}")
+        name = data["pass"]
+        if not isinstance(name, str):
+            raise RecipeError(f"{where}.pass: expected a pass name, got {name!r}; registered: {', '.join(sorted(PASSES))}")
+        klass = pass_class(name)
+        fields = settable_fields(klass)
+        settings = []
+        for key, value in data.items():
+            if key == "pass":
+                continue
+            if key not in fields:
+                allowed = ", ".join(sorted(fields)) or "none"
+                raise RecipeError(f"{where}: unknown setting {key!r} for pass {name!r}; allowed settings: {allowed}")
+            settings.append((key, _convert(f"{where}.{key}", value, fields[key])))
+        return cls(name, tuple(settings))
+
+    def build(self, **runtime: Any) -> Any:
+        """An instance of the pass with these settings plus ``runtime`` fields (e.g. calibration statistics)."""
+        klass = pass_class(self.name)
+        clash = set(runtime) & {k for k, _ in self.settings}
+        if clash:
+            raise RecipeError(f"pass {self.name!r}: {sorted(clash)} are set both in the recipe and at run time")
+        try:
+            return klass(**dict(self.settings), **runtime)
+        except TypeError as exc:
+            raise RecipeError(f"pass {self.name!r} cannot be built: {exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"pass": self.name}
+        for key, value in self.settings:
+            if isinstance(value, enum.Enum):
+                value = value.value
+            elif isinstance(value, tuple):
+                value = [v.value if isinstance(v, enum.Enum) else v for v in value]
+            out[key] = value
+        return out
+
+
+def settable_fields(klass: type) -> dict[str, Any]:
+    """Field name -> type for the fields of a pass dataclass that a recipe may set."""
+    if not dataclasses.is_dataclass(klass):
+        raise RecipeError(f"{klass.__name__} is not a dataclass pass")
+    hints = typing.get_type_hints(klass)
+    return {f.name: hints[f.name] for f in dataclasses.fields(klass) if f.init and _settable(hints[f.name])}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A named, ordered list of passes."""
+
+    name: str
+    passes: tuple[PassEntry, ...]
+    description: str = ""
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "recipe") -> "Recipe":
+        if not isinstance(data, Mapping):
+            raise RecipeError(f"{source}: a recipe must be a mapping with keys {', '.join(_RECIPE_KEYS)}")
+        unknown = [k for k in data if k not in _RECIPE_KEYS]
+        if unknown:
+            raise RecipeError(f"{source}: unknown key {unknown[0]!r}; allowed keys: {', '.join(_RECIPE_KEYS)}")
+        name = _convert(f"{source}.name", data.get("name"), str)
+        description = _convert(f"{source}.description", data.get("description", ""), str)
+        entries = data.get("passes")
+        if not isinstance(entries, list) or not entries:
+            raise RecipeError(f"{source}.passes: expected a non-empty list of pass entries")
+        return cls(name, tuple(PassEntry.parse(e, f"{source}.passes[{i}]") for i, e in enumerate(entries)), description)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name}
+        if self.description:
+            out["description"] = self.description
+        out["passes"] = [e.to_dict() for e in self.passes]
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def build(self, runtime: Mapping[str, Mapping[str, Any]] | None = None) -> list[Any]:
+        """The pass instances, in order; ``runtime[pass_name]`` adds run-time fields to every entry of that pass."""
+        runtime = runtime or {}
+        unknown = set(runtime) - {e.name for e in self.passes}
+        if unknown:
+            raise RecipeError(f"run-time settings for passes not in recipe {self.name!r}: {sorted(unknown)}")
+        return [e.build(**runtime.get(e.name, {})) for e in self.passes]
+
+
+def presets_folder() -> Path:
+    """The folder of preset recipes: the installed ``qexport.recipes`` package, else the repo's samples/recipes."""
+    try:
+        packaged = Path(str(importlib.resources.files("qexport.recipes")))
+        if packaged.is_dir() and any(packaged.glob("*.yaml")):
+            return packaged
+    except ModuleNotFoundError:
+        pass  # not installed as package data: an editable checkout reads samples/recipes directly
+    return Path(__file__).resolve().parent.parent / "samples" / "recipes"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in presets_folder().glob("*.yaml"))
+
+
+def load_recipe(path_or_name: str | os.PathLike) -> Recipe:
+    """Load a recipe from a YAML file path, or a preset by name (e.g. ``rotate``)."""
+    path = Path(path_or_name)
+    if not path.is_file():
+        if path.suffix or os.sep in str(path_or_name):
+            raise RecipeError(f"recipe file {path} does not exist; presets: {', '.join(preset_names())}")
+        path = presets_folder() / f"{path_or_name}.yaml"
+        if not path.is_file():
+            raise RecipeError(f"no recipe file or preset named {str(path_or_name)!r}; presets: {', '.join(preset_names())}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path} is not valid YAML: {exc}") from exc
+    log.debug("loaded recipe %s", path)
+    return Recipe.from_dict(data, source=path.name)

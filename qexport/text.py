@@ -1,0 +1,139 @@
+"""Calibration and evaluation text: a user's file, a Hugging Face dataset, or Python's own documentation.
+
+The default source is the English prose of the Python documentation that every Python install carries
+(``pydoc_data.topics``). Its topics are split in two disjoint halves: one for evaluation, one for
+calibration, so calibration text never leaks into evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from qexport.errors import TextSourceError
+
+log = logging.getLogger(__name__)
+
+PURPOSES = ("evaluation", "calibration")
+DATASET_SPLITS = {"evaluation": ("test", "validation"), "calibration": ("train", "validation")}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSource:
+    """Where text comes from: ``pydoc`` (default), ``file`` or ``dataset`` (``name`` or ``name:config``)."""
+
+    kind: str = "pydoc"
+    location: str | None = None
+
+    def describe(self) -> str:
+        return "pydoc_data.topics" if self.kind == "pydoc" else f"{self.kind}:{self.location}"
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def text_source(text_file: str | None = None, dataset: str | None = None) -> TextSource:
+    """Build a source from the CLI's ``--text FILE`` / ``--dataset NAME`` (at most one)."""
+    if text_file and dataset:
+        raise TextSourceError("pass either --text FILE or --dataset NAME, not both")
+    if text_file:
+        return TextSource("file", str(text_file))
+    if dataset:
+        return TextSource("dataset", dataset)
+    return TextSource()
+
+
+def parse_source(spec: str | None) -> TextSource:
+    """``--calib SOURCE``: an existing file path, else a dataset name; None means the default."""
+    if not spec:
+        return TextSource()
+    if Path(spec).expanduser().exists():
+        return TextSource("file", spec)
+    if spec.startswith((".", "/", "~")) or spec.endswith((".txt", ".md")):
+        raise TextSourceError(f"text file not found: {spec}")
+    return TextSource("dataset", spec)
+
+
+def _pydoc_topics() -> list[tuple[str, str]]:
+    from pydoc_data.topics import topics
+
+    return sorted(topics.items())
+
+
+def pydoc_text(purpose: str) -> str:
+    """One of two disjoint halves of the Python documentation topics, chosen by a stable hash of the topic name."""
+    wanted = PURPOSES.index(purpose)
+    chosen = [text for name, text in _pydoc_topics() if hashlib.sha256(name.encode()).digest()[0] % 2 == wanted]
+    return "\n\n".join(chosen)
+
+
+def _file_text(path: str) -> str:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise TextSourceError(f"text file not found: {path}")
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TextSourceError(f"{path} is not UTF-8 text ({exc})") from exc
+
+
+def _dataset_text(spec: str, purpose: str) -> str:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise TextSourceError(
+            "--dataset needs the 'datasets' package: pip install 'qexport[datasets]', or pass --text FILE"
+        ) from exc
+    name, _, config = spec.partition(":")
+    errors = []
+    for split in DATASET_SPLITS[purpose]:
+        try:
+            data = datasets.load_dataset(name, config or None, split=split)
+        except ValueError as exc:  # unknown split: try the next one
+            errors.append(f"{split}: {exc}")
+            continue
+        except Exception as exc:  # hub/network errors come in many types
+            raise TextSourceError(
+                f"could not load dataset {spec!r} ({type(exc).__name__}: {exc}). If this machine is offline, "
+                "save the text to a file and pass --text FILE, or use the default (Python's documentation)"
+            ) from exc
+        column = "text" if "text" in data.column_names else data.column_names[0]
+        return "\n\n".join(row for row in data[column] if row)
+    raise TextSourceError(f"dataset {spec!r} has none of the splits {DATASET_SPLITS[purpose]}: {errors}")
+
+
+def load_text(source: TextSource, purpose: str) -> str:
+    """The text of ``source`` for ``purpose`` ('evaluation' or 'calibration'); never empty."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {PURPOSES}")
+    if source.kind == "pydoc":
+        text = pydoc_text(purpose)
+    elif source.kind == "file":
+        text = _file_text(source.location or "")
+    elif source.kind == "dataset":
+        text = _dataset_text(source.location or "", purpose)
+    else:
+        raise TextSourceError(f"unknown text source kind {source.kind!r}")
+    if not text.strip():
+        raise TextSourceError(f"the text from {source.describe()} is empty")
+    return text
+
+
+def token_windows(tokenizer, text: str, seq_len: int, count: int, source: str = "the text") -> list[np.ndarray]:
+    """Up to ``count`` non-overlapping windows of ``seq_len`` tokens; errors if not even one fits."""
+    if seq_len < 2:
+        raise TextSourceError("--seq-len must be at least 2")
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    available = len(ids) // seq_len
+    if available == 0:
+        raise TextSourceError(
+            f"{source} has {len(ids)} tokens, fewer than one window of {seq_len}; "
+            "pass a longer text or a smaller --seq-len"
+        )
+    if available < count:
+        log.warning("%s has only %d windows of %d tokens (asked for %d)", source, available, seq_len, count)
+    return [ids[i * seq_len : (i + 1) * seq_len] for i in range(min(count, available))]
