@@ -1,0 +1,140 @@
+"""Recipes: YAML <-> typed pass settings, clear errors naming the key, presets that run end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from pass_testing import give_norms_weights, load, make_feeds, run
+from qexport import recipe as rc
+from qexport.errors import RecipeError
+from qexport.passes.hadamard import Rotation
+from qexport.passes.online_hadamard import OnlineHadamardPass
+from qexport.passes.rotate_heads import RotateHeadsPass
+from qexport.passes.rotate_residual import RotateResidualPass
+
+
+def _recipe(*passes: dict, **top) -> dict:
+    return {"name": "t", "passes": list(passes), **top}
+
+
+def test_presets_are_the_documented_set():
+    assert rc.preset_names() == ["fold-norm", "rotate", "smooth-rotate", "smoothquant"]
+    assert rc.presets_folder().name == "recipes"
+
+
+@pytest.mark.parametrize("name", ["fold-norm", "rotate", "smooth-rotate", "smoothquant"])
+def test_presets_load_and_round_trip(name):
+    recipe = rc.load_recipe(name)
+    assert recipe.name == name and recipe.description
+    again = rc.Recipe.from_dict(yaml.safe_load(recipe.to_yaml()))
+    assert again == recipe
+
+
+def test_rotate_preset_builds_typed_passes():
+    passes = rc.load_recipe("rotate").build()
+    assert [type(p).__name__ for p in passes] == [
+        "UntieEmbeddingsPass", "FoldNormPass", "RotateResidualPass", "RotateHeadsPass", "OnlineHadamardPass"]
+    assert passes[2] == RotateResidualPass(rotation=Rotation.RANDOM_HADAMARD, seed=0)
+    assert passes[3] == RotateHeadsPass(rotation=Rotation.HADAMARD)
+    assert passes[4] == OnlineHadamardPass(max_dense=256)
+
+
+def test_load_by_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\npasses:\n  - pass: rotate-heads\n    rotation: orthogonal\n    seed: 4\n")
+    recipe = rc.load_recipe(path)
+    assert recipe.passes == (rc.PassEntry("rotate-heads", (("rotation", Rotation.ORTHOGONAL), ("seed", 4))),)
+    assert recipe.build() == [RotateHeadsPass(rotation=Rotation.ORTHOGONAL, seed=4)]
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(RecipeError, match="no recipe file or preset named 'quarot'.*rotate"):
+        rc.load_recipe("quarot")
+    with pytest.raises(RecipeError, match="does not exist"):
+        rc.load_recipe("missing/file.yaml")
+
+
+def test_unknown_top_level_key():
+    with pytest.raises(RecipeError, match="unknown key 'pases'; allowed keys: name, description, passes"):
+        rc.Recipe.from_dict({"name": "t", "pases": []})
+
+
+def test_unknown_pass_names_the_registered_ones():
+    with pytest.raises(RecipeError, match="unknown pass 'rotate'; registered passes: fold-norm, online-hadamard"):
+        rc.Recipe.from_dict(_recipe({"pass": "rotate"}))
+
+
+def test_unknown_setting_names_key_and_allowed():
+    with pytest.raises(RecipeError, match=r"passes\[0\]: unknown setting 'angle' for pass 'rotate-heads'; "
+                                          r"allowed settings: rotation, seed, sites"):
+        rc.Recipe.from_dict(_recipe({"pass": "rotate-heads", "angle": 3}))
+
+
+def test_bad_enum_value_lists_allowed_values():
+    with pytest.raises(RecipeError, match=r"passes\[1\]\.rotation: 'givens' is not allowed; expected one of "
+                                          r"'hadamard', 'random_hadamard', 'orthogonal'"):
+        rc.Recipe.from_dict(_recipe({"pass": "fold-norm"}, {"pass": "rotate-residual", "rotation": "givens"}))
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("seed", "3", "expected int"), ("seed", True, "expected int"), ("seed", 1.5, "expected int")])
+def test_bad_types_are_rejected(key, value, expected):
+    with pytest.raises(RecipeError, match=rf"\.{key}: .* is not allowed; {expected}"):
+        rc.Recipe.from_dict(_recipe({"pass": "rotate-residual", key: value}))
+
+
+def test_float_settings_accept_ints_and_mappings_convert():
+    recipe = rc.Recipe.from_dict(_recipe({"pass": "smooth", "alpha": 1, "alphas": {"layers.1.*": 0.85}}))
+    assert dict(recipe.passes[0].settings) == {"alpha": 1.0, "alphas": {"layers.1.*": 0.85}}
+    assert isinstance(dict(recipe.passes[0].settings)["alpha"], float)
+    with pytest.raises(RecipeError, match=r"alphas\['x'\]: 'high' is not allowed; expected float"):
+        rc.Recipe.from_dict(_recipe({"pass": "smooth", "alphas": {"x": "high"}}))
+
+
+def test_run_time_fields_cannot_be_written_in_yaml_and_must_be_supplied():
+    with pytest.raises(RecipeError, match="unknown setting 'stats' for pass 'smooth'"):
+        rc.Recipe.from_dict(_recipe({"pass": "smooth", "stats": "calib.npz"}))
+    recipe = rc.load_recipe("smoothquant")
+    with pytest.raises(RecipeError, match="pass 'smooth' cannot be built: .*stats"):
+        recipe.build()
+    with pytest.raises(RecipeError, match=r"run-time settings for passes not in recipe 'smoothquant': \['fold-norm'\]"):
+        recipe.build({"fold-norm": {}})
+
+
+def test_missing_pass_module_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(rc.PASSES, "gptq", "qexport.passes.gptq_not_written:GptqPass")
+    with pytest.raises(RecipeError, match="pass 'gptq' needs module qexport.passes.gptq_not_written, which cannot"):
+        rc.Recipe.from_dict(_recipe({"pass": "gptq"}))
+
+
+def test_entries_must_name_a_pass():
+    with pytest.raises(RecipeError, match=r"passes\[0\]: each pass entry must be a mapping with a 'pass' key"):
+        rc.Recipe.from_dict(_recipe({"rotation": "hadamard"}))
+    with pytest.raises(RecipeError, match="non-empty list"):
+        rc.Recipe.from_dict({"name": "t", "passes": []})
+
+
+def test_rotate_preset_runs_losslessly_on_a_tiny_llama(tiny_export):
+    model = load(tiny_export("llama"))
+    give_norms_weights(model)
+    feeds = make_feeds(model, past=0)
+    expected = run(model, feeds)["logits"]
+    for p in rc.load_recipe("rotate").build():
+        assert p(model).modified, type(p).__name__
+    np.testing.assert_allclose(run(model, feeds)["logits"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_smooth_rotate_preset_runs_losslessly_on_a_tiny_qwen2(tiny_export):
+    from qexport.calibration import collect_stats
+
+    model = load(tiny_export("qwen2"))
+    give_norms_weights(model)
+    feeds = make_feeds(model, past=0)
+    expected = run(model, feeds)["logits"]
+    windows = [np.random.default_rng(i).integers(3, 250, size=12, dtype=np.int64) for i in range(3)]
+    passes = rc.load_recipe("smooth-rotate").build({"smooth": {"stats": collect_stats(model, windows)}})
+    modified = [p(model).modified for p in passes]
+    assert modified == [True, False, True, True, True, True]  # qwen2's embeddings are not tied
+    np.testing.assert_allclose(run(model, feeds)["logits"], expected, rtol=1e-4, atol=1e-5)
