@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 # Ops that only move data around: a per-channel scale on their input reaches their output unchanged
 # in value (possibly at another position), so site tracing may walk through them.
-DATA_MOVEMENT = frozenset({"Reshape", "Transpose", "Expand", "Unsqueeze", "Squeeze", "Cast", "Identity", "Concat"})
+DATA_MOVEMENT = frozenset({"Reshape", "Transpose", "Expand", "Unsqueeze", "Squeeze", "Cast", "Identity", "Concat", "Slice"})
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
@@ -104,6 +104,38 @@ def reaches(value: ir.Value, op_types: Iterable[str], depth: int) -> bool:
             next_frontier += [i for i in p.inputs if i is not None and i.const_value is None]
         frontier = next_frontier
     return False
+
+
+def is_token_slice(node: ir.Node) -> bool:
+    """A Slice of its data input that never cuts the last (channel) axis: per-channel scales commute with it.
+
+    The exporter leaves full slices (``x[:, -k:, :]`` with k = 0, repeat_kv's ``[:, :, None]``) unsimplified.
+    """
+    if node.op_type != "Slice" or len(node.inputs) < 3:
+        return False
+    starts, ends = const_array(node.inputs[1]), const_array(node.inputs[2])
+    axes = const_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    steps = const_array(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
+    if starts is None or ends is None:
+        return False
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+    axes = np.arange(len(starts)) if axes is None else axes
+    for axis, start, end, step in zip(axes, starts, ends, steps if steps is not None else np.ones_like(starts)):
+        last = axis == -1 or (rank is not None and axis == rank - 1)
+        if (last or axes is None and rank is None) and not (start == 0 and end >= 2**31 - 1 and step == 1):
+            return False
+    return True
+
+
+def channel_readers(value: ir.Value) -> list[tuple[ir.Node, ir.Value]]:
+    """(consumer, the value it reads) for the consumers of ``value``, looking through token slices."""
+    found = []
+    for node in value.consumers():
+        if is_token_slice(node) and node.inputs[0] is value and not node.outputs[0].is_graph_output():
+            found += channel_readers(node.outputs[0])
+        else:
+            found.append((node, value))
+    return found
 
 
 def node_order(graph: ir.Graph) -> dict[ir.Node, int]:

@@ -27,7 +27,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from qexport.passes._util import DATA_MOVEMENT, const_array, const_f64, node_order, reaches, skip_casts_up
+from qexport.passes._util import (
+    DATA_MOVEMENT, channel_readers, const_array, const_f64, is_token_slice, node_order, reaches, skip_casts_up,
+)
 from qexport.errors import PatternNotFoundError
 
 log = logging.getLogger(__name__)
@@ -384,12 +386,12 @@ def find_norm_sites(graph: ir.Graph, norms: Iterable[Norm] | None = None) -> lis
     softmaxes = [i for n, i in order.items() if n.op_type == "Softmax"]
     sites, counts = [], {"attn": 0, "mlp": 0}
     for norm in norms if norms is not None else find_norms(graph):
-        consumers = norm.output.consumers()
-        linears = [match_linear(c) for c in consumers]
-        if not consumers or all(lin is None for lin in linears):
+        readers = channel_readers(norm.output)
+        linears = [match_linear(c) for c, _ in readers]
+        if not readers or all(lin is None for lin in linears):
             log.debug("norm ending at %s feeds no weight linear", norm.nodes[-1].name)
             continue
-        bad = [c.name for c, lin in zip(consumers, linears) if lin is None or lin.input is not norm.output]
+        bad = [c.name for (c, read), lin in zip(readers, linears) if lin is None or lin.input is not read]
         if bad or norm.output.is_graph_output():
             log.debug("norm ending at %s rejected: also feeds non-linear consumers %s", norm.nodes[-1].name, bad)
             continue
@@ -418,6 +420,8 @@ def _trace_up(value: ir.Value, depth: int = 12) -> ir.Value:
     for _ in range(depth):
         p = value.producer()
         if p is None or p.op_type not in DATA_MOVEMENT:
+            return value
+        if p.op_type == "Slice" and not is_token_slice(p):
             return value
         if p.op_type == "Concat":
             computed = [i for i in p.inputs if i is not None and not i.is_graph_input() and i.const_value is None]
@@ -549,7 +553,7 @@ def find_residual_stream(model: ir.Model) -> ResidualStream:
     final = next((norms[a] for a in _aliases(current) if a in norms), None)
     if final is None:
         raise PatternNotFoundError(f"no final norm reads the last residual value {current.name}")
-    heads = [lin for c in final.output.consumers() if (lin := match_linear(c)) is not None]
+    heads = [lin for c, _ in channel_readers(final.output) if (lin := match_linear(c)) is not None]
     if len(heads) != 1:
         raise PatternNotFoundError(f"expected one lm_head linear after the final norm, found {len(heads)}")
     return ResidualStream(embedding, scale, positions, tuple(blocks), final, heads[0])

@@ -95,3 +95,18 @@ def test_missing_site_is_named(tiny_export, caplog):
     assert "v output has 2 consumers" in caplog.text
     with pytest.raises(PatternNotFoundError, match=r"layers\.1\.v_o"):
         found.require(2)
+
+
+@pytest.mark.slow
+def test_real_default_model_sites(tmp_path):
+    """SmolLM2-135M: 30 layers, 9 heads / 3 KV heads of 64, tied embeddings (about a minute to export)."""
+    import qexport
+
+    model = load(qexport.export(None, tmp_path / "smol"))
+    found = sites.find_sites(model)
+    found.require(30, kinds=ALL_KINDS)
+    assert len(found.norm_sites) == 61 and len(found.v_o) == 30 and len(found.up_down) == 30
+    assert [len(s.linears) for s in found.norm_sites] == [3, 2] * 30 + [1]
+    assert {(s.num_heads, s.num_kv_heads, s.head_dim) for s in found.v_o} == {(9, 3, 64)}
+    stream = sites.find_residual_stream(model)
+    assert len(stream.blocks) == 60 and len(stream.norms) == 61 and stream.tied
