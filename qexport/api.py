@@ -100,5 +100,4 @@ def export(
             "calibration": None,
         }
         write_manifest(tmp, manifest)
-    log.info("wrote %s in %.1f s", out, time.perf_counter() - start)
     return out

@@ -20,7 +20,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama", "mistral")),
     Family("qwen2", ("qwen2",)),
     Family("gemma3", ("gemma3_text",)),
-    Family("opt", ("opt",)),
+    Family("opt", ("opt",), uses_position_ids=False),
 )
 
 
