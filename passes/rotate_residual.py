@@ -10,7 +10,7 @@ import onnx_ir as ir
 
 from qexport.errors import PatternNotFoundError, QexportError
 from qexport.passes import sites
-from qexport.passes._util import const_f64, set_const_input, write_bias, write_weight
+from qexport.passes._util import channel_readers, const_f64, set_const_input, write_bias, write_weight
 from qexport.passes.hadamard import Rotation, rotation_matrix
 
 log = logging.getLogger(__name__)
@@ -93,9 +93,10 @@ def residual_readers(stream: sites.ResidualStream) -> list[sites.Linear]:
                 f"rotate-residual needs gamma = 1 on every residual norm (norm ending at {norm.nodes[-1].name} "
                 "has another gamma): put the fold-norm pass before it"
             )
-        consumers = norm.output.consumers()
-        linears = [sites.match_linear(c) for c in consumers]
-        if not consumers or any(lin is None or lin.input is not norm.output for lin in linears):
+        readers_here = channel_readers(norm.output)  # token slices (lm_head on the last position) commute with Q
+        linears = [sites.match_linear(c) for c, _ in readers_here]
+        pairs = zip(linears, readers_here)
+        if not readers_here or any(lin is None or lin.input is not read for lin, (_, read) in pairs):
             raise PatternNotFoundError(
                 f"rotate-residual: the norm ending at {norm.nodes[-1].name} feeds something other than weight linears"
             )
