@@ -200,7 +200,13 @@ class SiteMap:
 
 
 def match_linear(node: ir.Node) -> Linear | None:
-    """The weight linear ``node`` is, or ``None`` (activation x activation MatMuls are not linears)."""
+    """The weight linear ``node`` is, or ``None`` (activation x activation MatMuls are not linears).
+
+    MatMuls inserted by a pass as online transforms (tagged ``qexport.online_*`` in their metadata, such as
+    the R4 Hadamard) have a constant B but are not model weights, so they are not linears either.
+    """
+    if any(key.startswith("qexport.online_") for key in node.metadata_props):
+        return None
     if node.op_type == "MatMul" and node.domain == "" and len(node.inputs) == 2:
         b = node.inputs[1]
         if b is None:

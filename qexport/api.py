@@ -16,6 +16,9 @@ from qexport.artifact import MODEL_FILE
 from qexport.graph_export import ExportSettings, export_graph
 from qexport.loading import load_model, resolve_source
 from qexport.outdir import atomic_output_dir, checksums, write_manifest
+from qexport.pipeline import apply_recipe
+from qexport.recipe import load_recipe
+from qexport.text import load_text, parse_source, token_windows
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +60,20 @@ def export(
     kv_cache: bool = True,
     force: bool = False,
     revision: str | None = None,
+    recipe: str | os.PathLike | None = None,
+    calib: str | None = None,
+    calib_windows: int = 16,
+    calib_seq_len: int = 512,
 ) -> Path:
-    """Export MODEL (hub id, folder, .gguf, or the embedded default) to the folder ``out``; returns it."""
+    """Export MODEL (hub id, folder, .gguf, or the embedded default) to the folder ``out``; returns it.
+
+    ``recipe`` (a YAML path or a preset name) runs graph passes on the export, calibrated on ``calib``
+    (a text file or dataset name; default: the calibration half of Python's documentation) in
+    ``calib_windows`` windows of ``calib_seq_len`` tokens.
+    """
     settings = ExportSettings(dtype=dtype, kv_cache=kv_cache)
     source = resolve_source(model, revision=revision)
+    loaded_recipe = load_recipe(recipe) if recipe is not None else None  # a bad recipe fails before the slow part
     out = Path(out)
     if out.exists() and not force:  # fail before the slow part; atomic_output_dir checks again
         from qexport.errors import OutputExistsError
@@ -73,6 +86,13 @@ def export(
         export_start = time.perf_counter()
         ir_model, signature = export_graph(hf_model, family, settings)
         export_s = time.perf_counter() - export_start
+        recipe_report, calibration = None, None
+        if loaded_recipe is not None:
+            text = parse_source(calib)
+            windows = token_windows(tokenizer, load_text(text, "calibration"), calib_seq_len, calib_windows, text.describe())
+            calibration = {"source": text.to_json(), "windows": len(windows), "seq_len": calib_seq_len,
+                           "tokens": int(sum(len(w) for w in windows))}
+            recipe_report = apply_recipe(ir_model, loaded_recipe, windows)
         files = save_model(ir_model, tmp)
         tokenizer.save_pretrained(tmp)
         config_dict = config.to_dict()
@@ -96,8 +116,8 @@ def export(
                 "peak_memory_mib": round(peak_memory_mib(), 1),
                 "nodes": len(ir_model.graph),
             },
-            "recipe": None,
-            "calibration": None,
+            "recipe": recipe_report,
+            "calibration": calibration,
         }
         write_manifest(tmp, manifest)
     return out

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
-import uuid
+import hashlib
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -103,7 +103,7 @@ class CalibrationStats:
     sites: dict[str, TensorStats]
     windows: int = 0
     tokens: int = 0
-    fingerprint: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)  # marks what passes used it
+    fingerprint: str = ""  # content hash, set by collect_stats; marks which statistics a pass used
 
     def __getitem__(self, site_name: str) -> TensorStats:
         try:
@@ -148,8 +148,19 @@ def collect_stats(
         log.debug("calibration window %d (%d tokens)", stats.windows, feeds["input_ids"].size)
     if stats.windows == 0:
         raise QexportError("no calibration windows were given")
+    stats.fingerprint = _fingerprint(stats)
     log.info("calibrated %d sites on %d windows (%d tokens)", len(targets), stats.windows, stats.tokens)
     return stats
+
+
+def _fingerprint(stats: CalibrationStats) -> str:
+    """A content hash of the statistics: the same graph and text give the same fingerprint (reproducible files)."""
+    digest = hashlib.sha256()
+    for name in sorted(stats.sites):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(stats.sites[name].absmax).tobytes())
+        digest.update(np.ascontiguousarray(stats.sites[name].sum_squares).tobytes())
+    return digest.hexdigest()[:32]
 
 
 def _session_with_outputs(model: ir.Model, names: list[str], threads: int | None):

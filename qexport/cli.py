@@ -27,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kv-cache", action="store_true", help="export without past/present key-value inputs")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--recipe", default=None, help="recipe YAML file or preset name (see samples/recipes)")
+    p.add_argument("--calib", default=None, help="calibration text: a file or a dataset name (default: Python's documentation)")
+    p.add_argument("--calib-windows", type=int, default=16, help="calibration windows")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
     p = sub.add_parser("eval", help="perplexity and parity against the PyTorch source model")
@@ -93,13 +97,31 @@ def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from qexport.api import export
     from qexport.outdir import read_manifest
 
-    out = export(args.model, args.out, dtype=args.dtype, kv_cache=not args.no_kv_cache, force=args.force, revision=args.revision)
+    out = export(args.model, args.out, dtype=args.dtype, kv_cache=not args.no_kv_cache, force=args.force,
+                 revision=args.revision, recipe=args.recipe, calib=args.calib, calib_windows=args.calib_windows,
+                 calib_seq_len=args.calib_seq_len)
     manifest = read_manifest(out)
     if not args.json:
+        _print_recipe_report(manifest.get("recipe"))
         e = manifest["export"]
         print(f"exported {manifest['source']['location']} -> {out} ({e['nodes']} nodes, {e['total_seconds']} s, "
               f"peak memory {e['peak_memory_mib']:.0f} MiB)")
     return manifest
+
+
+def _print_recipe_report(report: dict[str, Any] | None) -> None:
+    if not report:
+        return
+    from qexport.site_difficulty import summary_table
+
+    for step in report["steps"]:
+        print(f"pass {step['pass']:<18} {'modified' if step['modified'] else 'no change':<10} {step['seconds']:.2f} s")
+    verify = report["verify"]
+    print(f"equivalence: max |logit difference| vs the untransformed export {verify['max_abs_logit_diff']:.3g} "
+          f"over {verify['tokens']} tokens (tolerance {verify['tolerance']})")
+    if report["difficulty"]:
+        print("\nquantization difficulty (mean over sites of each kind; per-site values are in qexport.json)")
+        print(summary_table(report["difficulty"]))
 
 
 def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:

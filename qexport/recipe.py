@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 PASSES: dict[str, str] = {
     "untie-embeddings": "qexport.passes.untie_embeddings:UntieEmbeddingsPass",
     "fold-norm": "qexport.passes.fold_norm:FoldNormPass",
+    "layernorm-to-rms": "qexport.passes.layernorm_to_rms:LayerNormToRmsPass",
     "smooth": "qexport.passes.smooth:SmoothPass",
     "rotate-residual": "qexport.passes.rotate_residual:RotateResidualPass",
     "rotate-heads": "qexport.passes.rotate_heads:RotateHeadsPass",

@@ -1,0 +1,82 @@
+"""The quantization-difficulty metric of seed 004, per rewrite site, from streamed calibration statistics.
+
+For the activation X feeding a site and the weight W reading it (all consumer linears, concatenated):
+- ``dx``: std over channels of the channel RMS ‖X[:, j]‖₂ / √tokens (D(X), normalised by the token count);
+- ``dw``: std over input channels of ‖W[:, j]‖₂ (D(W), torch layout);
+- ``norm_product``: (‖X‖_F / √tokens) · ‖W‖_F, the quantity the seed's per-token / per-channel error
+  estimate is proportional to once rows are flat (smoothing lowers it to its Cauchy–Schwarz bound);
+- ``outlier_ratio``: largest channel absmax over the median channel absmax.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qexport.calibration import CalibrationStats, TensorStats
+from qexport.passes import sites as site_matching
+
+COLUMNS = ("dx", "dw", "norm_product", "outlier_ratio")
+
+
+def consumer_weight(site: site_matching.Site) -> np.ndarray:
+    """The [in, out] weight reading the site's activation (q/k/v or gate/up concatenated)."""
+    if isinstance(site, site_matching.NormSite):
+        return np.concatenate([linear.weight_in_out() for linear in site.linears], axis=1)
+    if isinstance(site, site_matching.VOSite):
+        return site.o.weight_in_out()
+    return site.down.weight_in_out()
+
+
+def difficulty(stats: TensorStats, weight_in_out: np.ndarray) -> dict[str, float]:
+    tokens = max(stats.tokens, 1)
+    channel_rms = np.sqrt(stats.sum_squares / tokens)
+    weight_norms = np.linalg.norm(weight_in_out, axis=1)
+    median = float(np.median(stats.absmax))
+    return {
+        "dx": float(channel_rms.std()),
+        "dw": float(weight_norms.std()),
+        "norm_product": float(np.sqrt(stats.sum_squares.sum() / tokens) * np.linalg.norm(weight_in_out)),
+        "outlier_ratio": float(stats.absmax.max() / median) if median > 0 else float("inf"),
+    }
+
+
+def site_difficulties(site_map: site_matching.SiteMap, stats: CalibrationStats) -> dict[str, dict[str, float]]:
+    """The metric for every site that has statistics."""
+    return {
+        site.name: difficulty(stats[site.name], consumer_weight(site))
+        for site in site_map.all
+        if site.name in stats
+    }
+
+
+def format_table(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], title: str) -> str:
+    """A before/after table, one row per site present in both."""
+    head = f"{'site':<20}" + "".join(f"{c + ' before':>22}{'after':>10}" for c in COLUMNS)
+    lines = [title, head]
+    for name in before:
+        if name in after:
+            lines.append(f"{name:<20}" + "".join(f"{before[name][c]:>22.4g}{after[name][c]:>10.4g}" for c in COLUMNS))
+    missing = [name for name in before if name not in after]
+    if missing:
+        lines.append(f"(no longer matched as sites after the pass: {', '.join(missing)})")
+    return "\n".join(lines)
+
+
+def _kind(site_name: str) -> str:
+    return site_name.rsplit(".", 1)[-1]
+
+
+def summary_table(stages: list[dict], metrics: tuple[str, ...] = ("dx", "norm_product", "outlier_ratio")) -> str:
+    """Mean of each metric per site kind (attn_norm, mlp_norm, v_o, up_down, ...): a row per kind and metric,
+    a column per stage (the export, then each pass that changed the graph)."""
+    kinds = sorted({_kind(name) for stage in stages for name in stage["sites"]})
+    width = max(12, *(len(stage["stage"]) + 2 for stage in stages))
+    lines = [f"{'site kind / metric':<26}" + "".join(f"{stage['stage']:>{width}}" for stage in stages)]
+    for kind in kinds:
+        for metric in metrics:
+            cells = []
+            for stage in stages:
+                values = [row[metric] for name, row in stage["sites"].items() if _kind(name) == kind]
+                cells.append(f"{np.mean(values):>{width}.4g}" if values else f"{'-':>{width}}")
+            lines.append(f"{kind + ' ' + metric:<26}" + "".join(cells))
+    return "\n".join(lines)
