@@ -41,6 +41,14 @@ def tiny_export(tiny_source, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def default_export(tmp_path_factory):
+    """The real default model (SmolLM2-135M-Instruct) exported once per session, FP32 with KV cache."""
+    import qexport
+
+    return qexport.export(None, tmp_path_factory.mktemp("smollm2") / "fp32")
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

@@ -98,11 +98,9 @@ def test_missing_site_is_named(tiny_export, caplog):
 
 
 @pytest.mark.slow
-def test_real_default_model_sites(tmp_path):
+def test_real_default_model_sites(default_export):
     """SmolLM2-135M: 30 layers, 9 heads / 3 KV heads of 64, tied embeddings (about a minute to export)."""
-    import qexport
-
-    model = load(qexport.export(None, tmp_path / "smol"))
+    model = load(default_export)
     found = sites.find_sites(model)
     found.require(30, kinds=ALL_KINDS)
     assert len(found.norm_sites) == 61 and len(found.v_o) == 30 and len(found.up_down) == 30

@@ -1,0 +1,51 @@
+"""The CLI on a tiny export: eval, generate and bench print what users and scripts rely on."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from qexport.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out)
+
+
+def test_eval_json_keys(tiny_export, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    assert main(["-q", "eval", str(tiny_export("llama")), "--text", str(text), "--windows", "2", "--seq-len", "64",
+                 "--greedy-tokens", "8", "--json"]) == 0
+    result = _json(capsys)
+    for key in ("ppl", "ppl_reference", "ppl_ratio", "max_abs_logit_diff", "logit_cosine", "greedy_match", "greedy_tokens"):
+        assert key in result
+    assert result["windows"] == 2 and result["tokens_scored"] == 2 * 63
+    assert abs(result["ppl_ratio"] - 1) < 1e-4
+    assert result["greedy_match"] == result["greedy_tokens"] == 8
+
+
+def test_generate_greedy_is_reproducible(tiny_export, capsys):
+    args = ["-q", "generate", str(tiny_export("qwen2")), "hello", "--greedy", "--max-new-tokens", "6", "--json"]
+    assert main(args) == 0
+    first = _json(capsys)
+    assert main(args) == 0
+    assert _json(capsys)["tokens"] == first["tokens"] and 1 <= len(first["tokens"]) <= 6
+
+
+def test_bench_json(tiny_export, capsys):
+    assert main(["-q", "bench", str(tiny_export("opt")), "--seq-len", "32", "--decode-tokens", "4", "--runs", "2", "--json"]) == 0
+    result = _json(capsys)
+    ort = result["results"]["onnxruntime-cpu"]
+    assert ort["prefill_ms"] > 0 and ort["decode_tokens_per_s"] > 0
+    assert result["prefill_speedup_vs_pytorch"] > 0
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"\*\*Run the tests\.\*\*.*?```\n(.+?)\n```", readme, re.S)
+    assert block, "README lost its test command"
+    assert block.group(1).strip() in (ROOT / ".ci" / "run").read_text()
