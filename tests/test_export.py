@@ -111,3 +111,19 @@ def test_fp16_export_runs_and_stays_close(tiny_source, tmp_path):
     assert present[0].dtype == np.float16
     # half precision: about 3 significant digits on logits of magnitude ~1
     np.testing.assert_allclose(logits, ref_logits, atol=2e-2, rtol=0)
+
+
+def test_large_models_get_external_data(tiny_source, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import qexport
+    import qexport.api
+
+    monkeypatch.setattr(qexport.api, "EXTERNAL_DATA_THRESHOLD", 0)  # treat the tiny model as over 2 GB
+    out = qexport.export(str(tiny_source("qwen2")), tmp_path / "ext")
+    artifact = Artifact.open(out)
+    weights = sum(p.numel() * 4 for p in AutoModelForCausalLM.from_pretrained(tiny_source("qwen2")).parameters())
+    assert (out / "model.onnx.data").stat().st_size >= 0.9 * weights
+    assert set(artifact.manifest["files"]) == {"model.onnx", "model.onnx.data"}
+    ids = _ids(1, 12)
+    np.testing.assert_allclose(artifact.causal_lm().forward(ids)[0], artifact.reference().forward(ids)[0], atol=ATOL, rtol=0)
