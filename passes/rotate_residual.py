@@ -10,7 +10,7 @@ import onnx_ir as ir
 
 from qexport.errors import PatternNotFoundError, QexportError
 from qexport.passes import sites
-from qexport.passes._util import channel_readers, const_f64, set_const_input, write_bias, write_weight
+from qexport.passes._util import channel_readers, const_array, const_f64, set_const_input, write_bias, write_weight
 from qexport.passes.hadamard import Rotation, rotation_matrix
 
 log = logging.getLogger(__name__)
@@ -25,15 +25,15 @@ class RotateResidualPass(ir.passes.InPlacePass):
 
     Rewrite cases (W in [in, out] layout, y = x W + b; all arithmetic in float64):
 
-    1. token embedding table E [vocab, hidden]: E <- E Q;
+    1. token embedding table E [vocab, hidden]: E <- E Q, and a learned position table P (OPT): P <- P Q;
     2. readers, the linears fed by a residual norm (q/k/v, gate/up, lm_head): W <- Qᵀ W. RMSNorm commutes
        with Q only with unit gamma, so every residual norm must be an RMSNorm with gamma = 1: run
        ``untie-embeddings`` and ``fold-norm`` first;
     3. writers, the linears ending a residual branch (o_proj, down_proj): W <- W Q and b <- b Q.
 
-    Refused with a clear error (nothing changed): tied embeddings, a LayerNorm stream (OPT; QuaRot's
-    LayerNorm -> RMSNorm conversion is not implemented), norms between a writer and its residual add
-    (Gemma3's post-norms, whose gamma cannot be folded), learned position embeddings, unfolded gamma.
+    Refused with a clear error (nothing changed): tied embeddings, a LayerNorm stream (OPT: put
+    ``layernorm-to-rms`` before it), norms between a writer and its residual add (Gemma3's post-norms,
+    whose gamma cannot be folded), unfolded gamma.
     The model is tagged in ``metadata_props`` so a second run reports no change.
     """
 
@@ -52,6 +52,8 @@ class RotateResidualPass(ir.passes.InPlacePass):
 
         table = stream.embedding_weight
         set_const_input(graph, stream.embedding, 0, const_f64(table) @ q, f"{table.name}.rotated")
+        if (positions := stream.position_embedding) is not None:
+            set_const_input(graph, positions, 0, const_f64(positions.inputs[0]) @ q, f"{positions.inputs[0].name}.rotated")
         for linear in readers:
             write_weight(graph, linear, q.T @ linear.weight_in_out())
         for linear in stream.writers:
@@ -71,7 +73,7 @@ def residual_readers(stream: sites.ResidualStream) -> list[sites.Linear]:
         if norm.kind not in _RMS_KINDS:
             raise QexportError(
                 f"rotate-residual needs RMSNorm on the residual stream, found {norm.kind.value}; "
-                "LayerNorm models (OPT) need a LayerNorm -> RMSNorm conversion, which is not implemented"
+                "for LayerNorm models (OPT) put the layernorm-to-rms pass (after fold-norm) before it"
             )
     if stream.tied:
         raise QexportError("rotate-residual needs untied embeddings: put the untie-embeddings pass before it")
@@ -84,8 +86,9 @@ def residual_readers(stream: sites.ResidualStream) -> list[sites.Linear]:
         )
     if any(block.pre_norm is None for block in stream.blocks):
         raise PatternNotFoundError("rotate-residual: a residual branch reads the stream without a norm")
-    if stream.position_embedding is not None:
-        raise QexportError("rotate-residual does not support learned position embeddings (OPT) yet")
+    if stream.position_embedding is not None and (
+            (table := const_array(stream.position_embedding.inputs[0])) is None or table.ndim != 2):
+        raise PatternNotFoundError("rotate-residual: the learned position embedding is not a constant 2-D table")
     readers: list[sites.Linear] = []
     for norm in stream.norms:
         if norm.gamma is not None and not np.all(const_f64(norm.gamma) == 1.0):

@@ -112,11 +112,13 @@ def test_quarot_rotations_are_exact_on_converted_opt(tiny_export):
     np.testing.assert_allclose(nxt["logits"], expected_next["logits"], rtol=RTOL, atol=ATOL, err_msg="decode R1+R2+R4")
 
 
-def test_rotate_preset_runs_losslessly_on_tiny_opt(tiny_export):
+def test_rotate_opt_preset_runs_losslessly_on_tiny_opt(tiny_export):
     model = load(tiny_export("opt"))
     give_norms_weights(model)
     expected_first, expected_next = _prefill_decode(model)
-    for p in rc.load_recipe("rotate").build():
+    passes = rc.load_recipe("rotate-opt").build()
+    assert [type(p).__name__ for p in passes][1:4] == ["FoldNormPass", "LayerNormToRmsPass", "RotateResidualPass"]
+    for p in passes:
         assert p(model).modified, type(p).__name__
     first, nxt = _prefill_decode(model)
     np.testing.assert_allclose(first["logits"], expected_first["logits"], rtol=RTOL, atol=ATOL)
@@ -175,3 +177,20 @@ def test_direct_reader_of_the_stream_is_refused(tiny_export):
     with pytest.raises(QexportError, match="ReduceMax test_probe reads the residual stream"):
         LayerNormToRmsPass()(model)
     _assert_unchanged(model, weights, ops)
+
+
+def test_conversion_of_an_fp16_export_normalizes_in_fp32(tiny_source, tmp_path):
+    import qexport
+
+    model = load(qexport.export(str(tiny_source("opt")), tmp_path / "model", dtype="fp16"))
+    ids = np.random.default_rng(2).integers(3, 200, size=(2, 5), dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for value in model.graph.inputs:
+        if value.name.startswith("past_key_values."):
+            feeds[value.name] = np.zeros((2, value.shape[1], 0, value.shape[3]), dtype=np.float16)
+    expected = run(model, feeds)["logits"].astype(np.float32)
+    assert LayerNormToRmsPass()(model).modified
+    assert [n.op_type for n in model.graph].count("Pow") == 5
+    got = run(model, feeds)["logits"].astype(np.float32)
+    # FP16 weights are re-rounded after centring: a few fp16 ulps (2^-10 relative) through two layers
+    assert np.abs(got - expected).max() < 4e-3 * np.abs(expected).max()
