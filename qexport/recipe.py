@@ -48,6 +48,7 @@ PASSES: dict[str, str] = {
     "rotate-residual": "qexport.passes.rotate_residual:RotateResidualPass",
     "rotate-heads": "qexport.passes.rotate_heads:RotateHeadsPass",
     "online-hadamard": "qexport.passes.online_hadamard:OnlineHadamardPass",
+    "affine": "qexport.passes.affine:AffinePass",
 }
 _RECIPE_KEYS = ("name", "description", "passes")
 _SCALARS = (bool, int, float, str)

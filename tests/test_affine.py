@@ -12,13 +12,16 @@ from qexport.calibration import collect_stats
 from qexport.difficulty import rtn_rows
 from qexport.errors import QexportError, RecipeError
 from qexport.passes import sites
+from qexport.passes._util import const_f64
 from qexport.passes.affine import MARK, AffinePass, collect_samples, problem_for
 from qexport.passes.affine_fit import FitSettings, band_mask, fit, is_strictly_dominant
 from qexport.passes.smooth import SmoothPass
 from qexport.recipe import load_recipe
 
 RTOL, ATOL = 1e-4, 1e-5  # FP32 after float64 folding: one rounding per weight, a few ulps through the network
-FAST = dict(epochs=4, batch_tokens=64)  # 128 sample rows: 2 steps per epoch, the band still reaches full width
+# 128 sample rows, 2 steps per epoch; the band still reaches full width, and 10x the default lr makes the
+# folded matrices far from diagonal (a harder exactness check; the default lr is tested on a single site)
+FAST = dict(epochs=4, batch_tokens=64, lr=0.05)
 
 
 def windows(seed: int = 0, count: int = 4, length: int = 32) -> list[np.ndarray]:
@@ -62,6 +65,7 @@ def test_affine_is_exact_with_kv_cache(tiny_export, family):
     v_o = {s.name: s for s in sites.find_sites(model).v_o}
     w_o = {name: s.o.weight_in_out() for name, s in v_o.items()}
     w_v = {name: s.v.weight_in_out() for name, s in v_o.items()}
+    gamma = {s.layer: const_f64(s.norm.gamma) for s in sites.find_sites(model).norm_sites if s.role == "attn"}
     affine = AffinePass(windows=windows(), **FAST)
 
     assert affine(model).modified
@@ -79,10 +83,12 @@ def test_affine_is_exact_with_kv_cache(tiny_export, family):
         np.testing.assert_allclose(a, np.repeat(kv_blocks, group, axis=0), atol=1e-5, err_msg=f"{site.name}: GQA replication")
         assert is_strictly_dominant(kv_blocks), site.name
         assert np.abs(off_diagonal(kv_blocks)).max() > 1e-3, f"{site.name}: only a diagonal was folded"
-        hd, kv = site.head_dim, site.num_kv_heads  # v_proj holds B_v A⁻¹ per KV head
+        hd, kv = site.head_dim, site.num_kv_heads  # v_proj holds diag(s) B_v A⁻¹: s from attn_norm, A⁻¹ per KV head
+        norm = next(n for n in sites.find_sites(model).norm_sites if n.name == f"layers.{site.layer}.attn_norm")
+        s = gamma[site.layer] / const_f64(norm.norm.gamma)
         w_v_after = site.v.weight_in_out().reshape(-1, kv, hd)
-        np.testing.assert_allclose(np.einsum("rkd,kde->rke", w_v_after, kv_blocks).reshape(-1, kv * hd), w_v[site.name],
-                                   rtol=RTOL, atol=ATOL, err_msg=site.name)
+        np.testing.assert_allclose(np.einsum("rkd,kde->rke", w_v_after, kv_blocks).reshape(-1, kv * hd) / s[:, None],
+                                   w_v[site.name], rtol=RTOL, atol=ATOL, err_msg=site.name)
         present = first_after[f"present.{site.layer}.value"]  # the cache stores V A⁻¹
         np.testing.assert_allclose(np.einsum("bktd,kde->bkte", present, kv_blocks), first[f"present.{site.layer}.value"],
                                    rtol=RTOL, atol=ATOL, err_msg=site.name)
@@ -114,9 +120,9 @@ def v_o_problem(tiny_export):
 
 
 def test_fit_lowers_the_quantized_loss_with_a_full_matrix(v_o_problem):
-    result = fit(v_o_problem, FitSettings())
+    result = fit(v_o_problem, FitSettings(batch_tokens=128))  # default lr and epochs, 4 steps per epoch
     print(f"layers.0.v_o W8A8 loss {result.loss_init:.4g} -> {result.loss_final:.4g}")
-    assert result.loss_final < 0.98 * result.loss_init
+    assert result.loss_final < 0.95 * result.loss_init
     start = np.stack([np.diag(row) for row in v_o_problem.init])
     np.testing.assert_allclose(numpy_loss(v_o_problem, start), result.loss_init, rtol=1e-3)
     np.testing.assert_allclose(numpy_loss(v_o_problem, result.matrix), result.loss_final, rtol=1e-3)
@@ -169,8 +175,9 @@ def test_smooth_affine_preset_is_exact(tiny_export):
     np.testing.assert_allclose(run(model, feeds)["logits"], expected["logits"], rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("settings, key", [({"epochs": 0}, "epochs"), ({"mask_scale": 1.5}, "mask_scale"),
-                                           ({"act_bits": 1}, "act_bits"), ({"sites": "layers.*"}, "sites")])
+@pytest.mark.parametrize("settings, key", [
+    ({"epochs": 0}, "epochs"), ({"mask_scale": 1.5}, "mask_scale"), ({"act_bits": 1}, "act_bits"), ({"sites": "layers.*"}, "sites"),
+])
 def test_bad_settings_name_the_key(settings, key):
     with pytest.raises(RecipeError, match=key):
         AffinePass(windows=windows(), **settings)

@@ -1,0 +1,214 @@
+"""AffineQuant (Ma et al., ICLR 2024; methods.md §2.4): a learned invertible matrix per site, folded offline."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import logging
+from typing import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from qexport.calibration import _feeds, _session_with_outputs
+from qexport.errors import QexportError, RecipeError
+from qexport.passes import sites as site_matching
+from qexport.passes._util import const_f64, set_const_input, write_bias, write_weight
+from qexport.passes.affine_fit import FitProblem, FitResult, FitSettings, fit
+
+log = logging.getLogger(__name__)
+
+MARK = "qexport.affine."  # model metadata key prefix: site name -> fingerprint of the windows it was fitted on
+
+
+@dataclasses.dataclass(frozen=True)
+class AffinePass(ir.passes.InPlacePass):
+    """Fit A per site to minimise its W/A fake-quantized output error, and fold X' = X A⁻¹, B' = A B offline.
+
+    ONNX layout: a site's consumers compute X B with B = Wᵀ [in, out]; X A⁻¹ (A B) = X B exactly. Rewrite
+    cases (sites selected by the globs ``sites``; nothing is added online):
+
+    1. ``layers.i.v_o``: A is block diagonal, one full head_dim × head_dim block A_k per KV head k, shared by
+       the query heads that read it (GQA). v_proj columns (and bias) of KV head k become B_v[:, k] A_k⁻¹, so
+       attention outputs X A⁻¹ (it mixes values only across tokens), and o_proj rows of query head h become
+       A_(h // group) B_o[h]. The KV cache stores the transformed values V A⁻¹.
+    2. norm site (``layers.i.attn_norm`` / ``mlp_norm``): A = diag(s) only, as in the paper's weight-activation
+       mode: gamma (and beta) / s, consumer rows (q/k/v, gate/up, fc1) * s.
+    3. ``layers.i.up_down`` (not selected by default; the paper excludes it): diag(s) only, through up_proj
+       (fc1) columns and bias / s, down_proj rows * s; s > 0, so it passes a ReLU.
+
+    A starts at SmoothQuant's diag(s) (alpha 0.5, from the samples) and is fitted by :func:`affine_fit.fit`
+    (AdamW, gradual mask, strict diagonal dominance). Samples (at most ``max_tokens`` rows per site) of each
+    site's activation are drawn from ``windows`` (int64 token arrays, supplied at run time) on the graph being
+    rewritten; v_o sites are fitted first, so the norm-site fits see the transformed v_proj weight. Folding
+    is float64. Each fitted site is recorded in ``metadata_props`` (``qexport.affine.<site>`` = fingerprint of
+    the windows): a second run with the same windows skips it and reports ``modified`` False.
+    """
+
+    windows: Sequence[np.ndarray]
+    sites: tuple[str, ...] = ("layers.*_norm", "layers.*.v_o")
+    weight_bits: int = 8
+    act_bits: int = 8
+    epochs: int = 8
+    lr: float = 5e-3
+    mask_scale: float = 1.0
+    batch_tokens: int = 512
+    max_tokens: int = 2048
+    dominance_margin: float = 0.01
+    seed: int = 0
+    head_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = {
+            "weight_bits": 2 <= self.weight_bits <= 16, "act_bits": 2 <= self.act_bits <= 16,
+            "epochs": self.epochs >= 1, "lr": self.lr > 0, "mask_scale": 0 < self.mask_scale <= 1,
+            "batch_tokens": self.batch_tokens >= 1, "max_tokens": self.max_tokens >= 1,
+            "dominance_margin": 0 <= self.dominance_margin < 1,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise RecipeError(f"affine {key} is out of range: {getattr(self, key)!r}")
+        if isinstance(self.sites, str):
+            raise RecipeError("affine sites must be a list of globs, e.g. ['layers.*.v_o']")
+
+    @property
+    def settings(self) -> FitSettings:
+        return FitSettings(self.weight_bits, self.act_bits, self.epochs, self.lr, self.mask_scale,
+                           self.batch_tokens, self.dominance_margin, self.seed)
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for window in self.windows:
+            array = np.ascontiguousarray(window, dtype=np.int64)
+            digest.update(str(array.shape).encode() + array.tobytes())
+        return digest.hexdigest()[:32]
+
+    def pending(self, model: ir.Model) -> list[site_matching.Site]:
+        """The selected sites not yet fitted on these windows (pure)."""
+        found, mark, result = site_matching.find_sites(model, head_dim=self.head_dim), self.fingerprint, []
+        for site in found.all:
+            if not any(fnmatch.fnmatchcase(site.name, g) for g in self.sites):
+                continue
+            if isinstance(site, site_matching.NormSite) and (site.role == "lm_head" or site.norm.gamma is None):
+                log.warning("%s cannot absorb a scale (lm_head norm or no gamma); skipped", site.name)
+            elif model.metadata_props.get(MARK + site.name) == mark:
+                log.debug("%s already fitted on these windows; skipped", site.name)
+            else:
+                result.append(site)
+        return result
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        pending = self.pending(model)
+        todo = {site.name for site in pending}
+        if not todo:
+            return ir.passes.PassResult(model, False)
+        if not self.windows:
+            raise QexportError("the affine pass needs calibration windows (token arrays) at run time")
+        samples = collect_samples(model, self.windows, pending, self.max_tokens, self.seed)
+        modified, mark = False, self.fingerprint
+        # one phase per kind, sites found again after each: a phase may have rewritten weights the next reads
+        for kind in (site_matching.VOSite, site_matching.NormSite, site_matching.UpDownSite):
+            for site in site_matching.find_sites(model, head_dim=self.head_dim).all:
+                if not isinstance(site, kind) or site.name not in todo:
+                    continue
+                result = fit(problem_for(site, samples[site.name]), self.settings)
+                log.info("affine %s: quantized loss %.4g -> %.4g (%d rows shrunk for dominance)", site.name,
+                         result.loss_init, result.loss_final, result.shrunk_rows)
+                if np.array_equal(result.matrix, np.broadcast_to(np.eye(result.matrix.shape[-1]), result.matrix.shape)):
+                    continue
+                apply_site(model.graph, site, result.matrix)
+                model.metadata_props[MARK + site.name] = mark
+                modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+def collect_samples(model: ir.Model, windows: Sequence[np.ndarray], selected: Sequence[site_matching.Site],
+                    max_tokens: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """At most ``max_tokens`` token rows (float32, drawn uniformly without replacement, in order) of the
+    activation each site's consumers read, from ONNX Runtime runs of a copy of ``model`` on ``windows``."""
+    targets = {site.name: site.activation.name for site in selected}
+    session = _session_with_outputs(model, sorted(set(targets.values())), None)
+    inputs = {i.name: i for i in session.get_inputs()}
+    windows = [np.asarray(w, dtype=np.int64) for w in windows]
+    sizes = [w.size for w in windows]
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(sum(sizes), size=min(max_tokens, sum(sizes)), replace=False))
+    rows: dict[str, list[np.ndarray]] = {name: [] for name in targets}
+    names = [o.name for o in session.get_outputs()]
+    for window, start in zip(windows, np.cumsum([0, *sizes[:-1]])):
+        picked = chosen[(chosen >= start) & (chosen < start + window.size)] - start
+        if picked.size == 0:
+            continue
+        outputs = dict(zip(names, session.run(names, _feeds(window, inputs, model))))
+        for site_name, value_name in targets.items():
+            x = outputs[value_name]
+            rows[site_name].append(np.asarray(x.reshape(-1, x.shape[-1])[picked], dtype=np.float32))
+    log.debug("sampled %d token rows for %d sites", chosen.size, len(targets))
+    return {name: np.concatenate(parts) for name, parts in rows.items()}
+
+
+def _smoothquant_start(act: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """SmoothQuant alpha 0.5: s = sqrt(max|X_j| / max|B_j,:|), 1 where a range is zero."""
+    valid = (act > 0) & (weight > 0)
+    s = np.sqrt(np.maximum(np.where(valid, act, 1.0), 1e-5) / np.maximum(np.where(valid, weight, 1.0), 1e-5))
+    return np.where(valid, np.maximum(s, 1e-5), 1.0)
+
+
+def problem_for(site: site_matching.Site, x: np.ndarray) -> FitProblem:
+    """The fitting problem of one site: its samples, consumer weight [n, out], and SmoothQuant start."""
+    if isinstance(site, site_matching.NormSite):
+        w = np.concatenate([lin.weight_in_out() for lin in site.linears], axis=1)
+    else:
+        w = (site.o if isinstance(site, site_matching.VOSite) else site.down).weight_in_out()
+    if x.shape[1] != w.shape[0]:
+        raise QexportError(f"samples for {site.name} have {x.shape[1]} channels, the graph {w.shape[0]}")
+    act, weight = np.abs(x).max(axis=0).astype(np.float64), np.abs(w).max(axis=1)
+    if not isinstance(site, site_matching.VOSite):
+        return FitProblem(x, w, _smoothquant_start(act, weight)[:, None], np.arange(w.shape[0]))
+    index = site.o_to_v_channel()  # one start per KV channel: the max over its query group
+    act_v, weight_v = np.zeros(site.v.out_features), np.zeros(site.v.out_features)
+    np.maximum.at(act_v, index, act)
+    np.maximum.at(weight_v, index, weight)
+    group = site.num_heads // site.num_kv_heads
+    init = _smoothquant_start(act_v, weight_v).reshape(site.num_kv_heads, site.head_dim)
+    return FitProblem(x, w, init, np.arange(site.num_heads) // group)
+
+
+def apply_site(graph: ir.Graph, site: site_matching.Site, matrix: np.ndarray) -> None:
+    """Fold a fitted A ([blocks, d, d], float64) into the site's producer (A⁻¹ side) and consumers (A side)."""
+    if isinstance(site, site_matching.VOSite):
+        _apply_v_o(graph, site, matrix)
+        return
+    s = matrix[:, 0, 0]
+    if isinstance(site, site_matching.NormSite):
+        norm = site.norm
+        set_const_input(graph, norm.gamma_node, norm.gamma_index, const_f64(norm.gamma) / s, f"{site.name}.gamma")
+        if norm.beta is not None:
+            set_const_input(graph, norm.beta_node, norm.beta_index, const_f64(norm.beta) / s, f"{site.name}.beta")
+        for linear in site.linears:
+            write_weight(graph, linear, s[:, None] * linear.weight_in_out())
+        return
+    if np.any(s <= 0):
+        raise QexportError(f"{site.name}: a diagonal through the MLP activation must be positive")
+    write_weight(graph, site.up, site.up.weight_in_out() / s[None, :])
+    if site.up.bias is not None:
+        write_bias(graph, site.up, site.up.bias_array() / s)
+    write_weight(graph, site.down, s[:, None] * site.down.weight_in_out())
+
+
+def _apply_v_o(graph: ir.Graph, site: site_matching.VOSite, a: np.ndarray) -> None:
+    """v_proj: B_v[:, k] A_k⁻¹ per KV head k (and its bias); o_proj: A_(h // group) B_o[h] per query head h."""
+    hd, kv = site.head_dim, site.num_kv_heads
+    inverse = np.linalg.inv(a)
+    w_v = site.v.weight_in_out()
+    write_weight(graph, site.v, np.einsum("rkd,kde->rke", w_v.reshape(-1, kv, hd), inverse).reshape(w_v.shape))
+    b_v = site.v.bias_array()
+    if b_v is not None:
+        write_bias(graph, site.v, np.einsum("kd,kde->ke", b_v.reshape(kv, hd), inverse).reshape(-1))
+    w_o = site.o.weight_in_out()
+    per_head = a[np.arange(site.num_heads) // (site.num_heads // kv)]
+    write_weight(graph, site.o, np.einsum("hde,heo->hdo", per_head, w_o.reshape(site.num_heads, hd, -1)).reshape(w_o.shape))
+    log.debug("folded %s: %d KV blocks of %d x %d, off-diagonal max %.3g", site.name, kv, hd, hd,
+              np.abs(a - np.einsum("kii->ki", a)[:, :, None] * np.eye(hd)).max())
