@@ -205,7 +205,7 @@ def match_linear(node: ir.Node) -> Linear | None:
     MatMuls inserted by a pass as online transforms (tagged ``qexport.online_*`` in their metadata, such as
     the R4 Hadamard) have a constant B but are not model weights, so they are not linears either.
     """
-    if any(key.startswith("qexport.online_") for key in node.metadata_props):
+    if is_online_transform(node):
         return None
     if node.op_type == "MatMul" and node.domain == "" and len(node.inputs) == 2:
         b = node.inputs[1]
@@ -371,6 +371,11 @@ def _layer_of(node: ir.Node, softmaxes: list[int], order: dict[ir.Node, int], be
     return count if before_attention else count - 1
 
 
+def is_online_transform(node: ir.Node) -> bool:
+    """Whether a pass inserted ``node`` as part of an online transform (metadata ``qexport.online_*``)."""
+    return any(key.startswith("qexport.online_") for key in node.metadata_props)
+
+
 def _feeds_heads(linear: Linear, depth: int = 3) -> bool:
     """Whether the linear's output reaches a Reshape (the head split) through bias/scale ops."""
     frontier = [linear.output]
@@ -378,7 +383,7 @@ def _feeds_heads(linear: Linear, depth: int = 3) -> bool:
         nxt = []
         for v in frontier:
             for c in v.consumers():
-                if c.op_type == "Reshape":
+                if c.op_type == "Reshape" and not is_online_transform(c):
                     return True
                 if c.op_type in ("Add", "Mul", "Cast"):
                     nxt += list(c.outputs)
@@ -518,7 +523,12 @@ def _gate_of(value: ir.Value) -> tuple[Linear | None, ir.Node | None]:
 def find_sites(model: ir.Model, head_dim: int | None = None) -> SiteMap:
     """All norm, v_o and up_down sites of ``model``."""
     graph = model.graph
-    return SiteMap(tuple(find_norm_sites(graph)), tuple(find_v_o_sites(graph, head_dim)), tuple(find_up_down_sites(graph)))
+    found = SiteMap(tuple(find_norm_sites(graph)), tuple(find_v_o_sites(graph, head_dim)), tuple(find_up_down_sites(graph)))
+    names = [site.name for site in found.all]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:  # statistics and passes address sites by name: an ambiguous name would mix two sites up
+        raise PatternNotFoundError(f"site names are ambiguous in this graph: {', '.join(duplicates)}")
+    return found
 
 
 def find_residual_stream(model: ir.Model) -> ResidualStream:

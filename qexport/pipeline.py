@@ -27,6 +27,7 @@ class PipelineSettings:
     max_abs_logit_diff: float = 1e-2  # lossless passes: FP32 logits must stay this close to the export's
     verify_tokens: int = 128
     measure_difficulty: bool = True
+    difficulty_windows: int = 2  # windows used for the per-stage difficulty metric (passes get all windows)
     threads: int | None = None
 
 
@@ -62,11 +63,10 @@ def apply_recipe(
     verify_ids = windows[0][: settings.verify_tokens]
     expected = _run_logits(model, verify_ids, settings.threads)
     steps: list[dict[str, Any]] = []
-    stats = None
+    stats = None  # statistics of the graph as it is now, on all windows, collected when a pass needs them
     difficulty: list[dict[str, Any]] = []  # one entry per stage: before the recipe, after each modifying pass
     if settings.measure_difficulty:
-        stats = collect_stats(model, windows, threads=settings.threads)
-        difficulty.append({"stage": "export", "sites": site_difficulties(site_matching.find_sites(model), stats)})
+        difficulty.append({"stage": "export", "sites": _difficulty(model, windows, settings)})
     verify: dict[str, Any] | None = None
     for index, entry in enumerate(tqdm(recipe.passes, desc=f"recipe {recipe.name}", disable=None)):
         klass = pass_class(entry.name)
@@ -88,12 +88,16 @@ def apply_recipe(
         if result.modified:
             stats = None  # the graph changed: statistics no longer describe it
             if settings.measure_difficulty:
-                stats = collect_stats(model, windows, threads=settings.threads)
-                sites = site_difficulties(site_matching.find_sites(model), stats)
-                difficulty.append({"stage": f"{index}:{entry.name}", "sites": sites})
+                difficulty.append({"stage": f"{index}:{entry.name}", "sites": _difficulty(model, windows, settings)})
     if verify is None:
         verify = _verify(model, expected, verify_ids, recipe.name, settings)
     return {"name": recipe.name, "recipe": recipe.to_dict(), "steps": steps, "verify": verify, "difficulty": difficulty}
+
+
+def _difficulty(model: ir.Model, windows: list[np.ndarray], settings: PipelineSettings) -> dict[str, Any]:
+    site_map = site_matching.find_sites(model)
+    stats = collect_stats(model, windows[: settings.difficulty_windows], site_map=site_map, threads=settings.threads)
+    return site_difficulties(site_map, stats)
 
 
 def _verify(model: ir.Model, expected: np.ndarray, ids: np.ndarray, name: str, settings: PipelineSettings) -> dict[str, Any]:

@@ -108,3 +108,14 @@ def test_real_default_model_sites(default_export):
     assert {(s.num_heads, s.num_kv_heads, s.head_dim) for s in found.v_o} == {(9, 3, 64)}
     stream = sites.find_residual_stream(model)
     assert len(stream.blocks) == 60 and len(stream.norms) == 61 and stream.tied
+
+
+def test_online_hadamard_nodes_do_not_rename_sites(tiny_export):
+    """A Kronecker online Hadamard (Reshape, MatMul, MatMul, Reshape) before down_proj is not a head split."""
+    from qexport.passes.online_hadamard import OnlineHadamardPass
+
+    model = load(tiny_export("llama"))
+    before = [s.name for s in sites.find_sites(model).all]
+    OnlineHadamardPass(max_dense=16)(model)  # 128 = 16 x 8: the reshape-based form
+    after = [s.name for s in sites.find_sites(model).all]
+    assert after == [name for name in before if not name.endswith("up_down")]
