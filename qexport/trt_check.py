@@ -171,9 +171,9 @@ def _check_qdq(node: ir.Node, target: TensorRTTarget, consts: "_Constness") -> I
     zero_point = node.inputs[2] if len(node.inputs) > 2 else None
     qtype = _quantized_type(node)
     weight = x is not None and consts.is_constant(x)
-    if qtype not in QUANTIZED_TYPES:
+    if qtype is not None and qtype not in QUANTIZED_TYPES:
         hint = " (without a zero point ONNX quantizes to uint8)" if qtype == ir.DataType.UINT8 and not is_dq else ""
-        yield Finding(Rule.QDQ_TYPE, name, f"quantized type {qtype.name if qtype else '?'} is not one TensorRT "
+        yield Finding(Rule.QDQ_TYPE, name, f"quantized type {qtype.name} is not one TensorRT "
                       f"supports{hint}; use int8 (symmetric, zero point 0), float8e4m3fn, or int4 for weights")
     if is_dq and not weight and _producer_op(x) != "QuantizeLinear":
         yield Finding(Rule.DQ_WITHOUT_Q, name, "dequantizes a run-time tensor that no QuantizeLinear produced; "
@@ -204,7 +204,11 @@ def _check_qdq(node: ir.Node, target: TensorRTTarget, consts: "_Constness") -> I
 def _quantized_type(node: ir.Node) -> ir.DataType | None:
     """DQ: its input's type. Q: output, else zero point, else output_dtype, else ONNX's default uint8."""
     if node.op_type == "DequantizeLinear":
-        return node.inputs[0].dtype if node.inputs[0] is not None else None
+        x = node.inputs[0]
+        producer = x.producer() if x is not None else None
+        if x is not None and x.dtype is None and producer is not None and producer.op_type == "QuantizeLinear":
+            return _quantized_type(producer)  # intermediate values may carry no type before shape inference
+        return x.dtype if x is not None else None
     zero_point = node.inputs[2] if len(node.inputs) > 2 else None
     output_dtype = node.attributes.get_int("output_dtype", 0)
     return node.outputs[0].dtype or (zero_point.dtype if zero_point is not None else None) or \

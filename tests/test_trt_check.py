@@ -26,14 +26,14 @@ def int4(name: str, array: np.ndarray) -> TensorProto:
     return helper.make_tensor(name, TensorProto.INT4, array.shape, array.flatten().tolist())
 
 
-def build(nodes, inits, *, opset: int = 21, inputs=None, functions=()) -> ir.Model:
+def build(nodes, inits, *, opset: int = 21, inputs=None, functions=(), infer_shapes: bool = True) -> ir.Model:
     inputs = inputs or [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", IN])]
     graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               initializer=inits)
     domains = {n.domain for n in nodes if n.domain} | {f.domain for f in functions}
     opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in sorted(domains)]
     proto = helper.make_model(graph, opset_imports=opsets, functions=list(functions))
-    return ir.from_proto(onnx.shape_inference.infer_shapes(proto))
+    return ir.from_proto(onnx.shape_inference.infer_shapes(proto) if infer_shapes else proto)
 
 
 def act_qdq(src: str = "x", *, scale=np.float32(0.05), zp=np.int8(0), axis: int | None = None,
@@ -132,6 +132,16 @@ def test_custom_domain_defined_as_local_function_is_accepted():
     function = helper.make_function("local", "MyRelu", ["a"], ["b"], body, [helper.make_opsetid("", 21)])
     model = build([helper.make_node("MyRelu", ["x"], ["y"], name="mine", domain="local")], [], functions=[function])
     assert check_model(model) == []
+
+
+def test_types_are_followed_from_q_to_dq_without_shape_inference():
+    nodes, inits = act_qdq()
+    model = build(nodes + [helper.make_node("Relu", ["x_dq"], ["y"], name="relu")], inits, infer_shapes=False)
+    assert model.graph.node("dq_act").inputs[0].dtype is None
+    assert rules(model) == {}
+    nodes, inits = act_qdq(zp=np.uint8(0))
+    model = build(nodes + [helper.make_node("Relu", ["x_dq"], ["y"], name="relu")], inits, infer_shapes=False)
+    assert rules(model) == {Rule.QDQ_TYPE: {"q_act", "dq_act"}}
 
 
 def test_uint8_and_default_uint8_quantization_are_refused():
