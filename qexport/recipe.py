@@ -49,6 +49,7 @@ PASSES: dict[str, str] = {
     "rotate-heads": "qexport.passes.rotate_heads:RotateHeadsPass",
     "online-hadamard": "qexport.passes.online_hadamard:OnlineHadamardPass",
     "affine": "qexport.passes.affine:AffinePass",
+    "quantize": "qexport.passes.insert_qdq:QuantizePass",
 }
 _RECIPE_KEYS = ("name", "description", "passes")
 _SCALARS = (bool, int, float, str)
