@@ -50,6 +50,7 @@ PASSES: dict[str, str] = {
     "online-hadamard": "qexport.passes.online_hadamard:OnlineHadamardPass",
     "affine": "qexport.passes.affine:AffinePass",
     "quantize": "qexport.passes.insert_qdq:QuantizePass",
+    "lower-ort": "qexport.passes.lower_ort:LowerOrtPass",
 }
 _RECIPE_KEYS = ("name", "description", "passes")
 _SCALARS = (bool, int, float, str)

@@ -1,0 +1,173 @@
+"""Lower W8A8 QDQ linears to ONNX Runtime's CPU integer kernels (uint8 activations x int8 weights)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+from qexport.passes._util import const_array, drop_if_unused, new_initializer, set_graph_output
+from qexport.passes.insert_qdq import TAG
+
+log = logging.getLogger(__name__)
+
+MS_DOMAIN = "com.microsoft"
+LOWERED = "qexport.lowered"  # metadata value on the nodes this pass inserts
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantLinear:
+    """A ``MatMul(DQ(x_q), DQ(w_q))`` made by :class:`~qexport.passes.insert_qdq.QuantizePass`."""
+
+    matmul: ir.Node
+    act_q: ir.Node  # the activation QuantizeLinear
+    act_dq: ir.Node
+    weight_dq: ir.Node
+    mode: str  # "per_token" or "per_tensor"
+    transposed: bool  # Gemm with transB = 1: the int8 weight is stored [out, in]
+    bias: ir.Value | None  # Gemm's C
+
+    @property
+    def output(self) -> ir.Value:
+        return self.matmul.outputs[0]
+
+    @property
+    def weight_int8(self) -> ir.Value:
+        return self.weight_dq.inputs[0]
+
+    @property
+    def weight_scale(self) -> ir.Value:
+        return self.weight_dq.inputs[1]
+
+
+def match_quant_linear(node: ir.Node) -> QuantLinear | None:
+    """The QDQ linear ``node`` is, or None: a MatMul (or Gemm, transB = 1, no alpha/beta/transA) fed by a tagged
+    activation DQ and a per-output-channel int8 weight DQ."""
+    if node.domain != "" or node.op_type not in ("MatMul", "Gemm"):
+        return None
+    attrs = {name: attr.value for name, attr in node.attributes.items()}
+    transposed = bool(attrs.get("transB", 0))
+    if node.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+        return None
+    bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+    if bias is not None and (const_array(bias) is None or const_array(bias).ndim != 1):
+        return None
+    a, b = (v.producer() if v is not None else None for v in node.inputs[:2])
+    if a is None or b is None or a.op_type != "DequantizeLinear" or b.op_type != "DequantizeLinear":
+        return None
+    mode = a.metadata_props.get(TAG)
+    if a.outputs[0].dtype != ir.DataType.FLOAT:
+        log.debug("%s: MatMulIntegerToFloat lowering is for float32 graphs", node.name)
+        return None
+    if mode not in ("per_token", "per_tensor") or b.metadata_props.get(TAG) != "weight":
+        log.debug("%s: inputs are not tagged activation/weight dequantizers", node.name)
+        return None
+    q = a.inputs[0].producer()
+    weight = const_array(b.inputs[0])
+    axis = b.attributes["axis"].value if "axis" in b.attributes else 1
+    if q is None or q.op_type != "QuantizeLinear" or weight is None or weight.dtype != np.int8 or weight.ndim != 2 \
+            or axis != (0 if transposed else 1):
+        log.debug("%s: not an int8 weight with per-output-channel scales", node.name)
+        return None
+    return QuantLinear(node, q, a, b, mode, transposed, bias)
+
+
+@dataclasses.dataclass(frozen=True)
+class LowerOrtPass(ir.passes.InPlacePass):
+    """Rewrite QDQ linears into ``com.microsoft.MatMulIntegerToFloat`` (u8 x s8, the VNNI fast path on CPU).
+
+    Numerics are those of the QDQ graph up to integer rounding ties and float accumulation order:
+
+    1. ``per_token`` (x_t / s_t rounded, symmetric int8 in [-127, 127]): ``Div(x, s_t)`` then
+       ``QuantizeLinear(., 1, uint8 zero point 128)`` stores q + 128, so the integers are unchanged;
+       ``MatMulIntegerToFloat(q_u8, w_s8, 1, s_w, 128)`` gives sum_k q_k w_kn * s_w[n], and ``Mul(s_t)``
+       applies the per-token scale (the op's documented a_scale is a scalar, so that stays a separate Mul);
+    2. ``per_tensor`` (static scale s): ``QuantizeLinear(x, s, uint8 128)`` holds the same [-128, 127] integers
+       as the int8 Q; ``MatMulIntegerToFloat(q_u8, w_s8, s, s_w, 128)``.
+
+    A Gemm (transB = 1, OPT's fc1/fc2) gets its int8 weight transposed to [in, out] and its bias C added after
+    the scales (fused into MatMulIntegerToFloat for per-tensor). One quantized activation is shared by all
+    linears reading it. The s_t chain (Abs, ReduceMax, Div, Max) is
+    kept. Not DynamicQuantizeLinear: that is per-tensor asymmetric, a different (less accurate) quantizer.
+    A graph with nothing left to lower is reported unmodified.
+    """
+
+    lossless: ClassVar[bool] = False  # equal to the QDQ graph only up to rounding ties, not to FP32
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        matches = [m for node in graph if (m := match_quant_linear(node)) is not None]
+        if not matches:
+            return ir.passes.PassResult(model, False)
+        one = new_initializer(graph, "qexport.lower.one", np.array(1.0, np.float32))
+        zero_point = new_initializer(graph, "qexport.lower.zp128", np.array(128, np.uint8))
+        lowered_q: dict[ir.Node, ir.Value] = {}
+        for match in matches:
+            if match.act_q not in lowered_q:
+                lowered_q[match.act_q] = _uint8_activation(graph, match, one, zero_point)
+            _lower_matmul(graph, match, lowered_q[match.act_q], one, zero_point)
+        for match in matches:  # the QDQ nodes are unused now
+            for node in (match.weight_dq, match.act_dq, match.act_q):
+                if node.graph is graph and not any(o.uses() for o in node.outputs):
+                    inputs = list(node.inputs)
+                    graph.remove(node, safe=True)
+                    for value in inputs:
+                        if value is not None:
+                            drop_if_unused(graph, value)
+        log.info("lowered %d linears onto MatMulIntegerToFloat (%d quantized activations)", len(matches), len(lowered_q))
+        return ir.passes.PassResult(model, True)
+
+
+def _mark(node: ir.Node) -> ir.Node:
+    node.metadata_props[LOWERED] = "1"
+    return node
+
+
+def _uint8_activation(graph: ir.Graph, match: QuantLinear, one: ir.Value, zero_point: ir.Value) -> ir.Value:
+    """The activation as uint8 with zero point 128 (the same integers as the int8 Q), inserted before its Q."""
+    q = match.act_q
+    x, scale = q.inputs[0], q.inputs[1]
+    base = f"{q.name}.u8"
+    nodes = []
+    if match.mode == "per_token":
+        div = _mark(ir.node("Div", [x, scale], name=f"{base}.div"))
+        div.outputs[0].name, div.outputs[0].dtype, div.outputs[0].shape = f"{base}.scaled", x.dtype, x.shape
+        nodes.append(div)
+        quant = _mark(ir.node("QuantizeLinear", [div.outputs[0], one, zero_point], name=base))
+    else:
+        quant = _mark(ir.node("QuantizeLinear", [x, scale, zero_point], name=base))
+    quant.outputs[0].name, quant.outputs[0].dtype = base, ir.DataType.UINT8
+    graph.insert_before(q, nodes + [quant])
+    return quant.outputs[0]
+
+
+def _lower_matmul(graph: ir.Graph, match: QuantLinear, q_u8: ir.Value, one: ir.Value, zero_point: ir.Value) -> None:
+    """Replace the MatMul (Gemm) by MatMulIntegerToFloat, then the per-token scale Mul and the bias Add."""
+    out = match.output
+    per_token = match.mode == "per_token"
+    a_scale = one if per_token else match.act_q.inputs[1]
+    base = match.matmul.name or out.name
+    weight = match.weight_int8
+    if match.transposed:  # MatMulIntegerToFloat reads B as [in, out]
+        weight = new_initializer(graph, f"{weight.name}.in_out", np.ascontiguousarray(const_array(weight).T))
+    inputs = [q_u8, weight, a_scale, match.weight_scale, zero_point]
+    if match.bias is not None and not per_token:
+        inputs += [None, match.bias]  # fused bias, added after the scales
+    nodes = [_mark(ir.node("MatMulIntegerToFloat", inputs, domain=MS_DOMAIN, version=1, name=f"{base}.int"))]
+    if per_token:
+        nodes.append(_mark(ir.node("Mul", [nodes[-1].outputs[0], match.act_q.inputs[1]], name=f"{base}.token_scale")))
+        if match.bias is not None:
+            nodes.append(_mark(ir.node("Add", [nodes[-1].outputs[0], match.bias], name=f"{base}.bias")))
+    for node in nodes:
+        node.outputs[0].name, node.outputs[0].dtype, node.outputs[0].shape = node.name, out.dtype, out.shape
+    result = nodes[-1].outputs[0]
+    graph.insert_before(match.matmul, nodes)
+    if out.is_graph_output():
+        set_graph_output(graph, out, result)  # moves the output name (logits) onto the lowered value
+    out.replace_all_uses_with(result)
+    graph.remove(match.matmul, safe=True)
+    if MS_DOMAIN not in graph.opset_imports:
+        graph.opset_imports[MS_DOMAIN] = 1
