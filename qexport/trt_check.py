@@ -153,8 +153,8 @@ def _check_node(node: ir.Node, model: ir.Model, target: TensorRTTarget, consts: 
     elif node.op_type in ("MatMul", "Gemm"):
         dequantized = [_producer_op(v, look_through=SHAPE_OPS) == "DequantizeLinear" for v in node.inputs[:2]]
         if any(dequantized) and not all(dequantized):
-            yield Finding(Rule.QDQ_PLACEMENT, _name(node), "only one input is dequantized, so TensorRT runs this "
-                          "GEMM in floating point; quantize both inputs (activation Q/DQ and weight DQ)",
+            yield Finding(Rule.QDQ_PLACEMENT, _name(node), "only one input is dequantized, so TensorRT runs a "
+                          "weight-only or float GEMM here; for an INT8 GEMM quantize the activation too (Q/DQ)",
                           Severity.WARNING)
 
 
