@@ -79,11 +79,13 @@ def _runtime_args(p: argparse.ArgumentParser, default_threads: int | None = None
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    for old in [h for h in log.handlers if getattr(h, "qexport_cli", False)]:
+        log.removeHandler(old)  # main() may run several times in one process (tests, notebooks)
     handler = logging.StreamHandler(sys.stderr)
+    handler.qexport_cli = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(message)s" if verbose == 0 else "%(levelname)s %(name)s: %(message)s"))
     log.addHandler(handler)
     log.setLevel(level)
-    log.propagate = False
     try:
         from transformers.utils import logging as hf_logging
 

@@ -49,3 +49,14 @@ def test_ci_runs_the_readme_test_command():
     block = re.search(r"\*\*Run the tests\.\*\*.*?```\n(.+?)\n```", readme, re.S)
     assert block, "README lost its test command"
     assert block.group(1).strip() in (ROOT / ".ci" / "run").read_text()
+
+
+def test_export_with_a_recipe_prints_the_passes_and_check(tiny_source, tmp_path, capsys):
+    out = tmp_path / "smooth"
+    assert main(["-q", "export", str(tiny_source("qwen2")), "--out", str(out), "--recipe", "smoothquant",
+                 "--calib-windows", "2", "--calib-seq-len", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "pass smooth" in printed and "modified" in printed
+    assert "equivalence: max |logit difference|" in printed
+    assert "mlp_norm outlier_ratio" in printed  # the difficulty summary
+    assert json.loads((out / "qexport.json").read_text())["recipe"]["name"] == "smoothquant"
