@@ -14,8 +14,9 @@ import onnx_ir as ir
 from qexport.calibration import _feeds, _session_with_outputs
 from qexport.errors import QexportError, RecipeError
 from qexport.passes import sites as site_matching
-from qexport.passes._util import const_f64, set_const_input, write_bias, write_weight
-from qexport.passes.affine_fit import FitProblem, FitResult, FitSettings, fit
+from qexport.passes._util import write_bias, write_weight
+from qexport.passes.affine_fit import FitProblem, FitSettings, fit
+from qexport.passes.smooth import fold_scales
 
 log = logging.getLogger(__name__)
 
@@ -182,20 +183,9 @@ def apply_site(graph: ir.Graph, site: site_matching.Site, matrix: np.ndarray) ->
         _apply_v_o(graph, site, matrix)
         return
     s = matrix[:, 0, 0]
-    if isinstance(site, site_matching.NormSite):
-        norm = site.norm
-        set_const_input(graph, norm.gamma_node, norm.gamma_index, const_f64(norm.gamma) / s, f"{site.name}.gamma")
-        if norm.beta is not None:
-            set_const_input(graph, norm.beta_node, norm.beta_index, const_f64(norm.beta) / s, f"{site.name}.beta")
-        for linear in site.linears:
-            write_weight(graph, linear, s[:, None] * linear.weight_in_out())
-        return
-    if np.any(s <= 0):
+    if isinstance(site, site_matching.UpDownSite) and np.any(s <= 0):
         raise QexportError(f"{site.name}: a diagonal through the MLP activation must be positive")
-    write_weight(graph, site.up, site.up.weight_in_out() / s[None, :])
-    if site.up.bias is not None:
-        write_bias(graph, site.up, site.up.bias_array() / s)
-    write_weight(graph, site.down, s[:, None] * site.down.weight_in_out())
+    fold_scales(graph, site, s)  # norm and up->down sites are diagonal: the same fold as smoothing
 
 
 def _apply_v_o(graph: ir.Graph, site: site_matching.VOSite, a: np.ndarray) -> None:

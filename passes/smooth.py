@@ -73,7 +73,7 @@ class SmoothPass(ir.passes.InPlacePass):
         for site, scales in self.scales_for(model).items():
             if np.all(scales == 1.0):
                 continue
-            _apply(model.graph, site, scales)
+            fold_scales(model.graph, site, scales)
             model.metadata_props[MARK + site.name] = self.stats.fingerprint
             modified = True
             log.debug("smoothed %s: scales in [%.3g, %.3g]", site.name, scales.min(), scales.max())
@@ -128,7 +128,7 @@ class SmoothPass(ir.passes.InPlacePass):
         return np.where(valid, np.maximum(s, 1e-5), 1.0)
 
 
-def _apply(graph: ir.Graph, site: site_matching.Site, s: np.ndarray) -> None:
+def fold_scales(graph: ir.Graph, site: site_matching.Site, s: np.ndarray) -> None:
     """Fold ``s`` into the producer (divide) and the consumers (multiply) of the site's activation."""
     if isinstance(site, site_matching.NormSite):
         norm = site.norm

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import pytest
 
 from qexport.artifact import Artifact
 from qexport.runtimes.generate import GenerationSettings, generate
