@@ -57,7 +57,12 @@ class Artifact:
 
             return CausalLM(OrtRunner(self.model_path, device=runtime.split("-")[1], threads=threads), self.signature)
         if runtime == "tensorrt":
-            raise QexportError("the TensorRT runtime is not implemented yet; use --runtime ort-cpu or ort-cuda")
+            from qexport.runtimes.tensorrt import ENGINE_FILE, TensorRTRunner
+
+            engine = self.folder / ENGINE_FILE
+            if not engine.is_file():
+                raise QexportError(f"{self.folder} has no {ENGINE_FILE}; build it with: qexport build-engine {self.folder}")
+            return CausalLM(TensorRTRunner(engine), self.signature)
         raise QexportError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
 
     def reference(self, threads: int | None = None):

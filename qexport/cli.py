@@ -64,6 +64,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reference", action="store_true", help="skip timing PyTorch")
     _runtime_args(p, default_threads=2)
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("check", help="check an exported model against a runtime's rules (TensorRT explicit quantization)")
+    p.add_argument("dir")
+    p.add_argument("--target", choices=["tensorrt"], default="tensorrt")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("build-engine", help="build a TensorRT engine from the model folder's ONNX graph")
+    p.add_argument("dir")
+    p.add_argument("--int8", action="store_true", help="the graph is Q/DQ-quantized (explicit quantization)")
+    p.add_argument("--fp16", action="store_true", help="weakly typed build: float layers may run in FP16")
+    p.add_argument("--workspace", type=int, default=4096, help="builder workspace, MiB")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="longest prompt + generated length")
+    p.add_argument("--max-batch", type=int, default=1)
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -185,7 +199,33 @@ def _cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-COMMANDS = {"export": _cmd_export, "eval": _cmd_eval, "generate": _cmd_generate, "bench": _cmd_bench}
+def _cmd_check(args: argparse.Namespace) -> dict[str, Any]:
+    from qexport.artifact import Artifact
+    from qexport.trt_check import check_path, errors, format_findings
+
+    findings = check_path(Artifact.open(args.dir).model_path)
+    result = {"target": args.target, "passed": not errors(findings), "findings": [f.to_json() for f in findings]}
+    if not args.json:
+        print(f"{args.target} compatibility: {'passed' if result['passed'] else 'FAILED'}")
+        print(format_findings(findings))
+    return result
+
+
+def _cmd_build_engine(args: argparse.Namespace) -> dict[str, Any]:
+    from qexport.artifact import Artifact
+    from qexport.runtimes.tensorrt import ENGINE_FILE, build_engine, settings_path
+
+    artifact = Artifact.open(args.dir)
+    engine = build_engine(artifact.model_path, artifact.folder / ENGINE_FILE, int8=args.int8, fp16=args.fp16,
+                          workspace_mb=args.workspace, max_seq_len=args.max_seq_len, max_batch=args.max_batch)
+    record = json.loads(settings_path(engine).read_text())
+    if not args.json:
+        print(f"built {engine} with TensorRT {record['tensorrt']} (settings in {settings_path(engine).name})")
+    return record
+
+
+COMMANDS = {"export": _cmd_export, "eval": _cmd_eval, "generate": _cmd_generate, "bench": _cmd_bench,
+            "check": _cmd_check, "build-engine": _cmd_build_engine}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -201,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, sort_keys=True))
-    return 0
+    return 0 if result.get("passed", True) else 1
 
 
 if __name__ == "__main__":

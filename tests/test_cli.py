@@ -60,3 +60,15 @@ def test_export_with_a_recipe_prints_the_passes_and_check(tiny_source, tmp_path,
     assert "equivalence: max |logit difference|" in printed
     assert "mlp_norm outlier_ratio" in printed  # the difficulty summary
     assert json.loads((out / "qexport.json").read_text())["recipe"]["name"] == "smoothquant"
+
+
+def test_check_tensorrt_passes_a_float_export_and_exits_0(tiny_export, capsys):
+    assert main(["-q", "check", str(tiny_export("llama")), "--json"]) == 0
+    result = _json(capsys)
+    assert result["passed"] is True and result["target"] == "tensorrt"
+
+
+def test_tensorrt_runtime_without_engine_says_how_to_build_it(tiny_export, capsys):
+    code = main(["-q", "generate", str(tiny_export("llama")), "hi", "--runtime", "tensorrt", "--max-new-tokens", "2"])
+    assert code == 2
+    assert "qexport build-engine" in capsys.readouterr().err
