@@ -39,29 +39,49 @@ def quantize_weight(w_in_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
+def _lm_heads(model: ir.Model) -> set[ir.Node]:
+    found = site_matching.find_sites(model)
+    heads = {lin.node for s in found.norm_sites if s.role == "lm_head" for lin in s.linears}
+    return heads | {v.producer() for v in model.graph.outputs if v.producer() is not None}
+
+
+def _selected(node: ir.Node, weight: ir.Value | None, pattern: str, include_lm_head: bool, heads: set[ir.Node]) -> bool:
+    names = [node.name or ""] + ([weight.name or ""] if weight is not None else [])
+    if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+        log.debug("%s not selected by %r", node.name, pattern)
+        return False
+    if not include_lm_head and node in heads:
+        log.debug("%s is lm_head: left in float", node.name)
+        return False
+    return True
+
+
 def selected_linears(model: ir.Model, pattern: str, include_lm_head: bool) -> list[site_matching.Linear]:
     """Weight linears (``match_linear``) whose weight or node name matches ``pattern``; lm_head only if asked."""
-    found = site_matching.find_sites(model)
-    lm_heads = {lin.node for s in found.norm_sites if s.role == "lm_head" for lin in s.linears}
-    outputs = {v for v in model.graph.outputs}
-    chosen = []
+    heads = _lm_heads(model)
+    return [lin for node in model.graph if (lin := site_matching.match_linear(node)) is not None
+            and _selected(node, lin.weight, pattern, include_lm_head, heads)]
+
+
+def prequantized_linears(model: ir.Model, pattern: str, include_lm_head: bool) -> list[ir.Node]:
+    """MatMul/Gemm nodes whose weight is already an int8 DequantizeLinear (e.g. from ``quantize-gptq``) and whose
+    activation is not quantized yet."""
+    heads = _lm_heads(model)
+    found = []
     for node in model.graph:
-        linear = site_matching.match_linear(node)
-        if linear is None:
+        if node.op_type not in ("MatMul", "Gemm") or node.domain != "" or len(node.inputs) < 2:
             continue
-        if not (fnmatch.fnmatchcase(linear.weight.name or "", pattern) or fnmatch.fnmatchcase(node.name or "", pattern)):
-            log.debug("%s not selected by %r", node.name, pattern)
+        a, b = (v.producer() if v is not None else None for v in node.inputs[:2])
+        if b is None or b.metadata_props.get(TAG) != "weight" or (a is not None and TAG in a.metadata_props):
             continue
-        if not include_lm_head and (node in lm_heads or linear.output in outputs):
-            log.debug("%s is lm_head: left in float", node.name)
-            continue
-        chosen.append(linear)
-    return chosen
+        if _selected(node, b.inputs[0], pattern, include_lm_head, heads):
+            found.append(node)
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizePass(ir.passes.InPlacePass):
-    """Quantize weight linears to int8 W8A8 in QDQ form (portable; ``lower-ort`` turns it into integer kernels).
+    """Quantize weight linears to int8 W8A8 in QDQ form (portable; ``ort-int8`` turns it into integer kernels).
 
     Rewrite cases, for each linear found by ``match_linear`` (never QK/AV MatMuls, the mask Add, or nodes
     tagged ``qexport.online_*``) whose weight or node name matches ``linears``, lm_head only with
@@ -77,6 +97,7 @@ class QuantizePass(ir.passes.InPlacePass):
        ``windows`` run through the graph as it is before this pass.
 
     One activation quantizer is shared by all selected linears reading the same tensor (q/k/v, gate/up).
+    Linears whose weight is already an int8 DequantizeLinear (from ``quantize-gptq``) keep it and get only case 2/3.
     Quantized linears no longer match ``match_linear`` (B is computed), so a second run changes nothing.
     """
 
@@ -101,12 +122,16 @@ class QuantizePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        chosen = selected_linears(model, self.linears, self.include_lm_head)
-        if not chosen:
+        linears = {lin.node: lin for lin in selected_linears(model, self.linears, self.include_lm_head)}
+        prequantized = set(prequantized_linears(model, self.linears, self.include_lm_head))
+        if self.activations is ActQuant.NONE:
+            prequantized = set()  # nothing to add to them
+        by_input: dict[ir.Value, list[ir.Node]] = {}
+        for node in graph:  # graph order: the first reader of each activation comes first
+            if node in linears or node in prequantized:
+                by_input.setdefault(node.inputs[0], []).append(node)
+        if not by_input:
             return ir.passes.PassResult(model, False)
-        by_input: dict[ir.Value, list[site_matching.Linear]] = {}
-        for linear in chosen:
-            by_input.setdefault(linear.input, []).append(linear)
         scales: dict[ir.Value, float] = {}
         if self.activations is ActQuant.PER_TENSOR:
             if not self.windows:
@@ -114,18 +139,20 @@ class QuantizePass(ir.passes.InPlacePass):
             scales = self._static_scales(model, list(by_input))
         consts = _SharedConsts(graph)
         for x, readers in by_input.items():
-            width = readers[0].in_features
+            width = _in_features(readers[0], linears)
             if self.activations is ActQuant.PER_TOKEN:
-                xq = _per_token_qdq(graph, x, width, readers[0].node, consts)
+                xq = _per_token_qdq(graph, x, width, readers[0], consts)
             elif self.activations is ActQuant.PER_TENSOR:
-                xq = _per_tensor_qdq(graph, x, scales[x], readers[0].node)
+                xq = _per_tensor_qdq(graph, x, scales[x], readers[0])
             else:
                 xq = x
-            for linear in readers:
-                _quantize_weight(graph, linear)
+            for node in readers:
+                if node in linears:
+                    _quantize_weight(graph, linears[node])
                 if xq is not x:
-                    linear.node.replace_input_with(0, xq)
-        log.info("quantized %d linears (%d activation tensors, %s)", len(chosen), len(by_input), self.activations.value)
+                    node.replace_input_with(0, xq)
+        log.info("quantized %d linears (%d with weights already int8; %d activation tensors, %s)",
+                 len(linears) + len(prequantized), len(prequantized), len(by_input), self.activations.value)
         return ir.passes.PassResult(model, True)
 
     def _static_scales(self, model: ir.Model, values: Sequence[ir.Value]) -> dict[ir.Value, float]:
@@ -208,11 +235,23 @@ def _per_tensor_qdq(graph: ir.Graph, x: ir.Value, scale: float, before: ir.Node)
     return _float_like(dq.outputs[0], x, f"{base}.dq")
 
 
+def _in_features(node: ir.Node, linears: dict[ir.Node, site_matching.Linear]) -> int:
+    if node in linears:
+        return linears[node].in_features
+    dq = node.inputs[1].producer()  # a pre-quantized weight: int8 [in, out], or [out, in] with axis 0
+    shape = dq.inputs[0].const_value.numpy().shape
+    return int(shape[1] if dq.attributes["axis"].value == 0 else shape[0])
+
+
 def _quantize_weight(graph: ir.Graph, linear: site_matching.Linear) -> None:
-    """Replace the linear's float weight input by DequantizeLinear(int8 q, per-channel scale)."""
-    w = linear.weight_in_out()
+    """Replace the linear's float weight input by DequantizeLinear(int8 q, per-channel scale), rounded to nearest."""
+    q, scale = quantize_weight(linear.weight_in_out())
+    write_quantized_weight(graph, linear, q, scale)
+
+
+def write_quantized_weight(graph: ir.Graph, linear: site_matching.Linear, q: np.ndarray, scale: np.ndarray) -> None:
+    """Feed the linear's weight input from ``DequantizeLinear(q, scale)``; ``q`` int8 [in, out], ``scale`` [out]."""
     dtype = linear.weight.const_value.numpy().dtype
-    q, scale = quantize_weight(w)
     gemm_trans = linear.node.op_type == "Gemm" and linear.layout == "out_in"
     stored, axis = (q.T, 0) if gemm_trans else (q, 1)
     base = linear.weight.name if linear.transpose is None else f"{linear.weight.name}.T"

@@ -50,7 +50,8 @@ PASSES: dict[str, str] = {
     "online-hadamard": "qexport.passes.online_hadamard:OnlineHadamardPass",
     "affine": "qexport.passes.affine:AffinePass",
     "quantize": "qexport.passes.insert_qdq:QuantizePass",
-    "lower-ort": "qexport.passes.lower_ort:LowerOrtPass",
+    "ort-int8": "qexport.passes.lower_ort:LowerOrtPass",
+    "quantize-gptq": "qexport.passes.gptq:GptqPass",
 }
 _RECIPE_KEYS = ("name", "description", "passes")
 _SCALARS = (bool, int, float, str)

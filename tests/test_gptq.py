@@ -1,0 +1,87 @@
+"""GPTQ: the blocked Cholesky algorithm against the plain inverse-Hessian (OBQ) update, and in the graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pass_testing import load
+from qexport.errors import RecipeError
+from qexport.passes.gptq import GptqPass, gptq_quantize
+from qexport.passes.insert_qdq import TAG, QuantizePass, quantize_weight, selected_linears
+
+
+def _layer(seed: int = 0, tokens: int = 1500, n_in: int = 48, n_out: int = 24):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(tokens, n_in)) @ rng.normal(size=(n_in, n_in))  # correlated inputs: compensation helps
+    x[:, 5] = 0.0  # a dead input channel
+    return x, rng.normal(size=(n_in, n_out))
+
+
+def _obq_reference(w: np.ndarray, h: np.ndarray, damp: float) -> np.ndarray:
+    """Column by column, updating the remaining columns with the inverse Hessian and then removing the
+    quantized column from it (the OBS update GPTQ's Cholesky form is equivalent to)."""
+    w = w.T.copy()
+    h = h.copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * np.mean(np.diag(h)) * np.eye(len(h))
+    hinv = np.linalg.inv(h)
+    _, scale = quantize_weight(w.T)
+    q = np.zeros_like(w)
+    for i in range(w.shape[1]):
+        q[:, i] = np.clip(np.round(w[:, i] / scale), -127, 127)
+        err = (w[:, i] - q[:, i] * scale) / hinv[i, i]
+        w[:, i + 1:] -= np.outer(err, hinv[i, i + 1:])
+        hinv -= np.outer(hinv[:, i], hinv[i, :]) / hinv[i, i]
+    return q.T
+
+
+def _output_mse(x, w, w_hat) -> float:
+    return float(np.mean((x @ w - x @ w_hat) ** 2))
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 128])
+def test_blocked_gptq_equals_the_column_by_column_reference(block_size):
+    x, w = _layer()
+    h = x.T @ x / len(x)
+    q, scale = gptq_quantize(w, h, damp=0.01, block_size=block_size)
+    expected = _obq_reference(w, h, 0.01)
+    assert q.dtype == np.int8 and np.abs(q).max() <= 127
+    assert np.mean(q == expected) > 0.995  # identical but for rare float ties at .5
+    np.testing.assert_allclose(scale, np.abs(w).max(axis=0) / 127)
+    assert np.all(q[5] == 0)  # the dead input's weights are zeroed
+
+
+def test_gptq_beats_round_to_nearest_on_the_layer_output():
+    x, w = _layer(seed=1)
+    h = x.T @ x / len(x)
+    q_rtn, s_rtn = quantize_weight(w)
+    rtn = _output_mse(x, w, q_rtn * s_rtn)
+    for act_order in (False, True):
+        q, s = gptq_quantize(w, h, act_order=act_order)
+        assert _output_mse(x, w, q * s) < 0.7 * rtn, f"act_order={act_order}"
+
+
+def test_gptq_pass_writes_int8_weights_and_quantize_adds_activations(tiny_export):
+    windows = tuple(np.arange(3 + 60 * i, 67 + 60 * i, dtype=np.int64) for i in range(3))
+    model = load(tiny_export("llama"))
+    count = len(selected_linears(model, "*", False))
+    assert GptqPass(windows=windows)(model).modified
+    weight_dqs = [n for n in model.graph if n.metadata_props.get(TAG) == "weight"]
+    assert len(weight_dqs) == count
+    assert not GptqPass(windows=windows)(model).modified  # nothing left to quantize
+    before = {dq.name: dq.inputs[0].const_value.numpy().copy() for dq in weight_dqs}
+    assert QuantizePass()(model).modified
+    after = {n.name: n.inputs[0].const_value.numpy() for n in model.graph if n.metadata_props.get(TAG) == "weight"}
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph) == 8  # activations of all 14 linears
+    assert not QuantizePass()(model).modified
+
+
+def test_bad_settings():
+    with pytest.raises(RecipeError, match="damp"):
+        GptqPass(damp=0.0)
+    with pytest.raises(RecipeError, match="block_size"):
+        GptqPass(block_size=0)
