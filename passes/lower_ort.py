@@ -83,8 +83,10 @@ class LowerOrtPass(ir.passes.InPlacePass):
 
     1. ``per_token`` (x_t / s_t rounded, symmetric int8 in [-127, 127]): ``Div(x, s_t)`` then
        ``QuantizeLinear(., 1, uint8 zero point 128)`` stores q + 128, so the integers are unchanged;
-       ``MatMulIntegerToFloat(q_u8, w_s8, 1, s_w, 128)`` gives sum_k q_k w_kn * s_w[n], and ``Mul(s_t)``
-       applies the per-token scale (the op's documented a_scale is a scalar, so that stays a separate Mul);
+       ``MatMulIntegerToFloat(q_u8, w_s8, s_t, s_w, 128)`` gives sum_k q_k w_kn * s_w[n] * s_t: the CPU kernel
+       takes a non-scalar a_scale by multiplying its output with it, broadcast (``ScaleOutput`` in ORT's
+       matmul_integer_to_float.cc; the contrib-op schema only documents a scalar, and the test against the
+       QDQ graph guards this); a bias is added after it;
     2. ``per_tensor`` (static scale s): ``QuantizeLinear(x, s, uint8 128)`` holds the same [-128, 127] integers
        as the int8 Q; ``MatMulIntegerToFloat(q_u8, w_s8, s, s_w, 128)``.
 
@@ -108,7 +110,7 @@ class LowerOrtPass(ir.passes.InPlacePass):
         for match in matches:
             if match.act_q not in lowered_q:
                 lowered_q[match.act_q] = _uint8_activation(graph, match, one, zero_point)
-            _lower_matmul(graph, match, lowered_q[match.act_q], one, zero_point)
+            _lower_matmul(graph, match, lowered_q[match.act_q], zero_point)
         for match in matches:  # the QDQ nodes are unused now
             for node in (match.weight_dq, match.act_dq, match.act_q):
                 if node.graph is graph and not any(o.uses() for o in node.outputs):
@@ -144,11 +146,11 @@ def _uint8_activation(graph: ir.Graph, match: QuantLinear, one: ir.Value, zero_p
     return quant.outputs[0]
 
 
-def _lower_matmul(graph: ir.Graph, match: QuantLinear, q_u8: ir.Value, one: ir.Value, zero_point: ir.Value) -> None:
-    """Replace the MatMul (Gemm) by MatMulIntegerToFloat, then the per-token scale Mul and the bias Add."""
+def _lower_matmul(graph: ir.Graph, match: QuantLinear, q_u8: ir.Value, zero_point: ir.Value) -> None:
+    """Replace the MatMul (Gemm) by MatMulIntegerToFloat (then the bias Add for per-token scales)."""
     out = match.output
     per_token = match.mode == "per_token"
-    a_scale = one if per_token else match.act_q.inputs[1]
+    a_scale = match.act_q.inputs[1]  # per-token [..., 1] or per-tensor scalar
     base = match.matmul.name or out.name
     weight = match.weight_int8
     if match.transposed:  # MatMulIntegerToFloat reads B as [in, out]
@@ -157,10 +159,8 @@ def _lower_matmul(graph: ir.Graph, match: QuantLinear, q_u8: ir.Value, one: ir.V
     if match.bias is not None and not per_token:
         inputs += [None, match.bias]  # fused bias, added after the scales
     nodes = [_mark(ir.node("MatMulIntegerToFloat", inputs, domain=MS_DOMAIN, version=1, name=f"{base}.int"))]
-    if per_token:
-        nodes.append(_mark(ir.node("Mul", [nodes[-1].outputs[0], match.act_q.inputs[1]], name=f"{base}.token_scale")))
-        if match.bias is not None:
-            nodes.append(_mark(ir.node("Add", [nodes[-1].outputs[0], match.bias], name=f"{base}.bias")))
+    if per_token and match.bias is not None:  # the kernel scales its bias input by a non-scalar a_scale too
+        nodes.append(_mark(ir.node("Add", [nodes[-1].outputs[0], match.bias], name=f"{base}.bias")))
     for node in nodes:
         node.outputs[0].name, node.outputs[0].dtype, node.outputs[0].shape = node.name, out.dtype, out.shape
     result = nodes[-1].outputs[0]

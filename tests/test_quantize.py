@@ -11,7 +11,7 @@ import pytest
 from pass_testing import load, make_feeds, run
 from qexport.calibration import _feeds, _session_with_outputs
 from qexport.errors import RecipeError
-from qexport.passes.insert_qdq import TAG, QuantizePass, quantize_weight, selected_linears
+from qexport.passes.insert_qdq import TAG, QuantizePass, linear_names, quantize_weight, selected_linears
 
 # One float32 rounding per product and accumulation order: the QDQ graph against the float64 reference.
 LAYER_RTOL = 1e-4
@@ -133,16 +133,20 @@ def test_quantizers_sit_only_on_weight_linear_inputs(tiny_export):
     assert lm_head.op_type == "MatMul" and lm_head.inputs[1].producer().op_type == "Transpose"
 
 
-def test_lm_head_and_glob_selection(tiny_export):
+def test_lm_head_and_glob_selection_by_role_name(tiny_export):
     model = load(tiny_export("qwen2"))
     QuantizePass(include_lm_head=True)(model)
     head = model.graph.outputs[0].producer()
     assert head.inputs[1].producer().metadata_props.get(TAG) == "weight"
     model = load(tiny_export("qwen2"))
-    first = selected_linears(model, "*", False)[0].node.name
-    QuantizePass(linears=first)(model)
-    assert [n for n in model.graph if n.metadata_props.get(TAG) == "weight"][0].outputs[0].consumers()[0].name == first
-    assert sum(n.metadata_props.get(TAG) == "weight" for n in model.graph) == 1
+    names = linear_names(model)
+    assert sorted(names.values())[:7] == [f"layers.0.{r}" for r in
+                                          ("attn.k", "attn.o", "attn.q", "attn.v", "mlp.down", "mlp.gate", "mlp.up")]
+    downs = {node for node, name in names.items() if name.endswith("mlp.down")}
+    assert all(n.inputs[0].producer().op_type == "Mul" for n in downs)  # act(gate) * up feeds down_proj
+    QuantizePass(linears="layers.*.mlp.down")(model)
+    quantized = {n.outputs[0].consumers()[0] for n in model.graph if n.metadata_props.get(TAG) == "weight"}
+    assert quantized == downs and len(downs) == 2
 
 
 def test_second_run_changes_nothing_and_output_stays_close(tiny_export):

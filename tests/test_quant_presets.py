@@ -1,0 +1,65 @@
+"""The W8A8 presets run end to end through `qexport.export` on a tiny model, and on SmolLM2 (slow)."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import qexport
+import qexport.errors
+from pass_testing import load, make_feeds, run
+from qexport import recipe as rc
+
+QUANT_PRESETS = [name for name in rc.preset_names() if name.startswith("w8a8")]
+
+
+def _sqnr_db(got: np.ndarray, expected: np.ndarray) -> float:
+    expected = expected.astype(np.float64)
+    return float(10 * np.log10((expected**2).sum() / ((got.astype(np.float64) - expected) ** 2).sum()))
+
+
+def test_the_documented_quant_presets_exist():
+    assert {"w8a8-dynamic", "w8a8-dynamic-qdq", "w8a8-static"} <= set(QUANT_PRESETS)
+
+
+@pytest.fixture
+def no_difficulty_after_lossy_passes(monkeypatch):
+    """apply_recipe measures site difficulty after every modifying pass, and collect_stats raises on a quantized
+    graph (its linears are no longer matched as sites). Until the pipeline skips that measurement after lossy
+    passes, run the export without difficulty measurement (see test_export_with_difficulty_measurement)."""
+    import qexport.api
+    from qexport.pipeline import PipelineSettings, apply_recipe
+
+    monkeypatch.setattr(qexport.api, "apply_recipe",
+                        lambda model, recipe, windows: apply_recipe(model, recipe, windows, PipelineSettings(measure_difficulty=False)))
+
+
+@pytest.mark.xfail(strict=True, raises=qexport.errors.QexportError,
+                   reason="pipeline: difficulty measured after the lossy quantize pass finds no sites")
+def test_export_with_difficulty_measurement(tiny_source, tmp_path):
+    qexport.export(str(tiny_source("llama")), tmp_path / "q", recipe="w8a8-dynamic", calib_windows=2, calib_seq_len=64)
+
+
+@pytest.mark.parametrize("preset", QUANT_PRESETS)
+def test_quant_preset_end_to_end_on_tiny_llama(tiny_source, tiny_export, tmp_path, preset, no_difficulty_after_lossy_passes):
+    out = qexport.export(str(tiny_source("llama")), tmp_path / "q", recipe=preset, calib_windows=2, calib_seq_len=64)
+    manifest = json.loads((out / "qexport.json").read_text())
+    steps = manifest["recipe"]["steps"]
+    assert [s["pass"] for s in steps] == [e.name for e in rc.load_recipe(preset).passes]
+    assert all(s["modified"] for s in steps if not s["lossless"])  # (fold-norm has nothing to fold: gamma = 1)
+    assert manifest["recipe"]["verify"]["max_abs_logit_diff"] < 1e-3  # the lossless prefix stayed exact
+    model = ir.load(out / "model.onnx")
+    ops = collections.Counter(n.op_type for n in model.graph)
+    settings = dict(rc.load_recipe(preset).passes[[e.name for e in rc.load_recipe(preset).passes].index("quantize")].settings)
+    linears = 14 + bool(settings.get("include_lm_head"))  # 2 layers x 7, and lm_head if the preset says so
+    if "ort-int8" in [s["pass"] for s in steps]:
+        assert ops["MatMulIntegerToFloat"] == linears and ops["DequantizeLinear"] == 0
+    else:
+        assert ops["DequantizeLinear"] == linears + ops["QuantizeLinear"]  # weights, and one DQ per activation Q
+    feeds = make_feeds(model, past=0)  # rotations change the KV cache basis: compare from an empty cache
+    sqnr = _sqnr_db(run(model, feeds)["logits"], run(load(tiny_export("llama")), feeds)["logits"])
+    assert 20.0 < sqnr < 80.0, f"{preset}: logits SQNR {sqnr:.1f} dB vs FP32"  # quantized, and still the model
