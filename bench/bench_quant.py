@@ -1,0 +1,167 @@
+"""Benchmark W8A8 quantization of a model: ONNX Runtime's own quantizers against the qexport presets.
+
+One run, one table; every figure is measured in this run on the same model and evaluation text (never the
+calibration text). Rows: the FP32 export; ONNX Runtime `quantize_dynamic` (per-channel int8 weights,
+per-tensor dynamic uint8 activations) and `quantize_static` (QDQ, per-channel, MinMax, calibrated on the
+qexport calibration text) applied to that export; each qexport preset applied to that export. Columns:
+perplexity, ratio to PyTorch FP32, model size, quantization time after the export (the ORT quantizer's call;
+for qexport: load, calibration and passes), prefill and decode speed relative to the FP32 export (2 threads).
+Usage:
+    python bench/bench_quant.py [MODEL] [--presets w8a8-dynamic,w8a8-static] [--windows 4] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import qexport
+from qexport.artifact import MODEL_FILE, Artifact
+from qexport.benchmark import BenchSettings, bench
+from qexport.evaluation import EvalSettings, evaluate
+from qexport.text import load_text, parse_source, token_windows
+
+log = logging.getLogger("bench_quant")
+
+
+def _ort_quantized(fp32: Path, out: Path, quantize: Callable[[Path, Path], None]) -> float:
+    """Copy the FP32 folder to ``out`` with its model replaced by ORT's quantized one; returns seconds."""
+    shutil.copytree(fp32, out, ignore=shutil.ignore_patterns(MODEL_FILE))
+    start = time.perf_counter()
+    quantize(fp32 / MODEL_FILE, out / MODEL_FILE)
+    return time.perf_counter() - start
+
+
+def _ort_dynamic(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8)
+
+
+def _ort_static(calib_windows: list) -> Callable[[Path, Path], None]:
+    def run(src: Path, dst: Path) -> None:
+        import numpy as np
+        import onnx
+        from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        inputs = onnx.load(str(src), load_external_data=False).graph.input
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.items = iter(calib_windows)
+
+            def get_next(self):
+                ids = next(self.items, None)
+                if ids is None:
+                    return None
+                feeds = {"input_ids": ids[None], "attention_mask": np.ones((1, len(ids)), np.int64)}
+                for value in inputs:
+                    if value.name == "position_ids":
+                        feeds[value.name] = np.arange(len(ids), dtype=np.int64)[None]
+                    elif value.name not in feeds:  # empty KV cache
+                        dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+                        feeds[value.name] = np.zeros((1, dims[1], 0, dims[3]), np.float32)
+                return feeds
+
+        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+
+    return run
+
+
+def _qexport_preset(fp32: Path, out: Path, preset: str, windows: list) -> float:
+    """Apply ``preset`` to the FP32 export (load, calibrate, run the passes, save); returns seconds.
+
+    The passes run as `qexport export --recipe` runs them, less the per-pass difficulty measurement
+    (collect_stats finds no sites on a quantized graph; see the note in tests/test_quant_presets.py).
+    """
+    import onnx_ir as ir
+
+    from qexport.api import save_model
+    from qexport.pipeline import PipelineSettings, apply_recipe
+    from qexport.recipe import load_recipe
+
+    shutil.copytree(fp32, out, ignore=shutil.ignore_patterns(MODEL_FILE))
+    start = time.perf_counter()
+    model = ir.load(fp32 / MODEL_FILE)
+    apply_recipe(model, load_recipe(preset), windows, PipelineSettings(measure_difficulty=False))
+    save_model(model, out)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", default=None)
+    parser.add_argument("--presets", default="w8a8-dynamic,w8a8-dynamic-qdq,w8a8-static")
+    parser.add_argument("--windows", type=int, default=4, help="evaluation windows")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--calib-windows", type=int, default=16)
+    parser.add_argument("--ort-calib-windows", type=int, default=2, help="windows for ORT's static calibration")
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    eval_settings = EvalSettings(windows=args.windows, seq_len=args.seq_len, threads=2, greedy_tokens=8)
+    speed_settings = BenchSettings(seq_len=args.seq_len, decode_tokens=args.decode_tokens, runs=args.runs, reference=False)
+
+    rows: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        start = time.perf_counter()
+        fp32 = qexport.export(args.model, tmp / "fp32")
+        models: dict[str, tuple[Path, float | None]] = {"onnxruntime fp32": (fp32, None)}
+        log.info("fp32 export %.1f s", time.perf_counter() - start)
+        tokenizer = Artifact.open(fp32).tokenizer()
+        calib = token_windows(tokenizer, load_text(parse_source(None), "calibration"), args.seq_len, args.ort_calib_windows)
+        for name, folder, quantizer in (("ort quantize_dynamic", tmp / "ort-dyn", _ort_dynamic),
+                                        ("ort quantize_static", tmp / "ort-static", _ort_static(calib))):
+            try:
+                models[name] = (folder, _ort_quantized(fp32, folder, quantizer))
+            except Exception as exc:  # a peer that fails is a row of the table, not the end of the run
+                log.warning("%s failed: %s", name, exc)
+                failed[name] = f"{type(exc).__name__}: {exc}"[:200]
+        windows = token_windows(tokenizer, load_text(parse_source(None), "calibration"), args.seq_len, args.calib_windows)
+        for preset in filter(None, args.presets.split(",")):
+            models[f"qexport {preset}"] = (tmp / preset, _qexport_preset(fp32, tmp / preset, preset, windows))
+        for name, (folder, seconds) in models.items():
+            log.info("evaluating %s", name)
+            try:
+                quality = evaluate(folder, settings=eval_settings)
+                speed = bench(folder, speed_settings)["results"]["onnxruntime-cpu"]
+            except Exception as exc:
+                log.warning("%s does not run: %s", name, exc)
+                failed[name] = f"{type(exc).__name__}: {exc}"[:200]
+                continue
+            size = sum(f.stat().st_size for f in folder.glob("model.onnx*"))
+            rows[name] = {"ppl": quality["ppl"], "ppl_ratio": quality["ppl_ratio"], "size_mb": size / 1e6,
+                          "quant_seconds": seconds, **speed}
+    base = rows["onnxruntime fp32"]
+    for row in rows.values():
+        row["prefill_speedup"] = base["prefill_ms"] / row["prefill_ms"]
+        row["decode_speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+    if args.json:
+        print(json.dumps({"rows": rows, "failed": failed}, indent=2))
+        return
+    print(f"\n{args.windows} x {args.seq_len} evaluation tokens; ORT CPU, 2 threads; ratios vs PyTorch FP32 (ppl) "
+          "and the ORT FP32 export (speed)\n")
+    print("| model | ppl | ppl ratio | size MB | quant s | prefill ms | prefill x | decode tok/s | decode x |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        quant = "-" if r["quant_seconds"] is None else f"{r['quant_seconds']:.0f}"
+        print(f"| {name} | {r['ppl']:.3f} | {r['ppl_ratio']:.4f} | {r['size_mb']:.0f} | {quant} | {r['prefill_ms']:.0f} | "
+              f"{r['prefill_speedup']:.2f} | {r['decode_tokens_per_s']:.1f} | {r['decode_speedup']:.2f} |")
+    for name, error in failed.items():
+        print(f"| {name} | failed: {error} | | | | | | | |")
+
+
+if __name__ == "__main__":
+    main()
