@@ -92,8 +92,8 @@ class LowerOrtPass(ir.passes.InPlacePass):
 
     A Gemm (transB = 1, OPT's fc1/fc2) gets its int8 weight transposed to [in, out] and its bias C added after
     the scales (fused into MatMulIntegerToFloat for per-tensor). One quantized activation is shared by all
-    linears reading it. The s_t chain (Abs, ReduceMax, Div, Max) is
-    kept. Not DynamicQuantizeLinear: that is per-tensor asymmetric, a different (less accurate) quantizer.
+    linears reading it. The s_t chain (Abs, ReduceMax, Div, Max) is kept.
+    Not DynamicQuantizeLinear: that is per-tensor asymmetric, a different (less accurate) quantizer.
     A graph with nothing left to lower is reported unmodified.
     """
 
@@ -119,6 +119,7 @@ class LowerOrtPass(ir.passes.InPlacePass):
                     for value in inputs:
                         if value is not None:
                             drop_if_unused(graph, value)
+        drop_if_unused(graph, one)  # only per-token activations use it
         log.info("lowered %d linears onto MatMulIntegerToFloat (%d quantized activations)", len(matches), len(lowered_q))
         return ir.passes.PassResult(model, True)
 
