@@ -87,7 +87,7 @@ def apply_recipe(
         log.info("pass %s: %s in %.2f s", entry.name, "modified" if result.modified else "no change", seconds)
         if result.modified:
             stats = None  # the graph changed: statistics no longer describe it
-            if settings.measure_difficulty:
+            if settings.measure_difficulty and verify is None:  # lossless stages only: quantized linears are no sites
                 difficulty.append({"stage": f"{index}:{entry.name}", "sites": _difficulty(model, windows, settings)})
     if verify is None:
         verify = _verify(model, expected, verify_ids, recipe.name, settings)
