@@ -79,8 +79,8 @@ def _ort_static(calib_windows: list) -> Callable[[Path, Path], None]:
 def _qexport_preset(fp32: Path, out: Path, preset: str, windows: list) -> float:
     """Apply ``preset`` to the FP32 export (load, calibrate, run the passes, save); returns seconds.
 
-    The passes run as `qexport export --recipe` runs them, less the per-pass difficulty measurement
-    (collect_stats finds no sites on a quantized graph; see the note in tests/test_quant_presets.py).
+    The passes run as `qexport export --recipe` runs them, less the per-pass difficulty measurement (a
+    report metric, not part of quantizing), so the time is calibration and passes only.
     """
     import onnx_ir as ir
 

@@ -10,7 +10,6 @@ import onnx_ir as ir
 import pytest
 
 import qexport
-import qexport.errors
 from pass_testing import load, make_feeds, run
 from qexport import recipe as rc
 
