@@ -16,7 +16,7 @@ from qexport.artifact import MODEL_FILE
 from qexport.graph_export import ExportSettings, export_graph
 from qexport.loading import load_model, resolve_source
 from qexport.outdir import atomic_output_dir, checksums, write_manifest
-from qexport.pipeline import apply_recipe
+from qexport.pipeline import PipelineSettings, apply_recipe
 from qexport.recipe import load_recipe
 from qexport.text import load_text, parse_source, token_windows
 
@@ -64,6 +64,7 @@ def export(
     calib: str | None = None,
     calib_windows: int = 16,
     calib_seq_len: int = 512,
+    measure_difficulty: bool = True,
 ) -> Path:
     """Export MODEL (hub id, folder, .gguf, or the embedded default) to the folder ``out``; returns it.
 
@@ -92,7 +93,7 @@ def export(
             windows = token_windows(tokenizer, load_text(text, "calibration"), calib_seq_len, calib_windows, text.describe())
             calibration = {"source": text.to_json(), "windows": len(windows), "seq_len": calib_seq_len,
                            "tokens": int(sum(len(w) for w in windows))}
-            recipe_report = apply_recipe(ir_model, loaded_recipe, windows)
+            recipe_report = apply_recipe(ir_model, loaded_recipe, windows, PipelineSettings(measure_difficulty=measure_difficulty))
         files = save_model(ir_model, tmp)
         tokenizer.save_pretrained(tmp)
         config_dict = config.to_dict()

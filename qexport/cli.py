@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", default=None, help="calibration text: a file or a dataset name (default: Python's documentation)")
     p.add_argument("--calib-windows", type=int, default=16, help="calibration windows")
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--no-difficulty", action="store_true",
+                   help="skip the per-site quantization-difficulty metric after each pass (faster)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
     p = sub.add_parser("eval", help="perplexity and parity against the PyTorch source model")
@@ -115,7 +117,7 @@ def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 
     out = export(args.model, args.out, dtype=args.dtype, kv_cache=not args.no_kv_cache, force=args.force,
                  revision=args.revision, recipe=args.recipe, calib=args.calib, calib_windows=args.calib_windows,
-                 calib_seq_len=args.calib_seq_len)
+                 calib_seq_len=args.calib_seq_len, measure_difficulty=not args.no_difficulty)
     manifest = read_manifest(out)
     if not args.json:
         _print_recipe_report(manifest.get("recipe"))

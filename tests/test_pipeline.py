@@ -79,3 +79,9 @@ def test_non_equivalent_pass_is_an_error_and_writes_nothing(tiny_source, tmp_pat
     with pytest.raises(QexportError, match="changed the model's outputs"):
         qexport.export(str(tiny_source("llama")), tmp_path / "out", recipe=str(bad), **CALIB)
     assert not (tmp_path / "out").exists()
+
+
+def test_difficulty_measurement_can_be_skipped(tiny_source, tmp_path):
+    out = qexport.export(str(tiny_source("llama")), tmp_path / "out", recipe="smoothquant", measure_difficulty=False, **CALIB)
+    report = Artifact.open(out).manifest["recipe"]
+    assert report["difficulty"] == [] and report["steps"][0]["modified"]
