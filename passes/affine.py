@@ -75,8 +75,7 @@ class AffinePass(ir.passes.InPlacePass):
 
     @property
     def settings(self) -> FitSettings:
-        return FitSettings(self.weight_bits, self.act_bits, self.epochs, self.lr, self.mask_scale,
-                           self.batch_tokens, self.dominance_margin, self.seed)
+        return FitSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FitSettings)})
 
     @property
     def fingerprint(self) -> str:

@@ -73,3 +73,23 @@ def assert_outputs_close(actual: dict[str, np.ndarray], expected: dict[str, np.n
 
 def max_rel_diff(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], name: str = "logits") -> float:
     return float(np.max(np.abs(actual[name] - expected[name])) / np.max(np.abs(expected[name])))
+
+
+def prefill_decode(model: ir.Model) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Prefill 5 tokens from an empty cache, then decode one token with the model's own present key/values."""
+    feeds = make_feeds(model, seed=1, past=0)
+    first = run(model, feeds)
+    batch, seq = feeds["input_ids"].shape
+    step = {"input_ids": np.array([[7], [9]], dtype=np.int64)[:batch],
+            "attention_mask": np.ones((batch, seq + 1), dtype=np.int64)}
+    if "position_ids" in feeds:
+        step["position_ids"] = np.full((batch, 1), seq, dtype=np.int64)
+    for value in model.graph.inputs:
+        if value.name.startswith("past_key_values."):
+            step[value.name] = first[value.name.replace("past_key_values.", "present.")]
+    return first, run(model, step)
+
+
+def weights_of(model: ir.Model) -> dict[str, np.ndarray]:
+    """A copy of every constant initializer, to check that a no-op run changed nothing."""
+    return {name: v.const_value.numpy().copy() for name, v in model.graph.initializers.items() if v.const_value is not None}

@@ -7,7 +7,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from pass_testing import give_norms_weights, load, make_feeds, run
+from pass_testing import give_norms_weights, load, make_feeds, prefill_decode, run
 from qexport.calibration import collect_stats
 from qexport.difficulty import rtn_rows
 from qexport.errors import QexportError, RecipeError
@@ -27,20 +27,6 @@ FAST = dict(epochs=4, batch_tokens=64, lr=0.05)
 def windows(seed: int = 0, count: int = 4, length: int = 32) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.integers(3, 250, size=length, dtype=np.int64) for _ in range(count)]
-
-
-def prefill_decode(model: ir.Model) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Prefill 5 tokens from an empty cache, then decode one token with the model's own present key/values."""
-    feeds = make_feeds(model, seed=1, past=0)
-    first = run(model, feeds)
-    batch, seq = feeds["input_ids"].shape
-    step = {"input_ids": np.array([[7], [9]], dtype=np.int64), "attention_mask": np.ones((batch, seq + 1), dtype=np.int64)}
-    if "position_ids" in feeds:
-        step["position_ids"] = np.full((batch, 1), seq, dtype=np.int64)
-    for value in model.graph.inputs:
-        if value.name.startswith("past_key_values."):
-            step[value.name] = first[value.name.replace("past_key_values.", "present.")]
-    return first, run(model, step)
 
 
 def folded_blocks(site: sites.VOSite, w_o_before: np.ndarray, w_o_after: np.ndarray) -> np.ndarray:

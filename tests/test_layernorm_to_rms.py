@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from pass_testing import give_norms_weights, load, run
+from pass_testing import give_norms_weights, load, prefill_decode, run, weights_of
 from qexport import recipe as rc
 from qexport.errors import QexportError
 from qexport.passes import sites
@@ -26,22 +26,6 @@ def _close(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], what:
         np.testing.assert_allclose(actual[name], expected[name], rtol=RTOL, atol=ATOL, err_msg=f"{what}: {name}")
 
 
-def _prefill_decode(model: ir.Model) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Prefill 5 tokens from an empty cache, then decode one token with the model's own present key/values."""
-    rng = np.random.default_rng(1)
-    ids = rng.integers(3, 200, size=(2, 5), dtype=np.int64)
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    for value in model.graph.inputs:
-        if value.name.startswith("past_key_values."):
-            feeds[value.name] = np.zeros((2, value.shape[1], 0, value.shape[3]), dtype=np.float32)
-    first = run(model, feeds)
-    step = {"input_ids": np.array([[7], [9]], dtype=np.int64), "attention_mask": np.ones((2, 6), dtype=np.int64)}
-    for value in model.graph.inputs:
-        if value.name.startswith("past_key_values."):
-            step[value.name] = first[value.name.replace("past_key_values.", "present.")]
-    return first, run(model, step)
-
-
 def _folded_opt(tiny_export) -> ir.Model:
     """Tiny OPT with random gamma, beta and biases, untied and norm-folded (the conversion's precondition)."""
     model = load(tiny_export("opt"))
@@ -51,24 +35,20 @@ def _folded_opt(tiny_export) -> ir.Model:
     return model
 
 
-def _weights(model: ir.Model) -> dict[str, np.ndarray]:
-    return {name: v.const_value.numpy().copy() for name, v in model.graph.initializers.items() if v.const_value is not None}
-
-
 def _assert_unchanged(model: ir.Model, weights: dict[str, np.ndarray], ops: list[str]) -> None:
-    after = _weights(model)
+    after = weights_of(model)
     assert weights.keys() == after.keys() and all(np.array_equal(weights[k], after[k]) for k in weights)
     assert [n.op_type for n in model.graph] == ops
 
 
 def test_conversion_is_exact_on_opt(tiny_export):
     model = _folded_opt(tiny_export)
-    expected_first, expected_next = _prefill_decode(model)
+    expected_first, expected_next = prefill_decode(model)
     layer_norms = sum(n.op_type == "LayerNormalization" for n in model.graph)
     assert layer_norms == 5  # two per layer and the final norm
 
     assert LayerNormToRmsPass()(model).modified
-    first, nxt = _prefill_decode(model)
+    first, nxt = prefill_decode(model)
     _close(first, expected_first, "prefill")
     _close(nxt, expected_next, "decode with the KV cache")
     diff = float(np.abs(first["logits"] - expected_first["logits"]).max())
@@ -85,18 +65,18 @@ def test_conversion_is_exact_on_opt(tiny_export):
         np.testing.assert_allclose(writer.weight_in_out().mean(axis=1), 0.0, atol=1e-7)
         assert abs(writer.bias_array().mean()) < 1e-7 and np.abs(writer.bias_array()).max() > 1e-2
 
-    weights, ops = _weights(model), [n.op_type for n in model.graph]  # contract: a second run is a no-op
+    weights, ops = weights_of(model), [n.op_type for n in model.graph]  # contract: a second run is a no-op
     assert not LayerNormToRmsPass()(model).modified
     _assert_unchanged(model, weights, ops)
 
 
 def test_quarot_rotations_are_exact_on_converted_opt(tiny_export):
     model = _folded_opt(tiny_export)
-    expected_first, expected_next = _prefill_decode(model)
+    expected_first, expected_next = prefill_decode(model)
     positions = const_f64(sites.find_residual_stream(model).position_embedding.inputs[0]).copy()
     for p in (LayerNormToRmsPass(), RotateResidualPass(seed=5)):
         assert p(model).modified, type(p).__name__
-    first, nxt = _prefill_decode(model)
+    first, nxt = prefill_decode(model)
     _close(first, expected_first, "prefill after R1")
     _close(nxt, expected_next, "decode after R1")
     print(f"max |logits diff| after R1: {np.abs(first['logits'] - expected_first['logits']).max():.3g}")
@@ -107,7 +87,7 @@ def test_quarot_rotations_are_exact_on_converted_opt(tiny_export):
 
     for p in (RotateHeadsPass(), OnlineHadamardPass()):
         assert p(model).modified, type(p).__name__
-    first, nxt = _prefill_decode(model)
+    first, nxt = prefill_decode(model)
     np.testing.assert_allclose(first["logits"], expected_first["logits"], rtol=RTOL, atol=ATOL, err_msg="R1+R2+R4")
     np.testing.assert_allclose(nxt["logits"], expected_next["logits"], rtol=RTOL, atol=ATOL, err_msg="decode R1+R2+R4")
 
@@ -115,12 +95,12 @@ def test_quarot_rotations_are_exact_on_converted_opt(tiny_export):
 def test_rotate_opt_preset_runs_losslessly_on_tiny_opt(tiny_export):
     model = load(tiny_export("opt"))
     give_norms_weights(model)
-    expected_first, expected_next = _prefill_decode(model)
+    expected_first, expected_next = prefill_decode(model)
     passes = rc.load_recipe("rotate-opt").build()
     assert [type(p).__name__ for p in passes][1:4] == ["FoldNormPass", "LayerNormToRmsPass", "RotateResidualPass"]
     for p in passes:
         assert p(model).modified, type(p).__name__
-    first, nxt = _prefill_decode(model)
+    first, nxt = prefill_decode(model)
     np.testing.assert_allclose(first["logits"], expected_first["logits"], rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(nxt["logits"], expected_next["logits"], rtol=RTOL, atol=ATOL)
 
@@ -131,7 +111,7 @@ def test_rms_models_are_left_alone(tiny_export, family):
     give_norms_weights(model)
     UntieEmbeddingsPass()(model)
     FoldNormPass()(model)
-    weights, ops = _weights(model), [n.op_type for n in model.graph]
+    weights, ops = weights_of(model), [n.op_type for n in model.graph]
     assert not LayerNormToRmsPass()(model).modified
     _assert_unchanged(model, weights, ops)
 
@@ -139,7 +119,7 @@ def test_rms_models_are_left_alone(tiny_export, family):
 def test_unfolded_layer_norm_is_refused(tiny_export):
     model = load(tiny_export("opt"))
     give_norms_weights(model)
-    weights, ops = _weights(model), [n.op_type for n in model.graph]
+    weights, ops = weights_of(model), [n.op_type for n in model.graph]
     with pytest.raises(QexportError, match="gamma = 1 and beta = 0.*fold-norm"):
         LayerNormToRmsPass()(model)
     _assert_unchanged(model, weights, ops)
@@ -149,7 +129,7 @@ def test_writer_read_elsewhere_is_refused(tiny_export):
     model = _folded_opt(tiny_export)
     writer = sites.find_residual_stream(model).writers[0]
     model.graph.outputs.append(writer.output)  # a second reader of out_proj's output would see the centring
-    weights, ops = _weights(model), [n.op_type for n in model.graph]
+    weights, ops = weights_of(model), [n.op_type for n in model.graph]
     with pytest.raises(QexportError, match=f"cannot centre the residual writer {writer.node.name}"):
         LayerNormToRmsPass()(model)
     _assert_unchanged(model, weights, ops)
@@ -161,7 +141,7 @@ def test_branch_without_a_linear_writer_is_refused(tiny_export):
     tanh = ir.node("Tanh", [block.writer.output], name="test_tanh")
     model.graph.insert_after(block.writer.bias_node or block.writer.node, tanh)
     block.add.replace_input_with(list(block.add.inputs).index(block.writer.output), tanh.outputs[0])
-    weights, ops = _weights(model), [n.op_type for n in model.graph]
+    weights, ops = weights_of(model), [n.op_type for n in model.graph]
     with pytest.raises(QexportError, match=f"layernorm-to-rms.*{block.add.name}.*does not end in a weight linear"):
         LayerNormToRmsPass()(model)
     _assert_unchanged(model, weights, ops)
@@ -173,7 +153,7 @@ def test_direct_reader_of_the_stream_is_refused(tiny_export):
     probe = ir.node("ReduceMax", [residual], name="test_probe")
     model.graph.insert_after(residual.producer(), probe)
     model.graph.outputs.append(probe.outputs[0])
-    weights, ops = _weights(model), [n.op_type for n in model.graph]
+    weights, ops = weights_of(model), [n.op_type for n in model.graph]
     with pytest.raises(QexportError, match="ReduceMax test_probe reads the residual stream"):
         LayerNormToRmsPass()(model)
     _assert_unchanged(model, weights, ops)

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from pass_testing import give_norms_weights, load, make_feeds, run
+from pass_testing import give_norms_weights, load, make_feeds, prefill_decode, run, weights_of
 from qexport.errors import QexportError
 from qexport.passes import sites
 from qexport.passes._util import const_f64
@@ -24,21 +24,6 @@ def _close(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
     np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL, err_msg=what)
 
 
-def _prefill_decode(model: ir.Model) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Prefill 5 tokens from an empty cache, then decode one token with the model's own present key/values."""
-    feeds = make_feeds(model, seed=1, past=0)
-    first = run(model, feeds)
-    batch, seq = feeds["input_ids"].shape
-    step = {"input_ids": np.array([[7], [9]], dtype=np.int64)[:batch],
-            "attention_mask": np.ones((batch, seq + 1), dtype=np.int64)}
-    if "position_ids" in feeds:
-        step["position_ids"] = np.full((batch, 1), seq, dtype=np.int64)
-    for value in model.graph.inputs:
-        if value.name.startswith("past_key_values."):
-            step[value.name] = first[value.name.replace("past_key_values.", "present.")]
-    return first, run(model, step)
-
-
 def _prepared(tiny_export, family: str) -> ir.Model:
     """A tiny export with random norm weights and biases, untied and norm-folded (R1's preconditions)."""
     model = load(tiny_export(family))
@@ -46,10 +31,6 @@ def _prepared(tiny_export, family: str) -> ir.Model:
     UntieEmbeddingsPass()(model)
     FoldNormPass()(model)
     return model
-
-
-def _weights(model: ir.Model) -> dict[str, np.ndarray]:
-    return {name: v.const_value.numpy().copy() for name, v in model.graph.initializers.items() if v.const_value is not None}
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -67,9 +48,9 @@ def test_rotate_residual_is_exact(tiny_export, family, rotation):
     q = rotation_matrix(rotation, table.shape[1], 3)
     np.testing.assert_allclose(const_f64(sites.find_residual_stream(model).embedding_weight), table @ q, atol=1e-6)
 
-    before = _weights(model)  # contract: a second run is a no-op
+    before = weights_of(model)  # contract: a second run is a no-op
     assert not RotateResidualPass(rotation=rotation, seed=3)(model).modified
-    after = _weights(model)
+    after = weights_of(model)
     assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
 
 
@@ -89,10 +70,10 @@ def test_rotate_residual_flattens_the_stream(tiny_export):
 
 def test_rotate_residual_refuses_tied_embeddings(tiny_export):
     model = load(tiny_export("llama"))
-    before = _weights(model)
+    before = weights_of(model)
     with pytest.raises(QexportError, match="untie-embeddings"):
         RotateResidualPass()(model)
-    assert all(np.array_equal(v, _weights(model)[k]) for k, v in before.items())
+    assert all(np.array_equal(v, weights_of(model)[k]) for k, v in before.items())
 
 
 def test_rotate_residual_refuses_unfolded_gamma(tiny_export):
@@ -105,10 +86,10 @@ def test_rotate_residual_refuses_unfolded_gamma(tiny_export):
 @pytest.mark.parametrize(("family", "reason"), [("gemma3", "post-norms"), ("opt", "LayerNorm")])
 def test_rotate_residual_refuses_unsupported_streams(tiny_export, family, reason):
     model = _prepared(tiny_export, family)
-    before = _weights(model)
+    before = weights_of(model)
     with pytest.raises(QexportError, match=reason):
         RotateResidualPass()(model)
-    after = _weights(model)
+    after = weights_of(model)
     assert all(np.array_equal(v, after[k]) for k, v in before.items())
     assert "qexport.rotate_residual" not in model.metadata_props
 
@@ -116,10 +97,10 @@ def test_rotate_residual_refuses_unsupported_streams(tiny_export, family, reason
 def test_rotate_heads_is_exact(tiny_export, family):
     model = load(tiny_export(family))
     give_norms_weights(model)
-    expected_first, expected_next = _prefill_decode(model)
+    expected_first, expected_next = prefill_decode(model)
 
     assert RotateHeadsPass(rotation=Rotation.RANDOM_HADAMARD, seed=1)(model).modified
-    first, nxt = _prefill_decode(model)
+    first, nxt = prefill_decode(model)
     _close(first["logits"], expected_first["logits"], "prefill logits")
     _close(nxt["logits"], expected_next["logits"], "decode logits with the rotated cache")
     head_dim = expected_first["present.0.value"].shape[-1]
@@ -129,9 +110,9 @@ def test_rotate_heads_is_exact(tiny_export, family):
             want = expected_first[name] @ r if name.endswith(".value") else expected_first[name]
             _close(first[name], want, name)
 
-    before = _weights(model)
+    before = weights_of(model)
     assert not RotateHeadsPass(rotation=Rotation.RANDOM_HADAMARD, seed=1)(model).modified
-    assert all(np.array_equal(v, _weights(model)[k]) for k, v in before.items())
+    assert all(np.array_equal(v, weights_of(model)[k]) for k, v in before.items())
 
 
 def test_rotate_heads_selects_sites_by_glob(tiny_export):
@@ -195,11 +176,11 @@ def test_online_hadamard_kronecker_size(tmp_path):
 def test_quarot_composition_is_exact(tiny_export):
     model = load(tiny_export("llama"))
     give_norms_weights(model)
-    expected_first, expected_next = _prefill_decode(model)
+    expected_first, expected_next = prefill_decode(model)
     for p in (UntieEmbeddingsPass(), FoldNormPass(), RotateResidualPass(seed=7), RotateHeadsPass(),
               OnlineHadamardPass()):
         assert p(model).modified, type(p).__name__
-    first, nxt = _prefill_decode(model)
+    first, nxt = prefill_decode(model)
     _close(first["logits"], expected_first["logits"], "prefill logits")
     _close(nxt["logits"], expected_next["logits"], "decode logits")
     for p in (RotateResidualPass(seed=7), RotateHeadsPass(), OnlineHadamardPass()):
