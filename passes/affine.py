@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from qexport.calibration import _feeds, _session_with_outputs
+from qexport.calibration import prefill_feeds, session_with_outputs
 from qexport.errors import QexportError, RecipeError
 from qexport.passes import sites as site_matching
 from qexport.passes._util import write_bias, write_weight
@@ -129,7 +129,7 @@ def collect_samples(model: ir.Model, windows: Sequence[np.ndarray], selected: Se
     """At most ``max_tokens`` token rows (float32, drawn uniformly without replacement, in order) of the
     activation each site's consumers read, from ONNX Runtime runs of a copy of ``model`` on ``windows``."""
     targets = {site.name: site.activation.name for site in selected}
-    session = _session_with_outputs(model, sorted(set(targets.values())), None)
+    session = session_with_outputs(model, sorted(set(targets.values())), None)
     inputs = {i.name: i for i in session.get_inputs()}
     windows = [np.asarray(w, dtype=np.int64) for w in windows]
     sizes = [w.size for w in windows]
@@ -141,7 +141,7 @@ def collect_samples(model: ir.Model, windows: Sequence[np.ndarray], selected: Se
         picked = chosen[(chosen >= start) & (chosen < start + window.size)] - start
         if picked.size == 0:
             continue
-        outputs = dict(zip(names, session.run(names, _feeds(window, inputs, model))))
+        outputs = dict(zip(names, session.run(names, prefill_feeds(window, inputs, model))))
         for site_name, value_name in targets.items():
             x = outputs[value_name]
             rows[site_name].append(np.asarray(x.reshape(-1, x.shape[-1])[picked], dtype=np.float32))

@@ -10,7 +10,8 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import RecipeError
-from qexport.passes.insert_qdq import quantize_weight, selected_linears, write_quantized_weight
+from qexport.passes.linear_select import selected_linears
+from qexport.passes.weight_quant import quantize_weight, write_quantized_weight
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +103,15 @@ class GptqPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
     def _hessians(self, model: ir.Model, values: Sequence[ir.Value]) -> dict[ir.Value, np.ndarray]:
-        from qexport.calibration import _feeds, _session_with_outputs
+        from qexport.calibration import prefill_feeds, session_with_outputs
 
         names = [v.name for v in values]
-        session = _session_with_outputs(model, names, self.threads)
+        session = session_with_outputs(model, names, self.threads)
         inputs = {i.name: i for i in session.get_inputs()}
         sums: dict[str, np.ndarray] = {}
         tokens = 0
         for window in self.windows:
-            outs = session.run(names, _feeds(np.asarray(window, dtype=np.int64), inputs, model))
+            outs = session.run(names, prefill_feeds(np.asarray(window, dtype=np.int64), inputs, model))
             for name, out in zip(names, outs):
                 x = out.astype(np.float64).reshape(-1, out.shape[-1])
                 sums[name] = sums.get(name, 0.0) + x.T @ x

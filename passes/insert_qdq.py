@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import fnmatch
 import logging
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import RecipeError
 from qexport.passes import sites as site_matching
-from qexport.passes._util import drop_if_unused, new_initializer
+from qexport.passes._util import new_initializer
+from qexport.passes.act_calibration import ActCalibration, static_scales
+from qexport.passes.linear_select import prequantized_linears, selected_linears
+from qexport.passes.weight_quant import quantize_weight, tagged, write_quantized_weight
 
 log = logging.getLogger(__name__)
-
-TAG = "qexport.quant"  # metadata key on inserted nodes: "weight", "per_token" or "per_tensor"
 
 
 class ActQuant(str, enum.Enum):
@@ -26,102 +26,6 @@ class ActQuant(str, enum.Enum):
     NONE = "none"  # weight-only
 
 
-class ActCalibration(str, enum.Enum):
-    MINMAX = "minmax"  # scale = calibration absmax / 127
-    PERCENTILE = "percentile"  # scale = percentile of the per-token absmax / 127 (clips rare outlier tokens)
-
-
-def quantize_weight(w_in_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per output channel of an [in, out] weight: (q int8 [in, out], scale [out])."""
-    absmax = np.abs(w_in_out).max(axis=0)
-    scale = np.where(absmax > 0, absmax / 127.0, 1.0)
-    q = np.clip(np.round(w_in_out / scale), -127, 127).astype(np.int8)
-    return q, scale
-
-
-def linear_names(model: ir.Model) -> dict[ir.Node, str]:
-    """Role names of the linears: ``layers.{i}.attn.{q,k,v,o}``, ``layers.{i}.mlp.{gate,up,down}`` (``up``/``down``
-    for fc1/fc2) and ``lm_head``; the exporter's own node and weight names are anonymous.
-
-    Attention linears come from the site matcher (norm -> q/k/v, v -> o); the MLP linears of layer i are the
-    weight linears between o_proj of layer i and the next attention input in graph order (this still holds
-    after rotations, where the MLP sites are no longer matched): two reading one input are gate (the one
-    feeding an activation) and up, the next one down.
-    """
-    found = site_matching.find_sites(model)
-    names: dict[ir.Node, str] = {}
-    for site in found.norm_sites:
-        if site.role == "lm_head":
-            names.update({lin.node: "lm_head" for lin in site.linears})
-        elif site.role == "attn":
-            roles = ("q", "k", "v") if len(site.linears) == 3 else tuple(f"in{j}" for j in range(len(site.linears)))
-            names.update({lin.node: f"layers.{site.layer}.attn.{r}" for lin, r in zip(site.linears, roles)})
-    outs = {site.o.node: site.layer for site in found.v_o}
-    layer, mlp = None, []
-    for node in list(model.graph) + [None]:
-        if node is not None and node in outs:
-            names[node] = f"layers.{outs[node]}.attn.o"
-            layer, mlp = outs[node], []
-        elif node is None or node in names:
-            if layer is not None:
-                names.update(_mlp_roles(mlp, layer))
-            layer = None
-        elif layer is not None and site_matching.match_linear(node) is not None:
-            mlp.append(node)
-    return names
-
-
-def _mlp_roles(nodes: list[ir.Node], layer: int) -> dict[ir.Node, str]:
-    if len(nodes) == 3 and nodes[0].inputs[0] is nodes[1].inputs[0]:
-        gate_first = any(c.op_type in site_matching.ACTIVATIONS or c.op_type == "Sigmoid"
-                         for c in nodes[0].outputs[0].consumers())
-        roles = ("gate", "up", "down") if gate_first else ("up", "gate", "down")
-    elif len(nodes) == 2:
-        roles = ("up", "down")
-    else:
-        roles = tuple(str(j) for j in range(len(nodes)))
-    return {node: f"layers.{layer}.mlp.{role}" for node, role in zip(nodes, roles)}
-
-
-def _lm_heads(model: ir.Model) -> set[ir.Node]:
-    found = site_matching.find_sites(model)
-    heads = {lin.node for s in found.norm_sites if s.role == "lm_head" for lin in s.linears}
-    return heads | {v.producer() for v in model.graph.outputs if v.producer() is not None}
-
-
-def _selected(node: ir.Node, weight: ir.Value | None, pattern: str, include_lm_head: bool, heads: set[ir.Node],
-              roles: dict[ir.Node, str]) -> bool:
-    names = [roles.get(node, ""), node.name or ""] + ([weight.name or ""] if weight is not None else [])
-    if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-        log.debug("%s not selected by %r", node.name, pattern)
-        return False
-    if not include_lm_head and node in heads:
-        log.debug("%s is lm_head: left in float", node.name)
-        return False
-    return True
-
-
-def selected_linears(model: ir.Model, pattern: str, include_lm_head: bool) -> list[site_matching.Linear]:
-    """Weight linears (``match_linear``) whose weight or node name matches ``pattern``; lm_head only if asked."""
-    heads, roles = _lm_heads(model), linear_names(model)
-    return [lin for node in model.graph if (lin := site_matching.match_linear(node)) is not None
-            and _selected(node, lin.weight, pattern, include_lm_head, heads, roles)]
-
-
-def prequantized_linears(model: ir.Model, pattern: str, include_lm_head: bool) -> list[ir.Node]:
-    """MatMul/Gemm nodes whose weight is already an int8 DequantizeLinear (e.g. from ``quantize-gptq``) and whose
-    activation is not quantized yet."""
-    heads, roles = _lm_heads(model), linear_names(model)
-    found = []
-    for node in model.graph:
-        if node.op_type not in ("MatMul", "Gemm") or node.domain != "" or len(node.inputs) < 2:
-            continue
-        a, b = (v.producer() if v is not None else None for v in node.inputs[:2])
-        if b is None or b.metadata_props.get(TAG) != "weight" or (a is not None and TAG in a.metadata_props):
-            continue
-        if _selected(node, b.inputs[0], pattern, include_lm_head, heads, roles):
-            found.append(node)
-    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +85,7 @@ class QuantizePass(ir.passes.InPlacePass):
         if self.activations is ActQuant.PER_TENSOR:
             if not self.windows:
                 raise RecipeError("quantize with per_tensor activations needs calibration windows")
-            scales = self._static_scales(model, list(by_input))
+            scales = static_scales(model, list(by_input), self.windows, self.calibration, self.percentile, self.threads)
         consts = _SharedConsts(graph)
         for x, readers in by_input.items():
             width = _in_features(readers[0], linears)
@@ -200,26 +104,6 @@ class QuantizePass(ir.passes.InPlacePass):
                  len(linears) + len(prequantized), len(prequantized), len(by_input), self.activations.value)
         return ir.passes.PassResult(model, True)
 
-    def _static_scales(self, model: ir.Model, values: Sequence[ir.Value]) -> dict[ir.Value, float]:
-        """Per-tensor scale of each value: calibration absmax (or a percentile of per-token absmax) / 127."""
-        from qexport.calibration import _feeds, _session_with_outputs
-
-        names = [v.name for v in values]
-        session = _session_with_outputs(model, names, self.threads)
-        inputs = {i.name: i for i in session.get_inputs()}
-        token_max: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        for window in self.windows:
-            outs = session.run(names, _feeds(np.asarray(window, dtype=np.int64), inputs, model))
-            for name, out in zip(names, outs):
-                token_max[name].append(np.abs(out.astype(np.float64)).reshape(-1, out.shape[-1]).max(axis=1))
-        result = {}
-        for value in values:
-            per_token = np.concatenate(token_max[value.name])
-            clip = per_token.max() if self.calibration is ActCalibration.MINMAX else np.percentile(per_token, self.percentile)
-            result[value] = float(clip) / 127.0 if clip > 0 else 1.0
-            log.debug("%s: absmax %.4g, clip %.4g", value.name, per_token.max(), clip)
-        return result
-
 
 class _SharedConsts:
     """Initializers shared by every per-token quantizer (created on first use)."""
@@ -232,11 +116,6 @@ class _SharedConsts:
         if name not in self._values:
             self._values[name] = new_initializer(self.graph, f"qexport.quant.{name}", array)
         return self._values[name]
-
-
-def _tagged(node: ir.Node, kind: str) -> ir.Node:
-    node.metadata_props[TAG] = kind
-    return node
 
 
 def _float_like(value: ir.Value, like: ir.Value, name: str) -> ir.Value:
@@ -263,7 +142,7 @@ def _per_token_qdq(graph: ir.Graph, x: ir.Value, width: int, before: ir.Node, co
     for node, suffix in ((abs_, "abs"), (reduce, "absmax"), (div, "scale_raw"), (scale, "scale"), (q, "q")):
         node.outputs[0].name = f"{base}.{suffix}"
     q.outputs[0].dtype = ir.DataType.INT8
-    graph.insert_before(before, [_tagged(n, "per_token") for n in (abs_, reduce, div, scale, q, dq)])
+    graph.insert_before(before, [tagged(n, "per_token") for n in (abs_, reduce, div, scale, q, dq)])
     return _float_like(dq.outputs[0], x, f"{base}.dq")
 
 
@@ -276,7 +155,7 @@ def _per_tensor_qdq(graph: ir.Graph, x: ir.Value, scale: float, before: ir.Node)
     q = ir.node("QuantizeLinear", [x, s, zp], name=f"{base}.q")
     q.outputs[0].name, q.outputs[0].dtype = f"{base}.q", ir.DataType.INT8
     dq = ir.node("DequantizeLinear", [q.outputs[0], s, zp], name=f"{base}.dq")
-    graph.insert_before(before, [_tagged(q, "per_tensor"), _tagged(dq, "per_tensor")])
+    graph.insert_before(before, [tagged(q, "per_tensor"), tagged(dq, "per_tensor")])
     return _float_like(dq.outputs[0], x, f"{base}.dq")
 
 
@@ -292,24 +171,3 @@ def _quantize_weight(graph: ir.Graph, linear: site_matching.Linear) -> None:
     """Replace the linear's float weight input by DequantizeLinear(int8 q, per-channel scale), rounded to nearest."""
     q, scale = quantize_weight(linear.weight_in_out())
     write_quantized_weight(graph, linear, q, scale)
-
-
-def write_quantized_weight(graph: ir.Graph, linear: site_matching.Linear, q: np.ndarray, scale: np.ndarray) -> None:
-    """Feed the linear's weight input from ``DequantizeLinear(q, scale)``; ``q`` int8 [in, out], ``scale`` [out]."""
-    dtype = linear.weight.const_value.numpy().dtype
-    gemm_trans = linear.node.op_type == "Gemm" and linear.layout == "out_in"
-    stored, axis = (q.T, 0) if gemm_trans else (q, 1)
-    base = linear.weight.name if linear.transpose is None else f"{linear.weight.name}.T"
-    q_value = new_initializer(graph, f"{base}.int8", np.ascontiguousarray(stored))
-    s_value = new_initializer(graph, f"{base}.scale", scale.astype(dtype))
-    dq = _tagged(ir.node("DequantizeLinear", [q_value, s_value], {"axis": axis}, name=f"{base}.dq"), "weight")
-    dq.outputs[0].name = f"{base}.dq"
-    dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.from_numpy(dtype), ir.Shape(stored.shape)
-    graph.insert_before(linear.node, dq)
-    old = linear.node.inputs[1]
-    linear.node.replace_input_with(1, dq.outputs[0])
-    if linear.transpose is not None and not linear.transpose.outputs[0].uses():
-        graph.remove(linear.transpose, safe=True)
-    drop_if_unused(graph, linear.weight)
-    if old is not linear.weight:
-        drop_if_unused(graph, old)

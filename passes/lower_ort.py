@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.passes._util import const_array, drop_if_unused, new_initializer, set_graph_output
-from qexport.passes.insert_qdq import TAG
+from qexport.passes.linear_select import TAG
 
 log = logging.getLogger(__name__)
 

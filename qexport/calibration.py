@@ -131,11 +131,11 @@ def collect_stats(
     targets = {site.name: site.activation.name for site in site_map.all}
     if not targets:
         raise QexportError("the graph has no rewrite sites to calibrate")
-    session = _session_with_outputs(model, sorted(set(targets.values())), threads)
+    session = session_with_outputs(model, sorted(set(targets.values())), threads)
     stats = CalibrationStats({})
     inputs = {i.name: i for i in session.get_inputs()}
     for window in windows:
-        feeds = _feeds(np.asarray(window, dtype=np.int64), inputs, model)
+        feeds = prefill_feeds(np.asarray(window, dtype=np.int64), inputs, model)
         outputs = dict(zip(session_outputs := [o.name for o in session.get_outputs()], session.run(session_outputs, feeds)))
         for site_name, value_name in targets.items():
             x = outputs[value_name]
@@ -163,7 +163,7 @@ def _fingerprint(stats: CalibrationStats) -> str:
     return digest.hexdigest()[:32]
 
 
-def _session_with_outputs(model: ir.Model, names: list[str], threads: int | None):
+def session_with_outputs(model: ir.Model, names: list[str], threads: int | None):
     """An ONNX Runtime session on a copy of ``model`` that also returns the values ``names``."""
     import onnxruntime as ort
 
@@ -183,7 +183,7 @@ def _session_with_outputs(model: ir.Model, names: list[str], threads: int | None
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
-def _feeds(window: np.ndarray, inputs: dict, model: ir.Model) -> dict[str, np.ndarray]:
+def prefill_feeds(window: np.ndarray, inputs: dict, model: ir.Model) -> dict[str, np.ndarray]:
     ids = window[None, :] if window.ndim == 1 else window
     batch, seq = ids.shape
     feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": np.ones((batch, seq), dtype=np.int64)}
@@ -194,3 +194,13 @@ def _feeds(window: np.ndarray, inputs: dict, model: ir.Model) -> dict[str, np.nd
             shape = [batch if i == 0 else 0 if i == 2 else int(d) for i, d in enumerate(value.shape)]
             feeds[value.name] = np.zeros(shape, dtype=value.dtype.numpy())
     return feeds
+
+
+def run_values(model: ir.Model, names: list[str], windows, threads: int | None = None):
+    """Yield, for each calibration window (token ids), a dict name -> array of the graph values ``names``,
+    from one ONNX Runtime session on a copy of ``model`` (prefill with an empty cache)."""
+    session = session_with_outputs(model, names, threads)
+    inputs = {i.name: i for i in session.get_inputs()}
+    for window in windows:
+        outs = session.run(names, prefill_feeds(np.asarray(window, dtype=np.int64), inputs, model))
+        yield dict(zip(names, outs))

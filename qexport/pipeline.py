@@ -33,11 +33,11 @@ class PipelineSettings:
 
 def _run_logits(model: ir.Model, ids: np.ndarray, threads: int | None) -> np.ndarray:
     """Logits of ``model`` on one window, with an empty KV cache."""
-    from qexport.calibration import _feeds, _session_with_outputs
+    from qexport.calibration import prefill_feeds, session_with_outputs
 
-    session = _session_with_outputs(model, [], threads)
+    session = session_with_outputs(model, [], threads)
     inputs = {i.name: i for i in session.get_inputs()}
-    return session.run(["logits"], _feeds(ids, inputs, model))[0]
+    return session.run(["logits"], prefill_feeds(ids, inputs, model))[0]
 
 
 def _stats_fields(klass: type) -> set[str]:

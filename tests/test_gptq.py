@@ -8,7 +8,9 @@ import pytest
 from pass_testing import load
 from qexport.errors import RecipeError
 from qexport.passes.gptq import GptqPass, gptq_quantize
-from qexport.passes.insert_qdq import TAG, QuantizePass, quantize_weight, selected_linears
+from qexport.passes.insert_qdq import QuantizePass
+from qexport.passes.linear_select import TAG, selected_linears
+from qexport.passes.weight_quant import quantize_weight
 
 
 def _layer(seed: int = 0, tokens: int = 1500, n_in: int = 48, n_out: int = 24):

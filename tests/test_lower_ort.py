@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from pass_testing import load, make_feeds, run
-from qexport.passes.insert_qdq import TAG, QuantizePass
+from qexport.passes.insert_qdq import QuantizePass
+from qexport.passes.linear_select import TAG
 from qexport.passes.lower_ort import LOWERED, LowerOrtPass, match_quant_linear
 
 # Lowered vs QDQ logits, relative to max |logit|: float accumulation order and rare rounding ties only.

@@ -9,9 +9,11 @@ import onnx_ir as ir
 import pytest
 
 from pass_testing import load, make_feeds, run
-from qexport.calibration import _feeds, _session_with_outputs
+from qexport.calibration import prefill_feeds, session_with_outputs
 from qexport.errors import RecipeError
-from qexport.passes.insert_qdq import TAG, QuantizePass, linear_names, quantize_weight, selected_linears
+from qexport.passes.insert_qdq import QuantizePass
+from qexport.passes.linear_select import TAG, linear_names, selected_linears
+from qexport.passes.weight_quant import quantize_weight
 
 # One float32 rounding per product and accumulation order: the QDQ graph against the float64 reference.
 LAYER_RTOL = 1e-4
@@ -42,7 +44,7 @@ def _layer_io(model: ir.Model, weights: dict[str, np.ndarray], feeds) -> dict[st
             dq = node.inputs[0].producer()
             assert dq.op_type == "DequantizeLinear" and dq.metadata_props[TAG] in ("per_token", "per_tensor")
             names[node.name] = (dq.inputs[0].producer().inputs[0].name, node.outputs[0].name)
-    session = _session_with_outputs(model, sorted({n for pair in names.values() for n in pair}), None)
+    session = session_with_outputs(model, sorted({n for pair in names.values() for n in pair}), None)
     wanted = [o.name for o in session.get_outputs()]
     values = dict(zip(wanted, session.run(wanted, feeds)))
     return {k: (values[x].astype(np.float64), values[y].astype(np.float64)) for k, (x, y) in names.items()}
@@ -77,11 +79,11 @@ def test_per_tensor_layers_equal_numpy_fake_quant_with_calibrated_scales(tiny_ex
     QuantizePass(activations="per_tensor", calibration=calibration, percentile=90.0, windows=CALIB)(model)
     # reference scales: the same activations of the float graph on the calibration windows
     inputs = {lin.node.name: lin.input.name for lin in selected_linears(fp32, "*", False)}
-    session = _session_with_outputs(fp32, sorted(set(inputs.values())), None)
+    session = session_with_outputs(fp32, sorted(set(inputs.values())), None)
     graph_inputs = {i.name: i for i in session.get_inputs()}
     per_token: dict[str, list[np.ndarray]] = collections.defaultdict(list)
     for window in CALIB:
-        outs = session.run(sorted(set(inputs.values())), _feeds(window, graph_inputs, fp32))
+        outs = session.run(sorted(set(inputs.values())), prefill_feeds(window, graph_inputs, fp32))
         for value_name, out in zip(sorted(set(inputs.values())), outs):
             per_token[value_name].append(np.abs(out).reshape(-1, out.shape[-1]).max(axis=1))
     clip = {v: np.max(np.concatenate(t)) if calibration == "minmax" else np.percentile(np.concatenate(t), 90.0)
