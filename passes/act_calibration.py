@@ -1,7 +1,13 @@
-"""Calibrated per-tensor activation scales for static quantization."""
+"""Calibrated per-tensor activation scales for static quantization.
+
+Each calibrated value is annotated in memory (``value.meta[CALIBRATION_META]``, not saved with the model) with
+what its scale was chosen from: the calibration absmax, the clip and the scale. The pipeline reports these
+per quantized site in the manifest.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 from typing import Sequence
@@ -11,28 +17,95 @@ import onnx_ir as ir
 
 log = logging.getLogger(__name__)
 
+QMAX = 127  # int8 symmetric: codes -127..127
+CALIBRATION_META = "qexport.act_calibration"  # value.meta key: {"absmax", "clip", "scale", "method"}
+HIST_BINS = 8192  # |x| histogram bins for MSE clipping; the range doubles (bins merge pairwise) as absmax grows
+MSE_CANDIDATES = 200  # clips searched: absmax * k / MSE_CANDIDATES, k = 1..MSE_CANDIDATES
+
 
 class ActCalibration(str, enum.Enum):
     MINMAX = "minmax"  # scale = calibration absmax / 127
     PERCENTILE = "percentile"  # scale = percentile of the per-token absmax / 127 (clips rare outlier tokens)
+    MSE = "mse"  # scale = c / 127, c minimising E[(x - Q_c(x))^2] over all calibration elements (|x| histogram)
+
+
+@dataclasses.dataclass
+class AbsHistogram:
+    """Histogram of |x| over [0, top) in ``bins`` equal bins; ``top`` doubles (merging bin pairs) to fit new data."""
+
+    bins: int = HIST_BINS
+    top: float = 0.0
+    counts: np.ndarray = dataclasses.field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.counts is None:
+            self.counts = np.zeros(self.bins, dtype=np.int64)
+
+    def update(self, x: np.ndarray) -> None:
+        a = np.abs(np.asarray(x, dtype=np.float64)).ravel()
+        peak = float(a.max()) if a.size else 0.0
+        if peak <= 0.0:
+            self.counts[0] += a.size
+            return
+        if self.top == 0.0:
+            self.top = peak * (1.0 + 1e-9)
+        while peak >= self.top:  # bins i of the doubled range are the old bins 2i and 2i + 1: exact
+            self.counts = self.counts.reshape(-1, 2).sum(axis=1)
+            self.counts = np.concatenate([self.counts, np.zeros(self.bins - len(self.counts), np.int64)])
+            self.top *= 2.0
+        index = np.minimum((a * (self.bins / self.top)).astype(np.int64), self.bins - 1)
+        self.counts += np.bincount(index, minlength=self.bins)
+
+    def centres(self) -> np.ndarray:
+        return (np.arange(self.bins) + 0.5) * (self.top / self.bins)
+
+
+def quantization_mse(values: np.ndarray, weights: np.ndarray, clips: np.ndarray) -> np.ndarray:
+    """Weighted mean of (x - Q_c(x))^2 over ``values`` for each clip c (int8 symmetric, scale c / 127)."""
+    scale = clips[:, None] / QMAX
+    quantized = np.clip(np.round(values[None, :] / scale), -QMAX, QMAX) * scale
+    return ((values[None, :] - quantized) ** 2 * weights[None, :]).sum(axis=1) / max(weights.sum(), 1)
+
+
+def mse_clip(hist: AbsHistogram, absmax: float, candidates: int = MSE_CANDIDATES) -> float:
+    """The clip in {absmax * k / candidates} with the least quantization MSE over the histogram (bin centres)."""
+    if absmax <= 0.0:
+        return 0.0
+    used = hist.counts > 0
+    centres, counts = hist.centres()[used], hist.counts[used].astype(np.float64)
+    clips = absmax * np.arange(1, candidates + 1) / candidates
+    return float(clips[int(np.argmin(quantization_mse(centres, counts, clips)))])
 
 
 def static_scales(model: ir.Model, values: Sequence[ir.Value], windows: Sequence[np.ndarray],
                   calibration: ActCalibration, percentile: float = 99.9,
                   threads: int | None = None) -> dict[ir.Value, float]:
     """Per-tensor symmetric int8 scale of each value, from ``windows`` run through ``model`` as it is:
-    calibration absmax / 127 (``minmax``) or the ``percentile`` of the per-token absmax / 127."""
+    calibration absmax / 127 (``minmax``), the ``percentile`` of the per-token absmax / 127, or the
+    MSE-optimal clip / 127 (``mse``). Each value's ``meta[CALIBRATION_META]`` records absmax, clip and scale."""
     from qexport.calibration import run_values
 
+    calibration = ActCalibration(calibration)
     names = [v.name for v in values]
     token_max: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    hists = {n: AbsHistogram() for n in names} if calibration is ActCalibration.MSE else {}
     for outs in run_values(model, names, windows, threads):
         for name, out in outs.items():
             token_max[name].append(np.abs(out.astype(np.float64)).reshape(-1, out.shape[-1]).max(axis=1))
+            if name in hists:
+                hists[name].update(out)
     result = {}
     for value in values:
         per_token = np.concatenate(token_max[value.name])
-        clip = per_token.max() if calibration is ActCalibration.MINMAX else np.percentile(per_token, percentile)
-        result[value] = float(clip) / 127.0 if clip > 0 else 1.0
-        log.debug("%s: absmax %.4g, clip %.4g", value.name, per_token.max(), clip)
+        absmax = float(per_token.max())
+        if calibration is ActCalibration.MINMAX:
+            clip = absmax
+        elif calibration is ActCalibration.PERCENTILE:
+            clip = float(np.percentile(per_token, percentile))
+        else:
+            clip = mse_clip(hists[value.name], absmax)
+        result[value] = clip / QMAX if clip > 0 else 1.0
+        value.meta[CALIBRATION_META] = {"method": calibration.value, "absmax": absmax, "clip": clip,
+                                        "scale": result[value]}
+        log.debug("%s: absmax %.4g, clip %.4g", value.name, absmax, clip)
     return result
