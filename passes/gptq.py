@@ -1,55 +1,71 @@
-"""GPTQ: int8 per-channel weights with Hessian-based error compensation, emitted as int8 + DequantizeLinear."""
+"""GPTQ: int8 per-channel or int4/dINT4 per-group weights with Hessian-based error compensation, emitted as
+the same dequantized weights ``quantize`` writes."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
+import time
 from typing import ClassVar, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import RecipeError
-from qexport.passes.linear_select import selected_linears
-from qexport.passes.weight_quant import quantize_weight, write_quantized_weight
+from qexport.passes import sites as site_matching
+from qexport.passes.linear_select import linear_names, selected_linears
+from qexport.passes.weight_quant import WeightClip, WeightFormat, WeightQuant, write_quantized_weight
 
 log = logging.getLogger(__name__)
 
 
 def gptq_quantize(w_in_out: np.ndarray, hessian: np.ndarray, damp: float = 0.01, block_size: int = 128,
-                  act_order: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  act_order: bool = False, fmt: WeightFormat = WeightFormat()) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ (Frantar et al.; IST-DASLab/gptq) of one [in, out] weight for the input Hessian H ~ X^T X / N.
 
-    Returns (q int8 [in, out], scale [out]) on the symmetric per-output-channel int8 grid of the original
-    weight (scale = column absmax / 127, as in round-to-nearest), chosen column by column (input channel
-    order, or descending diag(H) with ``act_order``) so each rounding error is compensated on the
-    channels not yet quantized: e = (w_i - q_i) / U_ii, W[:, j>i] -= e U[i, j>i], U = chol(H^-1) upper.
-    Dead inputs (H_ii = 0) get H_ii = 1 and zero weight; H += damp * mean(diag H) * I.
+    Returns (codes int8 [in, out], scale) on ``fmt``'s grid: int8 per output channel (scale [out], the column
+    absmax / 127 of the original weight, as round-to-nearest), or int4/dINT4 per group of input channels (scale
+    [in / group, out], fixed from the partly compensated weights when the group's first column is reached, as
+    IST-DASLab's ``groupsize``; from the original weights with ``act_order``, their ``static_groups``). Columns
+    are quantized in input order (descending diag(H) with ``act_order``), each rounding error compensated on
+    the columns not yet quantized: e = (w_i - q_i) / U_ii, W[:, j>i] -= e U[i, j>i], U = chol(H^-1) upper.
+    Dead inputs (H_ii = 0) get H_ii = 1 and zero weight; H += damp * mean(diag H) * I. For groups the block of
+    columns updated together is rounded to whole groups, so a group's scale sees all earlier compensation.
     """
+    rows = fmt.group_rows(w_in_out.shape[0])
     w = np.array(w_in_out, dtype=np.float64).T  # torch layout [out, in]
     h = np.array(hessian, dtype=np.float64)
-    _, scale = quantize_weight(w_in_out)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    if fmt.grouped:
+        block_size = max(rows, block_size // rows * rows)
+        scales = np.stack([fmt.scale(w[:, g:g + rows].T) for g in range(0, w.shape[1], rows)]) if act_order else \
+            np.zeros((w.shape[1] // rows, w.shape[0]))
+    else:
+        scales = fmt.scale(np.asarray(w_in_out, dtype=np.float64))[None]
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(h.shape[0])
     w, h = w[:, perm], h[np.ix_(perm, perm)]
     h[np.diag_indices_from(h)] += damp * np.mean(np.diag(h))
     u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper Cholesky factor of H^-1
     q = np.zeros_like(w)
-    inv_scale = 1.0 / scale
     for start in range(0, w.shape[1], block_size):
         end = min(start + block_size, w.shape[1])
         block, errors = w[:, start:end].copy(), np.zeros((w.shape[0], end - start))
         for i in range(end - start):
+            column = perm[start + i]
+            if fmt.grouped and not act_order and column % rows == 0:
+                scales[column // rows] = fmt.scale(block[:, i:i + rows].T)
+            scale = scales[column // rows] if fmt.grouped else scales[0]
             col = block[:, i]
-            q[:, start + i] = np.clip(np.round(col * inv_scale), -127, 127)
-            err = (col - q[:, start + i] * scale) / u[start + i, start + i]
+            q[:, start + i] = fmt.codes(col / scale)
+            err = (col - fmt.levels(q[:, start + i]) * scale) / u[start + i, start + i]
             block[:, i:] -= np.outer(err, u[start + i, start + i:end])
             errors[:, i] = err
         w[:, end:] -= errors @ u[start:end, end:]
     q = q[:, np.argsort(perm)]
-    return q.T.astype(np.int8), scale
+    return q.T.astype(np.int8), (scales if fmt.grouped else scales[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +77,15 @@ class GptqPass(ir.passes.InPlacePass):
 
     1. H = X^T X / N of the linear's input over the calibration ``windows``, run through the graph as it is
        (so after any rotation or smoothing: the basis the weights are in), one H shared by q/k/v and gate/up;
-    2. the weight becomes an int8 initializer from :func:`gptq_quantize` feeding DequantizeLinear, exactly
-       the weight form ``quantize`` writes, which then adds only the activation quantizers.
+    2. the weight becomes the codes of :func:`gptq_quantize` on the ``weights`` grid (int8 per channel, int4 or
+       dint4 per ``group_size`` input channels, scales clipped by ``weight_clip``), written exactly as
+       ``quantize`` writes weights, which then adds only the activation quantizers.
 
-    All Hessians come from one run of the float graph (not layer-sequential: later layers see float inputs,
-    not the already-quantized ones). Quantized linears no longer match, so a second run changes nothing.
+    One-shot (``sequential: false``): all Hessians from one run of the float graph. Layer-sequential
+    (``sequential: true``, methods.md §4 step 8): the linears of layer 0, 1, ... (by role name, then any others)
+    in turn, each layer's Hessians from the graph in which all earlier layers' weights are already quantized;
+    activations are still float there (their quantizers come with the later ``quantize`` pass).
+    Quantized linears no longer match, so a second run changes nothing.
     """
 
     lossless: ClassVar[bool] = False
@@ -76,6 +96,10 @@ class GptqPass(ir.passes.InPlacePass):
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
+    weights: WeightQuant = WeightQuant.INT8
+    group_size: int = 128
+    weight_clip: WeightClip = WeightClip.NONE
+    sequential: bool = False
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -83,6 +107,9 @@ class GptqPass(ir.passes.InPlacePass):
             raise RecipeError(f"gptq damp must be within (0, 1), got {self.damp}")
         if self.block_size < 1:
             raise RecipeError(f"gptq block_size must be positive, got {self.block_size}")
+        fmt = WeightFormat(self.weights, self.group_size, self.weight_clip)  # validates the weight settings
+        object.__setattr__(self, "weights", fmt.kind)
+        object.__setattr__(self, "weight_clip", fmt.clip)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         chosen = selected_linears(model, self.linears, self.include_lm_head)
@@ -90,23 +117,32 @@ class GptqPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, False)
         if not self.windows:
             raise RecipeError("gptq needs calibration windows")
-        hessians = self._hessians(model, list(dict.fromkeys(lin.input for lin in chosen)))
-        for linear in chosen:
-            w = linear.weight_in_out()
-            q, scale = gptq_quantize(w, hessians[linear.input], self.damp, self.block_size, self.act_order)
-            write_quantized_weight(model.graph, linear, q, scale)
-            if log.isEnabledFor(logging.DEBUG):
-                h = hessians[linear.input]
-                log.debug("gptq %s: output error %.3g (round-to-nearest %.3g)", linear.node.name,
-                          _output_error(w, q * scale, h), _output_error(w, _rtn(w), h))
-        log.info("gptq: quantized %d linears", len(chosen))
+        fmt = WeightFormat(self.weights, self.group_size, self.weight_clip)
+        for linear in chosen:  # a group size that does not fit is an error before anything changes
+            fmt.group_rows(linear.in_features, linear.node.name)
+        start = time.perf_counter()
+        stages = _layers(model, chosen) if self.sequential else [chosen]
+        for stage in stages:
+            hessians = self._hessians(model, list(dict.fromkeys(lin.input for lin in stage)))
+            for linear in stage:
+                w = linear.weight_in_out()
+                q, scale = gptq_quantize(w, hessians[linear.input], self.damp, self.block_size, self.act_order, fmt)
+                write_quantized_weight(model.graph, linear, q, scale, fmt)
+                if log.isEnabledFor(logging.DEBUG):
+                    h = hessians[linear.input]
+                    rtn = fmt.dequantize(*fmt.quantize(w))
+                    log.debug("gptq %s: output error %.3g (round-to-nearest %.3g)", linear.node.name,
+                              output_error(w, fmt.dequantize(q, scale), h), output_error(w, rtn, h))
+        log.info("gptq: quantized %d linears to %s in %d stage(s), %.1f s", len(chosen), fmt.kind.value,
+                 len(stages), time.perf_counter() - start)
         return ir.passes.PassResult(model, True)
 
     def _hessians(self, model: ir.Model, values: Sequence[ir.Value]) -> dict[ir.Value, np.ndarray]:
-        from qexport.calibration import prefill_feeds, session_with_outputs
+        """H = X^T X / N of each value over the windows, from the part of the graph that computes them."""
+        from qexport.calibration import prefill_feeds
 
         names = [v.name for v in values]
-        session = session_with_outputs(model, names, self.threads)
+        session = _session_for(model, names, self.threads)
         inputs = {i.name: i for i in session.get_inputs()}
         sums: dict[str, np.ndarray] = {}
         tokens = 0
@@ -119,12 +155,40 @@ class GptqPass(ir.passes.InPlacePass):
         return {v: sums[v.name] / tokens for v in values}
 
 
-def _rtn(w: np.ndarray) -> np.ndarray:
-    q, scale = quantize_weight(w)
-    return q * scale
+def _layers(model: ir.Model, chosen: list[site_matching.Linear]) -> list[list[site_matching.Linear]]:
+    """``chosen`` split by decoder layer (``layers.{i}.`` role names) in layer order; the rest last."""
+    roles = linear_names(model)
+    stages: dict[int, list[site_matching.Linear]] = {}
+    for linear in chosen:
+        found = re.match(r"layers\.(\d+)\.", roles.get(linear.node, ""))
+        stages.setdefault(int(found.group(1)) if found else 1 << 30, []).append(linear)
+    return [stages[k] for k in sorted(stages)]
 
 
-def _output_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray) -> float:
+def _session_for(model: ir.Model, names: list[str], threads: int | None):
+    """An ONNX Runtime session on a copy of ``model`` whose outputs are ``names``, without the nodes they do not
+    need (a layer's Hessians need only the layers before it)."""
+    import onnxruntime as ort
+
+    copy = ir.from_proto(ir.to_proto(model))
+    values = {v.name: v for node in copy.graph for v in node.outputs}
+    copy.graph.outputs.clear()
+    copy.graph.outputs.extend(values[n] for n in names)
+    for node in reversed(list(copy.graph)):
+        if not any(v.uses() or v.is_graph_output() for v in node.outputs):
+            copy.graph.remove(node, safe=True)
+    for name in [n for n, v in copy.graph.initializers.items() if not v.uses()]:
+        del copy.graph.initializers[name]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    data = ir.to_proto(copy).SerializeToString()
+    del copy
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def output_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray) -> float:
     """Mean squared output error per token, trace((W - W_hat)^T H (W - W_hat)) for H = X^T X / N."""
     d = w - w_hat
     return float(np.einsum("io,ij,jo->", d, hessian, d))

@@ -1,4 +1,4 @@
-"""W8A8 quantization as QuantizeLinear/DequantizeLinear nodes on the weight linears of an exported LM."""
+"""W8A8 / W4A8 quantization as QuantizeLinear/DequantizeLinear nodes on the weight linears of an exported LM."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from qexport.passes import sites as site_matching
 from qexport.passes._util import new_initializer
 from qexport.passes.act_calibration import ActCalibration, static_scales
 from qexport.passes.linear_select import prequantized_linears, selected_linears
-from qexport.passes.weight_quant import quantize_weight, tagged, write_quantized_weight
+from qexport.passes.weight_quant import WeightClip, WeightFormat, WeightQuant, tagged, write_quantized_weight
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +26,9 @@ class ActQuant(str, enum.Enum):
     NONE = "none"  # weight-only
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class QuantizePass(ir.passes.InPlacePass):
-    """Quantize weight linears to int8 W8A8 in QDQ form (portable; ``ort-int8`` turns it into integer kernels).
+    """Quantize weight linears to W8A8 (or W4A8) in QDQ form (portable; ``ort-int8`` turns int8 into integer kernels).
 
     Rewrite cases, for each linear found by ``match_linear`` (never QK/AV MatMuls, the mask Add, or nodes
     tagged ``qexport.online_*``) whose role name (:func:`linear_names`, e.g. ``layers.*.mlp.down``), node name
@@ -38,7 +36,10 @@ class QuantizePass(ir.passes.InPlacePass):
 
     1. weight: an int8 initializer q = clip(round(W / s), -127, 127), s = per-output-channel absmax / 127,
        feeding ``DequantizeLinear(q, s, axis)`` (axis 1 for MatMul B [in, out], 0 for Gemm transB = 1); a tied
-       lm_head's Transpose is bypassed (the embedding Gather keeps the float table);
+       lm_head's Transpose is bypassed (the embedding Gather keeps the float table); with ``weights: int4``
+       an INT4 initializer per ``group_size`` input channels feeding a blocked opset-21 DequantizeLinear along
+       the input axis, with ``dint4`` INT4 codes through a level lookup (:mod:`~qexport.passes.weight_quant`);
+       ``weight_clip: mse`` searches each scale's clip ratio for the least squared weight error;
     2. ``per_token`` activation: ``Abs -> ReduceMax(-1) -> Div(127) -> Max(eps)`` gives s_t, then blocked
        ``QuantizeLinear(x, s_t, int8, block_size=K) -> DequantizeLinear`` (opset 21): per-token symmetric int8;
     3. ``per_tensor`` activation: ``QuantizeLinear(x, s) -> DequantizeLinear`` with int8 zero point 0 and a
@@ -46,7 +47,7 @@ class QuantizePass(ir.passes.InPlacePass):
        ``windows`` run through the graph as it is before this pass.
 
     One activation quantizer is shared by all selected linears reading the same tensor (q/k/v, gate/up).
-    Linears whose weight is already an int8 DequantizeLinear (from ``quantize-gptq``) keep it and get only case 2/3.
+    Linears whose weight is already dequantized (from ``quantize-gptq``) keep it and get only case 2/3.
     Quantized linears no longer match ``match_linear`` (B is computed), so a second run changes nothing.
     """
 
@@ -57,10 +58,16 @@ class QuantizePass(ir.passes.InPlacePass):
     percentile: float = 99.9
     linears: str = "*"
     include_lm_head: bool = False
+    weights: WeightQuant = WeightQuant.INT8
+    group_size: int = 128
+    weight_clip: WeightClip = WeightClip.NONE
     windows: tuple[np.ndarray, ...] = ()
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        fmt = WeightFormat(self.weights, self.group_size, self.weight_clip)  # validates the weight settings
+        object.__setattr__(self, "weights", fmt.kind)
+        object.__setattr__(self, "weight_clip", fmt.clip)
         for name, kind in (("activations", ActQuant), ("calibration", ActCalibration)):
             try:
                 object.__setattr__(self, name, kind(getattr(self, name)))
@@ -68,6 +75,10 @@ class QuantizePass(ir.passes.InPlacePass):
                 raise RecipeError(f"quantize {name} must be one of {[m.value for m in kind]}, got {getattr(self, name)!r}") from None
         if not 0.0 < self.percentile <= 100.0:
             raise RecipeError(f"quantize percentile must be within (0, 100], got {self.percentile}")
+
+    @property
+    def weight_format(self) -> WeightFormat:
+        return WeightFormat(self.weights, self.group_size, self.weight_clip)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -81,6 +92,9 @@ class QuantizePass(ir.passes.InPlacePass):
                 by_input.setdefault(node.inputs[0], []).append(node)
         if not by_input:
             return ir.passes.PassResult(model, False)
+        fmt = self.weight_format
+        for linear in linears.values():  # a group size that does not fit is an error before anything changes
+            fmt.group_rows(linear.in_features, linear.node.name)
         scales: dict[ir.Value, float] = {}
         if self.activations is ActQuant.PER_TENSOR:
             if not self.windows:
@@ -97,7 +111,7 @@ class QuantizePass(ir.passes.InPlacePass):
                 xq = x
             for node in readers:
                 if node in linears:
-                    _quantize_weight(graph, linears[node])
+                    _quantize_weight(graph, linears[node], fmt)
                 if xq is not x:
                     node.replace_input_with(0, xq)
         log.info("quantized %d linears (%d with weights already int8; %d activation tensors, %s)",
@@ -162,12 +176,12 @@ def _per_tensor_qdq(graph: ir.Graph, x: ir.Value, scale: float, before: ir.Node)
 def _in_features(node: ir.Node, linears: dict[ir.Node, site_matching.Linear]) -> int:
     if node in linears:
         return linears[node].in_features
-    dq = node.inputs[1].producer()  # a pre-quantized weight: int8 [in, out], or [out, in] with axis 0
-    shape = dq.inputs[0].const_value.numpy().shape
-    return int(shape[1] if dq.attributes["axis"].value == 0 else shape[0])
+    shape = node.inputs[1].shape  # a pre-quantized weight: [in, out], or [out, in] for Gemm transB
+    trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
+    return int(shape[1] if trans_b else shape[0])
 
 
-def _quantize_weight(graph: ir.Graph, linear: site_matching.Linear) -> None:
-    """Replace the linear's float weight input by DequantizeLinear(int8 q, per-channel scale), rounded to nearest."""
-    q, scale = quantize_weight(linear.weight_in_out())
-    write_quantized_weight(graph, linear, q, scale)
+def _quantize_weight(graph: ir.Graph, linear: site_matching.Linear, fmt: WeightFormat) -> None:
+    """Replace the linear's float weight input by its dequantized codes in ``fmt``, rounded to nearest."""
+    q, scale = fmt.quantize(linear.weight_in_out(), linear.node.name)
+    write_quantized_weight(graph, linear, q, scale, fmt)
