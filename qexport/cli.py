@@ -72,6 +72,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=["tensorrt"], default="tensorrt")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("report", help="validation report: per-site error, difficulty, perplexity, plots, suggestions")
+    p.add_argument("dir")
+    _text_args(p)
+    p.add_argument("--windows", type=int, default=2, help="evaluation windows (sites and perplexity)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window")
+    p.add_argument("--greedy-tokens", type=int, default=16, help="greedy tokens compared with PyTorch")
+    p.add_argument("--reference", default=None,
+                   help="FP32 export of the same model (default: export it again from the source in the manifest)")
+    p.add_argument("--html", default=None, help="write one self-contained HTML page here")
+    p.add_argument("--plots", default=None, help="write the PNG plots into this folder (default with --html: OUT-plots/)")
+    p.add_argument("--worst", type=int, default=12, help="sites listed in the text summary")
+    p.add_argument("--suggest", action="store_true", help="propose recipe changes from the measurements")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("build-engine", help="build a TensorRT engine from the model folder's ONNX graph")
     p.add_argument("dir")
     p.add_argument("--int8", action="store_true", help="the graph is Q/DQ-quantized (explicit quantization)")
@@ -213,6 +228,32 @@ def _cmd_check(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _cmd_report(args: argparse.Namespace) -> dict[str, Any]:
+    from pathlib import Path
+
+    from qexport.report import ReportSettings, build_report, format_text
+
+    settings = ReportSettings(windows=args.windows, seq_len=args.seq_len, greedy_tokens=args.greedy_tokens,
+                              threads=args.threads, reference=args.reference, suggest=args.suggest)
+    report = build_report(args.dir, text=args.text, dataset=args.dataset, settings=settings)
+    plots_dir = args.plots or (str(Path(args.html).with_suffix("")) + "-plots" if args.html else None)
+    if plots_dir or args.html:
+        from qexport.report_html import render_html, write_html
+        from qexport.report_plots import render_plots, write_plots
+
+        plots = render_plots(report)
+        if plots_dir:
+            report["plots"] = [str(p) for p in write_plots(plots, plots_dir)]
+        if args.html:
+            report["html"] = str(write_html(render_html(report, plots), args.html))
+    if not args.json:
+        print(format_text(report, worst=args.worst))
+        for key in ("html", "plots"):
+            if key in report:
+                print(f"{key}: {report[key]}")
+    return report
+
+
 def _cmd_build_engine(args: argparse.Namespace) -> dict[str, Any]:
     from qexport.artifact import Artifact
     from qexport.runtimes.tensorrt import ENGINE_FILE, build_engine, settings_path
@@ -227,7 +268,7 @@ def _cmd_build_engine(args: argparse.Namespace) -> dict[str, Any]:
 
 
 COMMANDS = {"export": _cmd_export, "eval": _cmd_eval, "generate": _cmd_generate, "bench": _cmd_bench,
-            "check": _cmd_check, "build-engine": _cmd_build_engine}
+            "check": _cmd_check, "report": _cmd_report, "build-engine": _cmd_build_engine}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,167 @@
+"""The FP32 reference of a quantized export, in the quantized graph's own basis.
+
+A recipe's lossless passes (smoothing, norm folding, rotations) change every linear's weights and inputs but
+not the model's function; the quantization passes after them change only precision. So the FP32 export with
+the recipe's lossless prefix applied (calibrated on the same calibration text as the export) holds the same
+linears, under the same node names, in the same basis: each quantized linear has a float twin whose output
+is the reference for that linear's output. This module rebuilds that twin graph and pairs the linears.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from qexport.artifact import MODEL_FILE, Artifact
+from qexport.errors import QexportError
+from qexport.passes import sites as site_matching
+from qexport.passes.linear_select import TAG, linear_names
+from qexport.recipe import Recipe, pass_class
+
+log = logging.getLogger(__name__)
+
+MIN_WEIGHT_SQNR_DB = 20.0  # int8 per-channel weights sit near 40 dB; a reference in another basis is near 0 dB
+
+
+class ReportError(QexportError):
+    """The report cannot be built for this folder (not quantized, lowered graph, mismatched reference)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedLinear:
+    """A quantized linear of the QDQ graph, paired with its float twin in the reference graph."""
+
+    name: str  # role name: layers.3.mlp.down, lm_head, ...
+    node: str  # node name, the same in both graphs
+    activation: str  # float activation the quantizer reads (the MatMul input when activations stay float)
+    dequantized: str  # the MatMul's input 0 (after Q/DQ)
+    output: str  # the MatMul/Gemm output in both graphs
+    act_quant: str  # per_tensor, per_token or none
+    clip: float | None  # per_tensor: the largest representable |x| (scale * 127)
+    weight: np.ndarray  # reference weight [in, out], float64
+    bias: np.ndarray | None  # reference bias when the Gemm itself adds it
+    weight_sqnr_db: float  # dequantized int8 weight against the reference weight
+
+
+def lossless_prefix(recipe: Recipe) -> Recipe:
+    """The recipe's passes before its first lossy (quantization) pass."""
+    prefix = []
+    for entry in recipe.passes:
+        if not getattr(pass_class(entry.name), "lossless", True):
+            break
+        prefix.append(entry)
+    return Recipe(f"{recipe.name}-lossless-prefix", tuple(prefix), recipe.description)
+
+
+def reference_model(artifact: Artifact, reference: str | os.PathLike | None = None,
+                    threads: int | None = None) -> ir.Model:
+    """The FP32 graph with the artifact's lossless recipe prefix applied.
+
+    ``reference``: an FP32 qexport folder of the same source (skips re-exporting); else the source model
+    recorded in the manifest is exported again in memory.
+    """
+    from qexport.pipeline import PipelineSettings, apply_recipe
+    from qexport.text import TextSource, load_text, token_windows
+
+    manifest = artifact.manifest
+    report = manifest.get("recipe")
+    if not report:
+        raise ReportError(f"{artifact.folder} was exported without a recipe: there is no quantized model to report on; "
+                          "export with --recipe w8a8-static (or another quantization preset)")
+    model = _fp32_graph(artifact, reference)
+    prefix = lossless_prefix(Recipe.from_dict(report["recipe"]))
+    if prefix.passes:
+        calibration = manifest.get("calibration") or {}
+        source = TextSource(**calibration.get("source", {}))
+        windows = token_windows(artifact.tokenizer(), load_text(source, "calibration"), calibration.get("seq_len", 512),
+                                calibration.get("windows", 16), source.describe())
+        log.info("rebuilding the FP32 reference: %s on %d calibration windows", [e.name for e in prefix.passes], len(windows))
+        apply_recipe(model, prefix, windows, PipelineSettings(measure_difficulty=False, threads=threads))
+    return model
+
+
+def _fp32_graph(artifact: Artifact, reference: str | os.PathLike | None) -> ir.Model:
+    if reference is not None:
+        ref = Artifact.open(reference)
+        if ref.manifest.get("recipe"):
+            raise ReportError(f"--reference {reference} is itself transformed by recipe "
+                              f"{ref.manifest['recipe']['name']!r}; pass the plain FP32 export of the same model")
+        if ref.manifest.get("source") != artifact.manifest.get("source"):
+            raise ReportError(f"--reference {reference} was exported from {ref.manifest.get('source')}, not from "
+                              f"{artifact.manifest.get('source')}; pass the FP32 export of the same model")
+        return ir.load(Path(reference) / MODEL_FILE)
+    from qexport.graph_export import ExportSettings, export_graph
+    from qexport.loading import load_model
+
+    log.info("exporting the FP32 reference again from %s", artifact.source.location)
+    _, family, hf_model, _ = load_model(artifact.source)
+    settings = ExportSettings(dtype=artifact.manifest.get("dtype", "fp32"), kv_cache=artifact.signature.kv_cache)
+    model, _ = export_graph(hf_model, family, settings)
+    return model
+
+
+def pair_linears(quantized: ir.Model, reference: ir.Model) -> list[QuantizedLinear]:
+    """The quantized linears of ``quantized`` (weight from a DequantizeLinear tagged by the quantize passes),
+    each with its reference weight and role name from ``reference``, in graph order."""
+    ref_nodes = {node.name: node for node in reference.graph}
+    roles = {node.name: name for node, name in linear_names(reference).items()}
+    pairs = []
+    for node in quantized.graph:
+        if node.op_type == "MatMulIntegerToFloat":
+            raise ReportError("the graph is lowered to ONNX Runtime integer kernels (ort-int8), whose linears have no "
+                              "float output to compare; report on the QDQ form of the recipe (e.g. w8a8-dynamic-qdq)")
+        if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        w_dq = node.inputs[1].producer()
+        if w_dq is None or w_dq.metadata_props.get(TAG) != "weight":
+            continue
+        twin = ref_nodes.get(node.name)
+        linear = site_matching.match_linear(twin) if twin is not None else None
+        if linear is None:
+            raise ReportError(f"quantized linear {node.name!r} has no float twin in the reference graph; the reference "
+                              "was not rebuilt from the model this folder was quantized from (pass --reference)")
+        pairs.append(_pair(node, w_dq, linear, roles.get(node.name, node.name)))
+    if not pairs:
+        raise ReportError("the graph has no quantized linears (no DequantizeLinear weights); nothing to report per site")
+    return pairs
+
+
+def _pair(node: ir.Node, w_dq: ir.Node, linear: site_matching.Linear, name: str) -> QuantizedLinear:
+    a = node.inputs[0]
+    act_dq = a.producer()
+    kind = act_dq.metadata_props.get(TAG, "none") if act_dq is not None else "none"
+    activation, clip = a, None
+    if act_dq is not None and act_dq.op_type == "DequantizeLinear" and kind in ("per_tensor", "per_token"):
+        q = act_dq.inputs[0].producer()
+        activation = q.inputs[0]
+        if kind == "per_tensor":
+            clip = float(q.inputs[1].const_value.numpy()) * 127.0
+    else:
+        kind = "none"
+    w_ref = linear.weight_in_out()
+    w_q = _dequantized_weight(node, w_dq)
+    noise = float(((w_q - w_ref) ** 2).sum())
+    sqnr = 10.0 * float(np.log10(float((w_ref**2).sum()) / noise)) if noise > 0 else float("inf")
+    if sqnr < MIN_WEIGHT_SQNR_DB:
+        raise ReportError(f"{name}: the int8 weight is not a quantization of the rebuilt reference weight (SQNR "
+                          f"{sqnr:.1f} dB < {MIN_WEIGHT_SQNR_DB} dB): the reference is in another basis; pass --reference "
+                          "with the FP32 export this model was quantized from, and keep the same calibration text")
+    bias = linear.bias_array() if linear.bias_node is linear.node else None
+    return QuantizedLinear(name, node.name, activation.name, a.name, node.outputs[0].name, kind, clip, w_ref, bias, sqnr)
+
+
+def _dequantized_weight(node: ir.Node, w_dq: ir.Node) -> np.ndarray:
+    """DequantizeLinear(q, scale, axis) as a float64 [in, out] matrix."""
+    q = w_dq.inputs[0].const_value.numpy().astype(np.float64)
+    scale = w_dq.inputs[1].const_value.numpy().astype(np.float64)
+    axis = w_dq.attributes["axis"].value if "axis" in w_dq.attributes else 1
+    shape = [1] * q.ndim
+    shape[axis] = -1
+    w = q * (scale.reshape(shape) if scale.ndim == 1 else scale)
+    trans_b = node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].value == 1
+    return w.T if trans_b else w

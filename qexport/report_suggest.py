@@ -1,0 +1,152 @@
+"""Recipe changes proposed from a report's measurements, each a YAML snippet with the measured reason.
+
+Thresholds (a site or role "stands out" when its error power is 4x the typical site's, i.e. 6 dB):
+1. A role (``mlp.down``, ``attn.o``, ...) whose median local SQNR is ``ROLE_MARGIN_DB`` below the median site:
+   leave that role in float with the quantize pass's ``linears`` glob. The glob is built from the last letters
+   of the role names and checked against every quantized site name before it is proposed.
+2. Per-tensor activations where simulated per-token int8 scales gain at least ``PER_TOKEN_GAIN_DB`` of
+   activation SQNR at the worst sites: ``activations: per_token`` (not TensorRT-deployable: dynamic scales).
+3. Sites ``SITE_MARGIN_DB`` below the median local SQNR: a smoothing pass for the rewrite site feeding them
+   with a larger alpha (more of the activation range moved into the weights), added after the recipe's own
+   smoothing. The alpha is a starting point to measure with `qexport report` again, not a measured optimum.
+Single linears cannot be left in float with one ``linears`` glob yet (the quantize pass takes one glob and
+no exclusion): the reason of rule 3 names them, so the choice stays visible.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from typing import Any
+
+import numpy as np
+import yaml
+
+from qexport.report import layer_of, role_of
+
+ROLE_MARGIN_DB = 6.0
+SITE_MARGIN_DB = 6.0
+PER_TOKEN_GAIN_DB = 3.0
+MAX_SITES = 3
+ALPHA_STEP = 0.15
+ALPHA_MAX = 0.9
+SMOOTH_SITE = {"attn.q": "attn_norm", "attn.k": "attn_norm", "attn.v": "attn_norm", "mlp.gate": "mlp_norm",
+               "mlp.up": "mlp_norm", "attn.o": "v_o", "mlp.down": "up_down"}
+
+
+def suggest(report: dict[str, Any], recipe: dict[str, Any]) -> list[dict[str, str]]:
+    """Suggestions (title, reason, yaml snippet, full recipe yaml) from ``report`` for the manifest's ``recipe``."""
+    rows = report["sites"]
+    if not rows:
+        return []
+    median = float(np.median([r["local_sqnr_db"] for r in rows]))
+    found = []
+    found += _exclude_roles(report, recipe, median)
+    found += _per_token(rows, recipe)
+    found += _smooth_sites(report, recipe, median)
+    return found
+
+
+def _quantize_index(recipe: dict[str, Any]) -> int | None:
+    passes = recipe.get("passes", [])
+    return next((i for i, p in enumerate(passes) if p.get("pass") in ("quantize", "quantize-gptq")), None)
+
+
+def _with_quantize(recipe: dict[str, Any], **changes: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The recipe with ``changes`` set on its first quantization pass; returns (recipe, changed pass)."""
+    new = copy.deepcopy(recipe)
+    entry = new["passes"][_quantize_index(recipe)]
+    entry.update(changes)
+    return new, entry
+
+
+def _suggestion(title: str, reason: str, snippet: Any, recipe: dict[str, Any]) -> dict[str, str]:
+    return {"title": title, "reason": reason, "yaml": yaml.safe_dump(_ordered(snippet), sort_keys=False).rstrip(),
+            "recipe": yaml.safe_dump(_ordered(recipe), sort_keys=False)}
+
+
+def _ordered(recipe: dict[str, Any]) -> dict[str, Any]:
+    """Name and description first, ``pass`` first in each entry (the manifest stores keys sorted)."""
+    head = {k: recipe[k] for k in ("name", "description") if k in recipe}
+    passes = [{"pass": e["pass"], **{k: v for k, v in e.items() if k != "pass"}} for e in recipe.get("passes", [])]
+    return {**head, "passes": passes, **{k: v for k, v in recipe.items() if k not in head and k != "passes"}}
+
+
+def exclusion_glob(names: list[str], excluded_roles: list[str]) -> str | None:
+    """One fnmatch glob matching exactly the ``names`` whose role is not in ``excluded_roles``, or None."""
+    roles = {role_of(n) for n in names if n.startswith("layers.")}
+    last = {role: role[-1] for role in roles}
+    chars = {last[r] for r in excluded_roles if r in last}
+    if not chars or any(last[r] in chars for r in roles if r not in excluded_roles):
+        return None
+    glob = f"layers.*[!{''.join(sorted(chars))}]"
+    keep = {n for n in names if n.startswith("layers.") and role_of(n) not in excluded_roles}
+    return glob if {n for n in names if fnmatch.fnmatchcase(n, glob)} == keep else None
+
+
+def _exclude_roles(report: dict[str, Any], recipe: dict[str, Any], median: float) -> list[dict[str, str]]:
+    index = _quantize_index(recipe)
+    if index is None:
+        return []
+    bad = [role for role, v in report["roles"].items() if role != "lm_head"
+           and v["median_local_sqnr_db"] <= median - ROLE_MARGIN_DB and v["sites"] < len(report["sites"])]
+    current = recipe["passes"][index].get("linears", "*")
+    glob = exclusion_glob([r["site"] for r in report["sites"]], bad) if bad and current in ("*", "layers.*") else None
+    if glob is None:
+        return []
+    new, entry = _with_quantize(recipe, linears=glob)
+    reason = "; ".join(f"{role}: median local SQNR {report['roles'][role]['median_local_sqnr_db']:.1f} dB over "
+                       f"{report['roles'][role]['sites']} sites" for role in bad)
+    return [_suggestion(f"leave {', '.join(bad)} in float", f"{reason}, against {median:.1f} dB for the median site "
+                        f"(at least {ROLE_MARGIN_DB:.0f} dB worse: 4x the error power); costs int8 speed and size there",
+                        {"passes": [entry]}, new)]
+
+
+def _per_token(rows: list[dict[str, Any]], recipe: dict[str, Any]) -> list[dict[str, str]]:
+    index = _quantize_index(recipe)
+    static = [r for r in rows if r["act_quant"] == "per_tensor" and r["per_token_act_sqnr_db"] is not None]
+    if index is None or not static:
+        return []
+    worst = sorted(static, key=lambda r: r["activation_sqnr_db"])[:MAX_SITES]
+    gains = [r["per_token_act_sqnr_db"] - r["activation_sqnr_db"] for r in worst]
+    if min(gains) < PER_TOKEN_GAIN_DB:
+        return []
+    new, entry = _with_quantize(recipe, activations="per_token")
+    entry.pop("calibration", None)
+    entry.pop("percentile", None)
+    detail = ", ".join(f"{r['site']} {r['activation_sqnr_db']:.1f} -> {r['per_token_act_sqnr_db']:.1f} dB" for r in worst)
+    return [_suggestion("per-token instead of per-tensor activations",
+                        f"activation SQNR at the worst per-tensor sites, per-tensor -> per-token (simulated on the same "
+                        f"tokens): {detail}. Per-token scales are computed at run time, so the model no longer passes "
+                        "`qexport check --target tensorrt`", {"passes": [entry]}, new)]
+
+
+def _smooth_sites(report: dict[str, Any], recipe: dict[str, Any], median: float) -> list[dict[str, str]]:
+    worst = [r for r in report["sites"] if r["local_sqnr_db"] <= median - SITE_MARGIN_DB
+             and role_of(r["site"]) in SMOOTH_SITE and layer_of(r["site"]) is not None][:MAX_SITES]
+    passes = recipe.get("passes", [])
+    smooth = [i for i, p in enumerate(passes) if p.get("pass") == "smooth"]
+    found, seen = [], set()
+    for row in worst:
+        site = f"layers.{layer_of(row['site'])}.{SMOOTH_SITE[role_of(row['site'])]}"
+        if site in seen:
+            continue
+        seen.add(site)
+        covering = [passes[i] for i in smooth if fnmatch.fnmatchcase(site, passes[i].get("sites", "*"))]
+        alpha = min(ALPHA_MAX, max((p.get("alpha", 0.5) for p in covering), default=0.35) + ALPHA_STEP)
+        entry = {"pass": "smooth", "method": "smoothquant", "alpha": round(alpha, 2), "sites": site}
+        new = copy.deepcopy(recipe)
+        new["passes"].insert(smooth[-1] + 1 if smooth else 0, entry)
+        profile = report.get("profiles", {}).get(row["site"])
+        spread = ""
+        if profile:
+            absmax = np.asarray(profile["channel_absmax"])
+            spread = f"; its input's largest channel absmax is {absmax.max() / max(np.median(absmax), 1e-30):.1f}x the median"
+        where = f"after the recipe's smoothing at alpha {covering[-1].get('alpha', 0.5)}" if covering else "unsmoothed so far"
+        found.append(_suggestion(
+            f"smooth {site} with alpha {alpha:.2f}",
+            f"{row['site']}: local SQNR {row['local_sqnr_db']:.1f} dB against {median:.1f} dB for the median site "
+            f"(activation {row['activation_sqnr_db']:.1f} dB, weight {row['weight_sqnr_db']:.1f} dB){spread}; {site} is "
+            f"{where}. Leaving only this linear in float would need an exclusion glob the quantize pass lacks",
+            {"passes": [entry]}, new))
+    return found
