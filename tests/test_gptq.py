@@ -10,7 +10,7 @@ from qexport.errors import RecipeError
 from qexport.passes.gptq import GptqPass, gptq_quantize
 from qexport.passes.insert_qdq import QuantizePass
 from qexport.passes.linear_select import TAG, selected_linears
-from qexport.passes.weight_quant import quantize_weight
+from qexport.passes.weight_quant import WeightFormat, quantize_weight
 
 
 def _layer(seed: int = 0, tokens: int = 1500, n_in: int = 48, n_out: int = 24):
@@ -87,3 +87,67 @@ def test_bad_settings():
         GptqPass(damp=0.0)
     with pytest.raises(RecipeError, match="block_size"):
         GptqPass(block_size=0)
+
+
+@pytest.mark.parametrize("kind,clip", [("int4", "none"), ("int4", "mse"), ("dint4", "none"), ("dint4", "mse")])
+def test_grouped_gptq_without_correlations_is_round_to_nearest(kind, clip):
+    """A diagonal Hessian leaves nothing to compensate: codes and group scales equal round-to-nearest's, which
+    checks the group bookkeeping (scale fixed at each group's first column, blocks rounded to whole groups)."""
+    _, w = _layer(seed=3, n_in=96)
+    fmt = WeightFormat(kind, group_size=32, clip=clip)
+    h = np.diag(np.random.default_rng(0).uniform(0.5, 2.0, size=96))
+    for block_size, act_order in ((128, False), (40, False), (128, True)):
+        q, scale = gptq_quantize(w, h, block_size=block_size, act_order=act_order, fmt=fmt)
+        q_rtn, s_rtn = fmt.quantize(w)
+        np.testing.assert_allclose(scale, s_rtn, rtol=1e-12)
+        assert np.mean(q == q_rtn) > 0.995 and scale.shape == (3, 24)
+
+
+@pytest.mark.parametrize("kind", ["int4", "dint4"])
+def test_grouped_gptq_beats_round_to_nearest_on_the_layer_output(kind):
+    x, w = _layer(seed=1, n_in=96)
+    h = x.T @ x / len(x)
+    fmt = WeightFormat(kind, group_size=32)
+    rtn = _output_mse(x, w, fmt.dequantize(*fmt.quantize(w)))
+    for act_order in (False, True):
+        q, scale = gptq_quantize(w, h, act_order=act_order, fmt=fmt)
+        assert set(np.unique(q)) <= set(range(-7, 8)) and scale.shape == (3, 24)
+        assert _output_mse(x, w, fmt.dequantize(q, scale)) < 0.6 * rtn, f"{kind} act_order={act_order}"
+
+
+def test_sequential_gptq_takes_each_layers_hessian_from_the_graph_with_earlier_layers_quantized(tiny_export, monkeypatch):
+    windows = tuple(np.arange(3 + 60 * i, 67 + 60 * i, dtype=np.int64) for i in range(3))
+    seen: dict[str, np.ndarray] = {}
+    hessians = GptqPass._hessians
+
+    def spy(self, model, values):
+        found = hessians(self, model, values)
+        seen.update({v.name: h for v, h in found.items()})
+        return found
+
+    model = load(tiny_export("llama"))
+    layer1 = {lin.input.name for lin in selected_linears(model, "layers.1.*", False)}
+    settings = dict(windows=windows, weights="int4", group_size=32)
+    layer1_inputs = [lin.input for lin in selected_linears(model, "layers.1.*", False)]
+    float_h = {v.name: h for v, h in GptqPass(**settings)._hessians(model, list(dict.fromkeys(layer1_inputs))).items()}
+    monkeypatch.setattr(GptqPass, "_hessians", spy)
+    assert GptqPass(**settings, sequential=True)(model).modified
+    monkeypatch.undo()
+    # the same Hessians from a graph in which only layer 0 is quantized (one-shot: its Hessians are float's)
+    reference = load(tiny_export("llama"))
+    GptqPass(**settings, linears="layers.0.*")(reference)
+    expected = GptqPass(**settings)._hessians(
+        reference, list(dict.fromkeys(lin.input for lin in selected_linears(reference, "layers.1.*", False))))
+    assert len(expected) == len(layer1) == 4  # the inputs of q/k/v, o, gate/up and down
+    for value, h in expected.items():
+        np.testing.assert_allclose(seen[value.name], h, rtol=1e-6, atol=1e-9 * np.abs(h).max())
+        change = np.abs(seen[value.name] - float_h[value.name]).max() / np.abs(float_h[value.name]).max()
+        assert change > 1e-4, f"{value.name}: layer 1 saw float inputs (relative change {change:.2g})"
+    assert sum(n.metadata_props.get(TAG) == "weight" for n in model.graph) == 14
+
+
+def test_gptq_weight_settings_are_checked(tiny_export):
+    with pytest.raises(RecipeError, match="weights must be one of"):
+        GptqPass(weights="int2")
+    with pytest.raises(RecipeError, match="group_size 128 does not divide"):
+        GptqPass(windows=(np.arange(3, 20),), weights="int4")(load(tiny_export("llama")))

@@ -1,0 +1,236 @@
+"""W4A8: int4 / dINT4 per-group weights against numpy references, their graph layout, and the w4a8 preset."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import qexport
+from pass_testing import load, make_feeds
+from qexport import recipe as rc
+from qexport.errors import RecipeError
+from qexport.passes._util import write_weight
+from qexport.passes.insert_qdq import QuantizePass
+from qexport.passes.linear_select import TAG, selected_linears
+from qexport.passes.weight_quant import WeightFormat
+from qexport.trt_check import check_model, errors
+
+CALIB = (np.arange(3, 67, dtype=np.int64), np.arange(100, 164, dtype=np.int64))
+DINT4_LEVELS = np.array([0.0, 0.5, 1, 2, 3, 4, 5, 6])  # magnitudes of the dINT4 grid, in units of the scale
+
+
+def _run_exact(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """ONNX Runtime without graph optimizations: ORT's default fuses an INT4 DequantizeLinear -> MatMul into
+    MatMulNBits, which (accuracy level 4) also rounds the activation to int8 per block; this runs the QDQ
+    graph as written."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def _int4_reference(w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int4 per (group of input rows, output column) of an [in, out] weight, written out plainly."""
+    q, scale = np.zeros_like(w), np.zeros((w.shape[0] // group, w.shape[1]))
+    for g in range(w.shape[0] // group):
+        rows = w[g * group:(g + 1) * group]
+        scale[g] = np.abs(rows).max(axis=0) / 7.0
+        q[g * group:(g + 1) * group] = np.clip(np.round(rows / scale[g]), -7, 7)
+    return q, scale
+
+
+def _dint4_reference(y: np.ndarray) -> np.ndarray:
+    """Nearest dINT4 level to y = w / scale, by brute force over the 15 levels (the [R] rule of methods.md)."""
+    levels = np.concatenate([-DINT4_LEVELS[:0:-1], DINT4_LEVELS])
+    return levels[np.abs(y[..., None] - levels).argmin(axis=-1)]
+
+
+def _weights(seed: int = 0, n_in: int = 128, n_out: int = 24) -> np.ndarray:
+    return np.random.default_rng(seed).standard_t(4, size=(n_in, n_out))  # heavy tails, as LLM weights
+
+
+def test_int4_groups_equal_the_numpy_reference():
+    w = _weights()
+    fmt = WeightFormat("int4", group_size=32)
+    codes, scale = fmt.quantize(w)
+    q_ref, s_ref = _int4_reference(w, 32)
+    np.testing.assert_allclose(scale, s_ref, rtol=1e-12)
+    assert np.mean(codes == q_ref) > 0.999 and codes.dtype == np.int8  # all but float ties at .5
+    w_hat = fmt.dequantize(codes, scale)
+    assert np.all(np.abs(w - w_hat) <= np.repeat(scale, 32, axis=0) / 2 + 1e-12)  # half a step, never more
+    assert np.abs(codes).max() == 7
+
+
+def test_dint4_rounds_to_the_nearest_level_and_codes_seven_as_half():
+    y = np.array([0.2, 0.26, 0.74, 0.76, 1.4, 5.6, 6.0, 9.0, -0.3, -0.8, -6.7])
+    fmt = WeightFormat("dint4", group_size=32)
+    codes = fmt.codes(y)
+    np.testing.assert_array_equal(codes, [0, 7, 7, 1, 1, 6, 6, 6, -7, -1, -6])
+    np.testing.assert_array_equal(fmt.levels(codes), [0, 0.5, 0.5, 1, 1, 6, 6, 6, -0.5, -1, -6])
+    w = _weights(1)
+    q, scale = fmt.quantize(w)
+    np.testing.assert_allclose(scale, _int4_reference(w, 32)[1] * 7 / 6, rtol=1e-12)  # q_max 6
+    expected = _dint4_reference(w / np.repeat(scale, 32, axis=0))
+    assert np.mean(fmt.levels(q) == expected) > 0.999
+    # the ±1/2 levels halve int4's worst error near zero, where most weights sit
+    small = np.abs(w) < np.repeat(scale, 32, axis=0)
+    assert np.abs(w - fmt.dequantize(q, scale))[small].max() <= (np.repeat(scale, 32, axis=0) / 4)[small].max() + 1e-12
+
+
+@pytest.mark.parametrize("kind", ["int4", "dint4"])
+def test_mse_clip_never_loses_to_absmax_and_helps_on_heavy_tails(kind):
+    w = _weights(2, n_in=256, n_out=64)
+    plain, clipped = WeightFormat(kind, 64), WeightFormat(kind, 64, clip="mse")
+    err_plain = (w - plain.dequantize(*plain.quantize(w))) ** 2
+    err_clip = (w - clipped.dequantize(*clipped.quantize(w))) ** 2
+    per_group = lambda e: e.reshape(4, 64, 64).sum(axis=1)  # noqa: E731
+    assert np.all(per_group(err_clip) <= per_group(err_plain) + 1e-12)  # ratio 1 is on the grid
+    assert err_clip.sum() < 0.95 * err_plain.sum()  # measured 0.89 (int4), 0.92 (dint4)
+    assert np.all(clipped.quantize(w)[1] <= plain.quantize(w)[1] + 1e-15)
+
+
+def _fake_quant_float_model(model: ir.Model, fmt: WeightFormat, include_lm_head: bool) -> None:
+    """Reference graph: each selected weight replaced by its numpy fake-quantized float values."""
+    for linear in selected_linears(model, "*", include_lm_head):
+        write_weight(model.graph, linear, fmt.dequantize(*_reference_codes(linear.weight_in_out(), fmt)))
+
+
+def _reference_codes(w: np.ndarray, fmt: WeightFormat) -> tuple[np.ndarray, np.ndarray]:
+    q, scale = _int4_reference(w, fmt.group_size)
+    if fmt.kind.value == "dint4":
+        scale = scale * 7 / 6
+        levels = _dint4_reference(w / np.repeat(scale, fmt.group_size, axis=0))
+        return np.where(np.abs(levels) == 0.5, np.sign(levels) * 7, levels), scale
+    return q, scale
+
+
+@pytest.mark.parametrize("family,kind", [("llama", "int4"), ("opt", "int4"), ("opt", "dint4"), ("qwen2", "dint4")])
+def test_weight_only_graph_equals_the_numpy_fake_quant_model(tiny_export, family, kind):
+    """Gemm transB, a tied lm_head's Transpose and plain MatMul (opt, llama) in the grouped layouts."""
+    fmt = WeightFormat(kind, group_size=32)
+    model, reference = load(tiny_export(family)), load(tiny_export(family))
+    assert QuantizePass(activations="none", weights=kind, group_size=32, include_lm_head=True)(model).modified
+    _fake_quant_float_model(reference, fmt, include_lm_head=True)
+    feeds = make_feeds(model)
+    got, expected = _run_exact(model, feeds)["logits"], _run_exact(reference, feeds)["logits"]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    float_logits = _run_exact(load(tiny_export(family)), feeds)["logits"]
+    assert np.abs(got - float_logits).max() > 1e-3 * np.abs(float_logits).max()  # and it is quantized
+    assert not QuantizePass(activations="none", weights=kind, group_size=32, include_lm_head=True)(model).modified
+
+
+def test_int4_weights_are_blocked_dequantize_linear_along_the_input_axis(tiny_export):
+    model = load(tiny_export("opt"))
+    shapes = {lin.node.name: lin.weight_in_out().shape for lin in selected_linears(model, "*", False)}
+    QuantizePass(activations="none", weights="int4", group_size=64)(model)
+    dqs = [n for n in model.graph if n.metadata_props.get(TAG) == "weight"]
+    assert len(dqs) == len(shapes) and all(n.op_type == "DequantizeLinear" for n in dqs)
+    for dq in dqs:
+        q, scale = dq.inputs[0].const_value, dq.inputs[1].const_value
+        gemm = dq.outputs[0].consumers()[0]
+        n_in, n_out = shapes[gemm.name]
+        trans = gemm.op_type == "Gemm" and gemm.attributes.get_int("transB", 0)
+        assert q.dtype == ir.DataType.INT4 and dq.attributes.get_int("block_size") == 64
+        assert dq.attributes.get_int("axis") == (1 if trans else 0)  # the input (reduction) axis
+        assert q.shape.dims == ((n_out, n_in) if trans else (n_in, n_out))
+        assert scale.shape.dims == ((n_out, n_in // 64) if trans else (n_in // 64, n_out))
+
+
+def test_dint4_weights_are_codes_through_a_lookup_and_a_group_scale(tiny_export):
+    model = load(tiny_export("llama"))
+    QuantizePass(activations="none", weights="dint4", group_size=32)(model)
+    chains = [n for n in model.graph if n.metadata_props.get(TAG) == "weight" and n.op_type == "Reshape"]
+    assert len(chains) == 14
+    for reshape in chains:
+        mul = reshape.inputs[0].producer()
+        gather = mul.inputs[0].producer()
+        cast = gather.inputs[1].producer()
+        assert (mul.op_type, gather.op_type, cast.op_type) == ("Mul", "Gather", "Cast")
+        assert cast.inputs[0].const_value.dtype == ir.DataType.INT4
+        assert gather.inputs[0].const_value.numpy().shape == (16,)
+        assert mul.inputs[1].const_value.numpy().shape[1] == 1  # [groups, 1, out]
+
+
+def test_group_size_that_does_not_divide_is_a_recipe_error(tiny_export):
+    model = load(tiny_export("llama"))
+    with pytest.raises(RecipeError, match="group_size 48 does not divide.*64"):
+        QuantizePass(weights="int4", group_size=48)(model)
+    assert not any(TAG in n.metadata_props for n in model.graph)  # refused before anything changed
+    with pytest.raises(RecipeError, match="weights must be one of"):
+        QuantizePass(weights="int3")
+    with pytest.raises(RecipeError, match="weight_clip must be one of"):
+        QuantizePass(weight_clip="percentile")
+    with pytest.raises(RecipeError, match="group_size must be positive"):
+        QuantizePass(weights="int4", group_size=0)
+
+
+def test_w4a8_static_passes_the_tensorrt_check_and_block_32_does_not(tiny_export):
+    model = load(tiny_export("llama"))
+    QuantizePass(activations="per_tensor", weights="int4", group_size=64, windows=CALIB)(model)
+    assert errors(check_model(model)) == []
+    model = load(tiny_export("llama"))
+    QuantizePass(activations="per_tensor", weights="int4", group_size=32, windows=CALIB)(model)
+    assert {f.rule.value for f in errors(check_model(model))} == {"block-size"}
+
+
+def _sqnr_db(got: np.ndarray, expected: np.ndarray) -> float:
+    expected = expected.astype(np.float64)
+    return float(10 * np.log10((expected**2).sum() / ((got.astype(np.float64) - expected) ** 2).sum()))
+
+
+W4A8_PRESETS = [name for name in rc.preset_names() if name.startswith("w4a8")]
+
+
+def test_the_w4a8_preset_exists():
+    assert "w4a8" in W4A8_PRESETS
+
+
+@pytest.mark.parametrize("preset", W4A8_PRESETS)
+def test_w4a8_preset_end_to_end_on_tiny_llama(tiny_source, tiny_export, tmp_path, preset):
+    out = qexport.export(str(tiny_source("llama")), tmp_path / "q", recipe=preset, calib_windows=2, calib_seq_len=64)
+    manifest = json.loads((out / "qexport.json").read_text())
+    steps = manifest["recipe"]["steps"]
+    assert [s["pass"] for s in steps] == [e.name for e in rc.load_recipe(preset).passes]
+    assert all(s["modified"] for s in steps if not s["lossless"])
+    assert manifest["recipe"]["verify"]["max_abs_logit_diff"] < 1e-3  # the lossless prefix stayed exact
+    model = ir.load(out / "model.onnx")
+    weights = [n for n in model.graph if n.metadata_props.get(TAG) == "weight"]
+    assert len(weights) == 14 and all(n.inputs[0].const_value.dtype == ir.DataType.INT4 for n in weights
+                                      if n.op_type == "DequantizeLinear")
+    ops = collections.Counter(n.op_type for n in model.graph)
+    assert ops["QuantizeLinear"] == 8  # per-tensor activations: q/k/v, o, gate/up, down in 2 layers
+    if preset == "w4a8":
+        assert errors(check_model(model)) == []
+    feeds = make_feeds(model, past=0)  # rotations change the KV cache basis: compare from an empty cache
+    sqnr = _sqnr_db(_run_exact(model, feeds)["logits"], _run_exact(load(tiny_export("llama")), feeds)["logits"])
+    assert 10.0 < sqnr < 60.0, f"{preset}: logits SQNR {sqnr:.1f} dB vs FP32"  # quantized, and still the model
+
+
+@pytest.mark.slow
+def test_w4a8_meets_its_perplexity_target_on_smollm2_and_passes_the_tensorrt_check(default_export, tmp_path):
+    import shutil
+
+    from qexport.artifact import Artifact
+    from qexport.evaluation import EvalSettings, evaluate
+    from qexport.pipeline import PipelineSettings, apply_recipe
+    from qexport.text import load_text, parse_source, token_windows
+
+    windows = token_windows(Artifact.open(default_export).tokenizer(), load_text(parse_source(None), "calibration"), 512, 16)
+    model = ir.load(default_export / "model.onnx")
+    apply_recipe(model, rc.load_recipe("w4a8"), windows, PipelineSettings(measure_difficulty=False))
+    assert errors(check_model(model)) == []
+    int4 = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None
+            and n.inputs[0].const_value.dtype == ir.DataType.INT4]
+    assert len(int4) == 7 * 30  # every layer linear has int4 weights
+    out = tmp_path / "w4a8"
+    shutil.copytree(default_export, out, ignore=shutil.ignore_patterns("model.onnx"))
+    ir.save(model, out / "model.onnx")
+    result = evaluate(out, settings=EvalSettings(windows=4, seq_len=512, greedy_tokens=8))
+    assert result["ppl_ratio"] <= 1.06, f"w4a8: ppl ratio {result['ppl_ratio']:.4f}"
