@@ -58,7 +58,7 @@ def build_report(folder: str | os.PathLike, text: str | None = None, dataset: st
     source = text_source(text, dataset)
     reference = reference_model(artifact, settings.reference, settings.threads)  # errors early if not quantized
     quantized = ir.load(artifact.model_path)
-    linears = pair_linears(quantized, reference)
+    linears = pair_linears(quantized, reference, settings.threads)
     windows = token_windows(artifact.tokenizer(), load_text(source, "evaluation"), settings.seq_len, settings.windows,
                             source.describe())
     rows = site_errors(quantized, reference, linears, windows, settings.threads)

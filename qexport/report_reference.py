@@ -25,7 +25,9 @@ from qexport.recipe import Recipe, pass_class
 
 log = logging.getLogger(__name__)
 
-MIN_WEIGHT_SQNR_DB = 20.0  # int8 per-channel weights sit near 40 dB; a reference in another basis is near 0 dB
+# int8 per-channel weights sit near 40 dB and int4 per group near 20 dB; against a weight in another basis
+# (another rotation) the "error" is as large as the weight, about -3 dB
+MIN_WEIGHT_SQNR_DB = 10.0
 
 
 class ReportError(QexportError):
@@ -105,33 +107,42 @@ def _fp32_graph(artifact: Artifact, reference: str | os.PathLike | None) -> ir.M
     return model
 
 
-def pair_linears(quantized: ir.Model, reference: ir.Model) -> list[QuantizedLinear]:
+def pair_linears(quantized: ir.Model, reference: ir.Model, threads: int | None = None) -> list[QuantizedLinear]:
     """The quantized linears of ``quantized`` (weight from a DequantizeLinear tagged by the quantize passes),
     each with its reference weight and role name from ``reference``, in graph order."""
     ref_nodes = {node.name: node for node in reference.graph}
     roles = {node.name: name for node, name in linear_names(reference).items()}
-    pairs = []
+    found = []
     for node in quantized.graph:
         if node.op_type == "MatMulIntegerToFloat":
             raise ReportError("the graph is lowered to ONNX Runtime integer kernels (ort-int8), whose linears have no "
                               "float output to compare; report on the QDQ form of the recipe (e.g. w8a8-dynamic-qdq)")
         if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2 or node.inputs[1] is None:
             continue
-        w_dq = node.inputs[1].producer()
-        if w_dq is None or w_dq.metadata_props.get(TAG) != "weight":
+        if not _weight_dq(node.inputs[1]):
             continue
         twin = ref_nodes.get(node.name)
         linear = site_matching.match_linear(twin) if twin is not None else None
         if linear is None:
             raise ReportError(f"quantized linear {node.name!r} has no float twin in the reference graph; the reference "
                               "was not rebuilt from the model this folder was quantized from (pass --reference)")
-        pairs.append(_pair(node, w_dq, linear, roles.get(node.name, node.name)))
-    if not pairs:
+        found.append((node, linear))
+    if not found:
         raise ReportError("the graph has no quantized linears (no DequantizeLinear weights); nothing to report per site")
-    return pairs
+    weights = {node.name: _dequantized_weight(node) for node, _ in found}
+    computed = [node for node, _ in found if weights[node.name] is None]  # e.g. dINT4 codes through a lookup
+    if computed:
+        weights.update(_computed_weights(quantized, computed, threads))
+    return [_pair(node, weights[node.name], linear, roles.get(node.name, node.name)) for node, linear in found]
 
 
-def _pair(node: ir.Node, w_dq: ir.Node, linear: site_matching.Linear, name: str) -> QuantizedLinear:
+def _weight_dq(value: ir.Value) -> bool:
+    """Whether ``value`` is a weight the quantize passes wrote (DequantizeLinear, or dINT4's lookup chain)."""
+    node = value.producer()
+    return node is not None and node.metadata_props.get(TAG) == "weight"
+
+
+def _pair(node: ir.Node, w_q: np.ndarray, linear: site_matching.Linear, name: str) -> QuantizedLinear:
     a = node.inputs[0]
     act_dq = a.producer()
     kind = act_dq.metadata_props.get(TAG, "none") if act_dq is not None else "none"
@@ -144,24 +155,53 @@ def _pair(node: ir.Node, w_dq: ir.Node, linear: site_matching.Linear, name: str)
     else:
         kind = "none"
     w_ref = linear.weight_in_out()
-    w_q = _dequantized_weight(node, w_dq)
+    if w_q.shape != w_ref.shape:
+        raise ReportError(f"{name}: quantized weight {w_q.shape} and reference weight {w_ref.shape} differ in shape; "
+                          "pass --reference with the FP32 export this model was quantized from")
     noise = float(((w_q - w_ref) ** 2).sum())
     sqnr = 10.0 * float(np.log10(float((w_ref**2).sum()) / noise)) if noise > 0 else float("inf")
     if sqnr < MIN_WEIGHT_SQNR_DB:
-        raise ReportError(f"{name}: the int8 weight is not a quantization of the rebuilt reference weight (SQNR "
+        raise ReportError(f"{name}: the quantized weight is not a quantization of the rebuilt reference weight (SQNR "
                           f"{sqnr:.1f} dB < {MIN_WEIGHT_SQNR_DB} dB): the reference is in another basis; pass --reference "
                           "with the FP32 export this model was quantized from, and keep the same calibration text")
     bias = linear.bias_array() if linear.bias_node is linear.node else None
-    return QuantizedLinear(name, node.name, activation.name, a.name, node.outputs[0].name, kind, clip, w_ref, bias, sqnr)
+    return QuantizedLinear(name, node.name, activation.name, a.name, node.outputs[0].name, kind, clip,
+                           w_ref.astype(np.float32), None if bias is None else bias.astype(np.float32), sqnr)
 
 
-def _dequantized_weight(node: ir.Node, w_dq: ir.Node) -> np.ndarray:
-    """DequantizeLinear(q, scale, axis) as a float64 [in, out] matrix."""
-    q = w_dq.inputs[0].const_value.numpy().astype(np.float64)
-    scale = w_dq.inputs[1].const_value.numpy().astype(np.float64)
-    axis = w_dq.attributes["axis"].value if "axis" in w_dq.attributes else 1
-    shape = [1] * q.ndim
-    shape[axis] = -1
-    w = q * (scale.reshape(shape) if scale.ndim == 1 else scale)
+def _dequantized_weight(node: ir.Node) -> np.ndarray | None:
+    """The MatMul/Gemm's weight as a float64 [in, out] matrix when it is DequantizeLinear(constant, constant scale)
+    (per-channel ``axis`` or blocked ``block_size``); None otherwise."""
+    dq = node.inputs[1].producer()
+    if dq is None or dq.op_type != "DequantizeLinear" or any(v is None or v.const_value is None for v in dq.inputs[:2]):
+        return None
+    q = dq.inputs[0].const_value.numpy().astype(np.float64)
+    scale = dq.inputs[1].const_value.numpy().astype(np.float64)
+    axis = dq.attributes["axis"].value if "axis" in dq.attributes else 1
+    axis = axis % q.ndim
+    block = dq.attributes["block_size"].value if "block_size" in dq.attributes else 0
+    if block:
+        scale = np.repeat(scale, block, axis=axis)[tuple(slice(0, n) for n in q.shape)]
+    elif scale.ndim == 1:
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+    w = q * scale
+    if w.ndim != 2:
+        return None
     trans_b = node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].value == 1
     return w.T if trans_b else w
+
+
+def _computed_weights(model: ir.Model, nodes: list[ir.Node], threads: int | None) -> dict[str, np.ndarray]:
+    """Weights computed in the graph (a lookup before the scale): read off one ONNX Runtime run of two tokens."""
+    from qexport.calibration import run_values
+
+    names = [node.inputs[1].name for node in nodes]
+    values = next(run_values(model, names, [np.zeros(2, dtype=np.int64)], threads))
+    out = {}
+    for node in nodes:
+        w = values[node.inputs[1].name].astype(np.float64)
+        trans_b = node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].value == 1
+        out[node.name] = w.T if trans_b else w
+    return out

@@ -72,14 +72,14 @@ def site_errors(quantized: ir.Model, reference: ir.Model, linears: Sequence[Quan
         r_out = next(ref_runs)
         for lin in linears:
             s = sums[lin.name]
-            x = q_out[lin.activation].astype(np.float64)
+            x = q_out[lin.activation]
             y = q_out[lin.output]
             s["output"].add(y, r_out[lin.output])
             local_ref = x @ lin.weight + (lin.bias if lin.bias is not None else 0.0)
             s["local"].add(y, local_ref)
             s["activation"].add(q_out[lin.dequantized], x)
             if lin.act_quant == "per_tensor":
-                s["per_token_sim"].add(_per_token_fake_quant(x), x)
+                s["per_token_sim"].add(_per_token_fake_quant(x.astype(np.float64)), x)
             flat = np.abs(x.reshape(-1, x.shape[-1]))
             np.maximum(absmax[lin.name], flat.max(axis=0), out=absmax[lin.name])
             if lin.clip is not None:

@@ -1,0 +1,200 @@
+"""`qexport report` on a tiny Llama quantized with the w8a8-static preset; SmolLM2 w8a8-static (slow)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fnmatch
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import qexport
+from qexport.cli import main
+from qexport.recipe import Recipe
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+TINY_SITES = {f"layers.{i}.{role}" for i in range(2) for role in
+              ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")}
+
+
+@pytest.fixture(scope="module")
+def static_llama(tiny_source, tmp_path_factory):
+    return qexport.export(str(tiny_source("llama")), tmp_path_factory.mktemp("report") / "w8a8-static",
+                          recipe="w8a8-static", calib_windows=2, calib_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def cli_report(static_llama, tiny_export, tmp_path_factory):
+    """`qexport report --json --html --suggest` once; returns (report dict, html path)."""
+    html = tmp_path_factory.mktemp("html") / "report.html"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["-q", "report", str(static_llama), "--reference", str(tiny_export("llama")), "--windows", "2",
+                   "--seq-len", "64", "--greedy-tokens", "8", "--html", str(html), "--suggest", "--threads", "1", "--json"])
+    assert rc == 0
+    return json.loads(out.getvalue()), html
+
+
+def test_every_quantized_linear_is_named_by_role_worst_first(cli_report):
+    report, _ = cli_report
+    sites = report["sites"]
+    assert {r["site"] for r in sites} == TINY_SITES  # lm_head stays float in the preset
+    local = [r["local_sqnr_db"] for r in sites]
+    assert local == sorted(local)
+    for r in sites:  # int8 quantized for real, and still the model
+        assert 20.0 < r["local_sqnr_db"] < 60.0 and 15.0 < r["output_sqnr_db"] < 60.0, r
+        assert 35.0 < r["weight_sqnr_db"] < 55.0 and r["act_quant"] == "per_tensor", r
+        assert 0.99 < r["local_cosine"] <= 1.0 and 0.0 <= r["clipped_fraction"] < 0.05
+    assert report["tokens"] == 128 and report["evaluation"]["tokens_scored"] == 126
+    assert report["evaluation"]["greedy_tokens"] == 8 and 0.9 < report["evaluation"]["ppl_ratio"] < 1.1
+
+
+def test_output_error_accumulates_and_equals_local_error_at_the_first_linears(cli_report):
+    rows = {r["site"]: r for r in cli_report[0]["sites"]}
+    for role in ("q", "k", "v"):  # the first quantized linears read the same float input in both graphs
+        first = rows[f"layers.0.attn.{role}"]
+        assert abs(first["output_sqnr_db"] - first["local_sqnr_db"]) < 1e-6
+    later = [rows[s] for s in TINY_SITES if s.startswith("layers.1.")]
+    assert all(r["output_sqnr_db"] < r["local_sqnr_db"] for r in later)  # upstream error is in the output figure
+
+
+def test_local_error_matches_a_numpy_fake_quant_reference(cli_report, static_llama, tiny_export):
+    """layers.0.attn.q: per-tensor int8 activation (the graph's clip) x int8 per-channel weight, in numpy."""
+    from qexport.artifact import Artifact
+    from qexport.calibration import run_values
+    from qexport.passes.weight_quant import quantize_weight
+    from qexport.report_reference import pair_linears, reference_model
+    from qexport.text import load_text, parse_source, token_windows
+
+    artifact = Artifact.open(static_llama)
+    reference = reference_model(artifact, tiny_export("llama"), threads=1)
+    quantized = ir.load(artifact.model_path)
+    q_proj = next(lin for lin in pair_linears(quantized, reference) if lin.name == "layers.0.attn.q")
+    windows = token_windows(artifact.tokenizer(), load_text(parse_source(None), "evaluation"), 64, 2)
+    signal = noise = 0.0
+    for values in run_values(quantized, [q_proj.activation], windows, threads=1):
+        x = values[q_proj.activation].reshape(-1, q_proj.weight.shape[0]).astype(np.float64)
+        step = q_proj.clip / 127.0
+        xq = np.clip(np.round(x / step), -127, 127) * step
+        w = q_proj.weight.astype(np.float64)
+        wq, scale = quantize_weight(w)
+        expected, got = x @ w, xq @ (wq * scale)
+        signal += float((expected**2).sum())
+        noise += float(((got - expected) ** 2).sum())
+    row = next(r for r in cli_report[0]["sites"] if r["site"] == "layers.0.attn.q")
+    assert row["local_sqnr_db"] == pytest.approx(10 * np.log10(signal / noise), abs=0.05)
+
+
+def test_difficulty_stages_come_from_the_manifest(cli_report, static_llama):
+    report, _ = cli_report
+    manifest = json.loads((static_llama / "qexport.json").read_text())
+    assert report["difficulty"] == manifest["recipe"]["difficulty"]
+    assert [s["stage"] for s in report["difficulty"]][0] == "export" and len(report["difficulty"]) >= 2
+
+
+def test_html_is_self_contained_and_embeds_the_plots(cli_report):
+    report, html = cli_report
+    page = html.read_text()
+    assert not list(html.parent.glob(".*.tmp"))  # written through a temporary file and a rename
+    assert not re.search(r"(src|href)\s*=\s*['\"](?!data:)", page), "external resource in the page"
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    embedded = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    files = sorted(Path(p) for p in report["plots"])
+    assert [f.name for f in files] == ["channel_profiles.png", "difficulty.png", "site_error.png"]
+    assert sorted(base64.b64decode(e) for e in embedded) == sorted(f.read_bytes() for f in files)
+    assert all(f.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") for f in files)
+    assert report["sites"][0]["site"] in page
+
+
+def test_html_renders_in_headless_chromium_without_errors(cli_report):
+    if not CHROMIUM.is_file():
+        pytest.skip(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium); the README's test command installs it")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the test extra installs playwright")
+    _, html = cli_report
+    problems: list[str] = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None)
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
+            page.goto(html.as_uri(), wait_until="load")
+            images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+            title = page.title()
+            rows = page.evaluate("document.querySelectorAll('table tr').length")
+        finally:
+            browser.close()
+    assert problems == []
+    assert len(images) == 3 and all(done and w > 100 and h > 100 for done, w, h in images)
+    assert title.startswith("qexport report") and rows > len(TINY_SITES)
+
+
+def test_text_summary_lists_worst_sites_first(cli_report):
+    from qexport.report import format_text
+
+    text = format_text(cli_report[0], worst=3)
+    listed = re.findall(r"^(layers\.\d+\.\w+\.\w+)\s+per_tensor\s+(-?[\d.]+)dB", text, re.M)
+    assert [name for name, _ in listed] == [r["site"] for r in cli_report[0]["sites"][:3]]
+    assert [float(v) for _, v in listed] == sorted(float(v) for _, v in listed)
+    assert "perplexity" in text and "greedy tokens matching" in text and "quantization difficulty" in text
+    assert "suggestion: per-token instead of per-tensor activations" in text
+
+
+def test_suggestions_are_valid_recipes_with_measured_reasons(cli_report, static_llama):
+    report, _ = cli_report
+    import yaml
+
+    assert report["suggestions"], "the tiny per-tensor model should at least gain from per-token scales"
+    for s in report["suggestions"]:
+        recipe = Recipe.from_dict(yaml.safe_load(s["recipe"]))  # loads: every key and value is valid
+        assert recipe.passes and re.search(r"\d+\.\d dB", s["reason"]), s
+        assert yaml.safe_load(s["yaml"])["passes"]
+    per_token = next(s for s in report["suggestions"] if "per-token" in s["title"])
+    quantize = next(e for e in Recipe.from_dict(yaml.safe_load(per_token["recipe"])).passes if e.name == "quantize")
+    assert dict(quantize.settings)["activations"].value == "per_token"
+    rows = [r for r in report["sites"] if r["site"] in per_token["reason"]]
+    assert rows and all(r["per_token_act_sqnr_db"] >= r["activation_sqnr_db"] + 3 for r in rows)
+
+
+def test_role_exclusion_glob_selects_exactly_the_other_linears(tiny_export):
+    """The glob --suggest proposes to leave mlp.down in float, checked against the quantize pass's own selection."""
+    from qexport.passes.linear_select import linear_names, selected_linears
+    from qexport.report_suggest import exclusion_glob
+
+    glob = exclusion_glob(sorted(TINY_SITES), ["mlp.down"])
+    assert glob == "layers.*[!n]"
+    assert {n for n in TINY_SITES if fnmatch.fnmatchcase(n, glob)} == {n for n in TINY_SITES if not n.endswith("down")}
+    model = ir.load(tiny_export("llama") / "model.onnx")
+    names = linear_names(model)
+    chosen = {names[lin.node] for lin in selected_linears(model, glob, include_lm_head=False)}
+    assert chosen == {n for n in TINY_SITES if not n.endswith("mlp.down")}
+    assert exclusion_glob(sorted(TINY_SITES), ["attn.q", "attn.k"]) == "layers.*[!kq]"
+
+
+def test_report_refuses_an_unquantized_export_and_a_mismatched_reference(tiny_export, static_llama, tmp_path):
+    from qexport.report import ReportSettings, build_report
+    from qexport.report_reference import ReportError
+
+    with pytest.raises(ReportError, match="without a recipe.*--recipe"):
+        build_report(tiny_export("llama"), settings=ReportSettings(windows=1, seq_len=16))
+    with pytest.raises(ReportError, match="exported from"):
+        build_report(static_llama, settings=ReportSettings(windows=1, seq_len=16, reference=str(tiny_export("qwen2"))))
+    other = tmp_path / "other-basis"  # same source, but quantized after a rotation with another seed
+    shutil.copytree(static_llama, other)
+    manifest = json.loads((other / "qexport.json").read_text())
+    for entry in manifest["recipe"]["recipe"]["passes"]:
+        if entry["pass"] == "rotate-residual":
+            entry["seed"] = entry.get("seed", 0) + 1
+    (other / "qexport.json").write_text(json.dumps(manifest))
+    with pytest.raises(ReportError, match="another basis"):
+        build_report(other, settings=ReportSettings(windows=1, seq_len=16, reference=str(tiny_export("llama")), threads=1))
