@@ -51,6 +51,7 @@ PASSES: dict[str, str] = {
     "affine": "qexport.passes.affine:AffinePass",
     "quantize": "qexport.passes.insert_qdq:QuantizePass",
     "ort-int8": "qexport.passes.lower_ort:LowerOrtPass",
+    "ort-attention": "qexport.passes.attention_ort:OrtAttentionPass",
     "quantize-gptq": "qexport.passes.gptq:GptqPass",
 }
 _RECIPE_KEYS = ("name", "description", "passes")
