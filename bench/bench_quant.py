@@ -3,11 +3,13 @@
 One run, one table; every figure is measured in this run on the same model and evaluation text (never the
 calibration text). Rows: the FP32 export; ONNX Runtime `quantize_dynamic` (per-channel int8 weights,
 per-tensor dynamic uint8 activations) and `quantize_static` (QDQ, per-channel, MinMax, calibrated on the
-qexport calibration text) applied to that export; each qexport preset applied to that export. Columns:
+qexport calibration text) applied to that export; the FP32 export with only its attention fused (`ort-attention`, the
+last pass of the ORT presets: shows how much of their speed comes from the fusion rather than from int8); each
+qexport preset applied to that export. Columns:
 perplexity, ratio to PyTorch FP32, model size, quantization time after the export (the ORT quantizer's call;
 for qexport: load, calibration and passes), prefill and decode speed relative to the FP32 export (2 threads).
 Usage:
-    python bench/bench_quant.py [MODEL] [--presets w8a8-dynamic,w8a8-static] [--windows 4] [--json]
+    python bench/bench_quant.py [MODEL] [--presets w8a8-dynamic,w8a8-static-ort] [--windows 4] [--json]
 """
 
 from __future__ import annotations
@@ -96,10 +98,25 @@ def _qexport_preset(fp32: Path, out: Path, preset: str, windows: list) -> float:
     return time.perf_counter() - start
 
 
+def _fp32_fused_attention(fp32: Path, out: Path) -> float:
+    """The FP32 export with its attention cores fused (OrtAttentionPass) and nothing else; returns seconds."""
+    import onnx_ir as ir
+
+    from qexport.api import save_model
+    from qexport.passes.attention_ort import OrtAttentionPass
+
+    shutil.copytree(fp32, out, ignore=shutil.ignore_patterns(MODEL_FILE))
+    start = time.perf_counter()
+    model = ir.load(fp32 / MODEL_FILE)
+    OrtAttentionPass()(model)
+    save_model(model, out)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default=None)
-    parser.add_argument("--presets", default="w8a8-dynamic,w8a8-dynamic-qdq,w8a8-static")
+    parser.add_argument("--presets", default="w8a8-dynamic,w8a8-dynamic-qdq,w8a8-static,w8a8-static-ort")
     parser.add_argument("--windows", type=int, default=4, help="evaluation windows")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--calib-windows", type=int, default=16)
@@ -129,6 +146,7 @@ def main() -> None:
             except Exception as exc:  # a peer that fails is a row of the table, not the end of the run
                 log.warning("%s failed: %s", name, exc)
                 failed[name] = f"{type(exc).__name__}: {exc}"[:200]
+        models["onnxruntime fp32 + ort-attention"] = (tmp / "fp32-attention", _fp32_fused_attention(fp32, tmp / "fp32-attention"))
         windows = token_windows(tokenizer, load_text(parse_source(None), "calibration"), args.seq_len, args.calib_windows)
         for preset in filter(None, args.presets.split(",")):
             models[f"qexport {preset}"] = (tmp / preset, _qexport_preset(fp32, tmp / preset, preset, windows))
