@@ -9,6 +9,7 @@ import resource
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import onnx_ir as ir
 
@@ -17,13 +18,15 @@ from qexport.graph_export import ExportSettings, export_graph
 from qexport.loading import load_model, resolve_source
 from qexport.outdir import atomic_output_dir, checksums, write_manifest
 from qexport.pipeline import PipelineSettings, apply_recipe
-from qexport.recipe import load_recipe
+from qexport.recipe import Recipe, load_recipe
 from qexport.text import load_text, parse_source, token_windows
 
 log = logging.getLogger(__name__)
 
 EXTERNAL_DATA_FILE = "model.onnx.data"
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's hard limit
+DEFAULT_CALIB_WINDOWS = 16
+DEFAULT_CALIB_SEQ_LEN = 512
 VERSIONED = ("torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "qexport")
 
 
@@ -52,6 +55,17 @@ def save_model(model: ir.Model, folder: Path) -> list[str]:
     return [MODEL_FILE]
 
 
+def calibration_shape(recipe: Recipe, windows: int | None, seq_len: int | None) -> dict[str, Any]:
+    """Calibration window count and length: the caller's value, else the recipe's ``calibration:``, else the
+    default; ``from`` says which applied to each."""
+    shape: dict[str, Any] = {"from": {}}
+    for key, given, default in (("windows", windows, DEFAULT_CALIB_WINDOWS), ("seq_len", seq_len, DEFAULT_CALIB_SEQ_LEN)):
+        from_recipe = getattr(recipe.calibration, key)
+        shape[key], shape["from"][key] = ((given, "argument") if given is not None else
+                                          (from_recipe, "recipe") if from_recipe is not None else (default, "default"))
+    return shape
+
+
 def export(
     model: str | None = None,
     out: str | os.PathLike = "qexport-out",
@@ -62,15 +76,16 @@ def export(
     revision: str | None = None,
     recipe: str | os.PathLike | None = None,
     calib: str | None = None,
-    calib_windows: int = 16,
-    calib_seq_len: int = 512,
+    calib_windows: int | None = None,
+    calib_seq_len: int | None = None,
     measure_difficulty: bool = True,
 ) -> Path:
     """Export MODEL (hub id, folder, .gguf, or the embedded default) to the folder ``out``; returns it.
 
     ``recipe`` (a YAML path or a preset name) runs graph passes on the export, calibrated on ``calib``
     (a text file or dataset name; default: the calibration half of Python's documentation) in
-    ``calib_windows`` windows of ``calib_seq_len`` tokens.
+    ``calib_windows`` windows of ``calib_seq_len`` tokens. Left as ``None``, these come from the recipe's
+    ``calibration:`` settings, else 16 windows of 512 tokens; the manifest records which applied.
     """
     settings = ExportSettings(dtype=dtype, kv_cache=kv_cache)
     source = resolve_source(model, revision=revision)
@@ -90,9 +105,11 @@ def export(
         recipe_report, calibration = None, None
         if loaded_recipe is not None:
             text = parse_source(calib)
-            windows = token_windows(tokenizer, load_text(text, "calibration"), calib_seq_len, calib_windows, text.describe())
-            calibration = {"source": text.to_json(), "windows": len(windows), "seq_len": calib_seq_len,
-                           "tokens": int(sum(len(w) for w in windows))}
+            shape = calibration_shape(loaded_recipe, calib_windows, calib_seq_len)
+            windows = token_windows(tokenizer, load_text(text, "calibration"), shape["seq_len"], shape["windows"],
+                                    text.describe())
+            calibration = {"source": text.to_json(), "windows": len(windows), "seq_len": shape["seq_len"],
+                           "tokens": int(sum(len(w) for w in windows)), "settings_from": shape["from"]}
             recipe_report = apply_recipe(ir_model, loaded_recipe, windows, PipelineSettings(measure_difficulty=measure_difficulty))
         files = save_model(ir_model, tmp)
         tokenizer.save_pretrained(tmp)

@@ -1,7 +1,7 @@
 """Calibration statistics of the activations feeding each rewrite site, collected with ONNX Runtime.
 
-The exported graph is copied, the tensor read by each site (norm output, o_proj input, down_proj input)
-becomes an extra graph output of the copy, and token windows are run one at a time; statistics are updated
+The tensor read by each site (norm output, o_proj input, down_proj input) becomes an extra output of the
+serialized graph given to ONNX Runtime (the model itself is left as it was), and token windows are run one at a time; statistics are updated
 in float64 after each window, so memory is bounded by one window's activations (plus the optional
 [C, C] second moments). The result is an explicit :class:`CalibrationStats` handed to passes such as
 ``SmoothPass(stats=stats)``.
@@ -104,6 +104,8 @@ class CalibrationStats:
     windows: int = 0
     tokens: int = 0
     fingerprint: str = ""  # content hash, set by collect_stats; marks which statistics a pass used
+    head: "CalibrationStats | None" = None  # the same statistics over the first ``head_windows`` windows only
+    probe_logits: np.ndarray | None = None  # logits of the ``probe`` window, run in the same session
 
     def __getitem__(self, site_name: str) -> TensorStats:
         try:
@@ -122,35 +124,53 @@ def collect_stats(
     site_map: site_matching.SiteMap | None = None,
     hessian: Sequence[str] = (),
     threads: int | None = None,
+    head_windows: int = 0,
+    probe: np.ndarray | None = None,
 ) -> CalibrationStats:
-    """Run ``windows`` (int64 token arrays, [seq] or [batch, seq]) through a copy of ``model``.
+    """Run ``windows`` (int64 token arrays, [seq] or [batch, seq]) through ``model`` (left unchanged).
 
-    ``hessian`` lists globs of site names whose running X^T X is also kept. ``model`` is not changed.
+    ``hessian`` lists globs of site names whose running X^T X is also kept. With ``head_windows`` > 0,
+    ``stats.head`` holds the statistics of the first ``head_windows`` windows alone (a second, smaller sample
+    from the same runs). ``probe``, a token window run through the same session but not counted in the
+    statistics, gives ``stats.probe_logits`` (one session serves calibration and an equivalence check).
     """
     site_map = site_map or site_matching.find_sites(model)
     targets = {site.name: site.activation.name for site in site_map.all}
     if not targets:
         raise QexportError("the graph has no rewrite sites to calibrate")
-    session = session_with_outputs(model, sorted(set(targets.values())), threads)
+    names = sorted(set(targets.values()))
+    session = session_with_outputs(model, names, threads)
     stats = CalibrationStats({})
+    head = CalibrationStats({}) if head_windows > 0 else None
     inputs = {i.name: i for i in session.get_inputs()}
     for window in windows:
         feeds = prefill_feeds(np.asarray(window, dtype=np.int64), inputs, model)
-        outputs = dict(zip(session_outputs := [o.name for o in session.get_outputs()], session.run(session_outputs, feeds)))
-        for site_name, value_name in targets.items():
-            x = outputs[value_name]
-            if site_name not in stats.sites:
-                wants_h = any(fnmatch.fnmatchcase(site_name, g) for g in hessian)
-                stats.sites[site_name] = TensorStats.empty(x.shape[-1], hessian=wants_h)
-            stats.sites[site_name].update(x)
-        stats.windows += 1
-        stats.tokens += feeds["input_ids"].size
+        outputs = dict(zip(names, session.run(names, feeds)))
+        for into in (stats, head) if head is not None and head.windows < head_windows else (stats,):
+            _add_window(into, targets, outputs, feeds["input_ids"].size, hessian)
         log.debug("calibration window %d (%d tokens)", stats.windows, feeds["input_ids"].size)
     if stats.windows == 0:
         raise QexportError("no calibration windows were given")
+    if probe is not None:
+        stats.probe_logits = session.run(["logits"], prefill_feeds(np.asarray(probe, dtype=np.int64), inputs, model))[0]
     stats.fingerprint = _fingerprint(stats)
+    if head is not None:
+        head.fingerprint = _fingerprint(head)
+        stats.head = head
     log.info("calibrated %d sites on %d windows (%d tokens)", len(targets), stats.windows, stats.tokens)
     return stats
+
+
+def _add_window(stats: CalibrationStats, targets: dict[str, str], outputs: dict[str, np.ndarray], tokens: int,
+                hessian: Sequence[str]) -> None:
+    for site_name, value_name in targets.items():
+        x = outputs[value_name]
+        if site_name not in stats.sites:
+            wants_h = any(fnmatch.fnmatchcase(site_name, g) for g in hessian)
+            stats.sites[site_name] = TensorStats.empty(x.shape[-1], hessian=wants_h)
+        stats.sites[site_name].update(x)
+    stats.windows += 1
+    stats.tokens += tokens
 
 
 def _fingerprint(stats: CalibrationStats) -> str:
@@ -163,23 +183,29 @@ def _fingerprint(stats: CalibrationStats) -> str:
     return digest.hexdigest()[:32]
 
 
-def session_with_outputs(model: ir.Model, names: list[str], threads: int | None):
-    """An ONNX Runtime session on a copy of ``model`` that also returns the values ``names``."""
+def session_with_outputs(model: ir.Model, names: list[str], threads: int | None, inputs: Sequence[str] = ()):
+    """An ONNX Runtime session on ``model`` that also returns the values ``names``; the initializers named in
+    ``inputs`` become overridable inputs (fed at each run, e.g. biases being searched). ``model`` is serialized
+    with these extra outputs and inputs, which are taken off again: it is left as it was."""
     import onnxruntime as ort
 
-    proto = ir.to_proto(model)
-    copy = ir.from_proto(proto)
-    values = {v.name: v for node in copy.graph for v in node.outputs}
-    existing = {v.name for v in copy.graph.outputs}
-    for name in names:
-        if name not in existing:
-            copy.graph.outputs.append(values[name])
+    graph = model.graph
+    values = {v.name: v for node in graph for v in node.outputs}
+    added_outputs = [values[n] for n in dict.fromkeys(names) if not values[n].is_graph_output()]
+    added_inputs = [graph.initializers[n] for n in inputs if not graph.initializers[n].is_graph_input()]
+    graph.outputs.extend(added_outputs)
+    graph.inputs.extend(added_inputs)
+    try:
+        data = ir.to_proto(model).SerializeToString()
+    finally:
+        for _ in added_outputs:  # pop, not slice deletion: only pop updates the values' graph-output marks
+            graph.outputs.pop()
+        for _ in added_inputs:
+            graph.inputs.pop()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    data = ir.to_proto(copy).SerializeToString()
-    del proto, copy
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
@@ -198,7 +224,7 @@ def prefill_feeds(window: np.ndarray, inputs: dict, model: ir.Model) -> dict[str
 
 def run_values(model: ir.Model, names: list[str], windows, threads: int | None = None):
     """Yield, for each calibration window (token ids), a dict name -> array of the graph values ``names``,
-    from one ONNX Runtime session on a copy of ``model`` (prefill with an empty cache)."""
+    from one ONNX Runtime session on ``model`` (prefill with an empty cache)."""
     session = session_with_outputs(model, names, threads)
     inputs = {i.name: i for i in session.get_inputs()}
     for window in windows:

@@ -11,6 +11,15 @@ fields of its pass class (a frozen dataclass), with enums given by value::
         rotation: random_hadamard
         seed: 0
 
+Two optional top-level keys apply to the whole recipe: ``calibration`` (:class:`CalibrationSettings`: the window
+length and count to calibrate with, e.g. the deployment sequence length, SLAC) and ``check`` (``tensorrt``: the
+final graph must pass :func:`qexport.trt_check.require_compatible`, or the export fails)::
+
+    calibration:
+      seq_len: 2048
+      windows: 4
+    check: tensorrt
+
 An unknown key, value or type raises :class:`RecipeError` naming the key and what is allowed. Pass modules
 are imported only when a recipe uses them. Fields whose type cannot be written in YAML (calibration
 statistics) are supplied at run time through :meth:`Recipe.build`.
@@ -53,8 +62,10 @@ PASSES: dict[str, str] = {
     "ort-int8": "qexport.passes.lower_ort:LowerOrtPass",
     "ort-attention": "qexport.passes.attention_ort:OrtAttentionPass",
     "quantize-gptq": "qexport.passes.gptq:GptqPass",
+    "bias-correct": "qexport.passes.bias_correction:BiasCorrectPass",
+    "aqas": "qexport.passes.aqas:AqasPass",
 }
-_RECIPE_KEYS = ("name", "description", "passes")
+_RECIPE_KEYS = ("name", "description", "calibration", "check", "passes")
 _SCALARS = (bool, int, float, str)
 
 
@@ -186,13 +197,52 @@ def settable_fields(klass: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(klass) if f.init and _settable(hints[f.name])}
 
 
+class RecipeCheck(str, enum.Enum):
+    TENSORRT = "tensorrt"  # qexport.trt_check.require_compatible on the final graph
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationSettings:
+    """Recipe-level calibration text shape (SLAC: calibrate at the deployment sequence length).
+
+    ``None`` leaves the caller's default; an explicit caller setting (CLI flag, API argument) overrides these.
+    """
+
+    seq_len: int | None = None  # tokens per calibration window
+    windows: int | None = None  # number of calibration windows
+
+    @classmethod
+    def parse(cls, data: Any, where: str) -> "CalibrationSettings":
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if not isinstance(data, Mapping):
+            raise RecipeError(f"{where}: expected a mapping with keys {', '.join(fields)}, got {data!r}")
+        values = {}
+        for key, value in data.items():
+            if key not in fields:
+                raise RecipeError(f"{where}: unknown key {key!r}; allowed keys: {', '.join(fields)}")
+            if value is not None and (type(value) is not int or value < 1):
+                raise RecipeError(f"{where}.{key}: {value!r} is not allowed; expected a positive integer")
+            values[key] = value
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def _parse_checks(data: Any, where: str) -> tuple[RecipeCheck, ...]:
+    items = data if isinstance(data, list) else [data]
+    return tuple(_convert(where, item, RecipeCheck) for item in items)
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """A named, ordered list of passes."""
+    """A named, ordered list of passes, with optional recipe-level calibration settings and output checks."""
 
     name: str
     passes: tuple[PassEntry, ...]
     description: str = ""
+    calibration: CalibrationSettings = CalibrationSettings()
+    checks: tuple[RecipeCheck, ...] = ()
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> "Recipe":
@@ -206,12 +256,19 @@ class Recipe:
         entries = data.get("passes")
         if not isinstance(entries, list) or not entries:
             raise RecipeError(f"{source}.passes: expected a non-empty list of pass entries")
-        return cls(name, tuple(PassEntry.parse(e, f"{source}.passes[{i}]") for i, e in enumerate(entries)), description)
+        calibration = CalibrationSettings.parse(data.get("calibration", {}), f"{source}.calibration")
+        checks = _parse_checks(data["check"], f"{source}.check") if "check" in data else ()
+        passes = tuple(PassEntry.parse(e, f"{source}.passes[{i}]") for i, e in enumerate(entries))
+        return cls(name, passes, description, calibration, checks)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}
         if self.description:
             out["description"] = self.description
+        if self.calibration.to_dict():
+            out["calibration"] = self.calibration.to_dict()
+        if self.checks:
+            out["check"] = [c.value for c in self.checks]
         out["passes"] = [e.to_dict() for e in self.passes]
         return out
 

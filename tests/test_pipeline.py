@@ -85,3 +85,82 @@ def test_difficulty_measurement_can_be_skipped(tiny_source, tmp_path):
     out = qexport.export(str(tiny_source("llama")), tmp_path / "out", recipe="smoothquant", measure_difficulty=False, **CALIB)
     report = Artifact.open(out).manifest["recipe"]
     assert report["difficulty"] == [] and report["steps"][0]["modified"]
+
+
+def _windows(count: int = 2, length: int = 48) -> list[np.ndarray]:
+    return [np.random.default_rng(i).integers(3, 250, size=length, dtype=np.int64) for i in range(count)]
+
+
+def test_stage_difficulty_shares_the_pass_statistics_run(tiny_export):
+    from qexport.calibration import collect_stats
+    from qexport.passes import sites
+    from qexport.pipeline import PipelineSettings, apply_recipe
+    from qexport.recipe import load_recipe
+    from qexport.site_difficulty import site_difficulties
+
+    model = ir.load(tiny_export("llama") / "model.onnx")
+    windows = _windows(3)
+    # the metric of the export stage, measured on its own on the first window
+    expected = site_difficulties(sites.find_sites(model), collect_stats(model, windows[:1]))
+    report = apply_recipe(model, load_recipe("smoothquant"), windows, PipelineSettings(difficulty_windows=1))
+    assert report["difficulty"][0]["stage"] == "export"
+    for name, row in expected.items():  # smooth's statistics run (3 windows) also gave the 1-window metric
+        for key, value in row.items():
+            assert report["difficulty"][0]["sites"][name][key] == pytest.approx(value, rel=1e-9)
+    assert report["verify"]["tokens"] == 48 and report["verify"]["max_abs_logit_diff"] < 1e-4
+
+
+def test_manifest_sites_record_activation_and_weight_scales(tiny_export):
+    from qexport.passes.linear_select import TAG, linear_names
+    from qexport.pipeline import PipelineSettings, apply_recipe
+    from qexport.recipe import load_recipe
+
+    model = ir.load(tiny_export("llama") / "model.onnx")
+    role_of = {node.name: role for node, role in linear_names(model).items()}
+    report = apply_recipe(model, load_recipe("w8a8-static"), _windows(), PipelineSettings(measure_difficulty=False))
+    sites = report["sites"]
+    assert set(sites) == {r for r in role_of.values() if r != "lm_head"} and len(sites) == 14
+    for node in model.graph:
+        if role_of.get(node.name) in sites:
+            entry = sites[role_of[node.name]]
+            a_dq, w_dq = node.inputs[0].producer(), node.inputs[1].producer()
+            assert a_dq.metadata_props[TAG] == entry["act"] == "per_tensor" and entry["method"] == "minmax"
+            scale = float(a_dq.inputs[1].const_value.numpy())
+            assert entry["scale"] == pytest.approx(scale, rel=1e-3) and entry["clip"] == pytest.approx(127 * scale, rel=1e-3)
+            assert entry["absmax"] == entry["clip"]  # minmax: the clip is the calibration absmax
+            w_scale = w_dq.inputs[1].const_value.numpy()
+            assert entry["w_scale"] == pytest.approx([w_scale.min(), w_scale.max()], rel=1e-3)
+    assert report["checks"] == {"tensorrt": {"passed": True, "warnings": report["checks"]["tensorrt"]["warnings"]}}
+
+
+def test_pipeline_gives_bias_correction_the_float_graph(tiny_export):
+    from qexport.pipeline import PipelineSettings, apply_recipe
+    from qexport.recipe import Recipe
+
+    model = ir.load(tiny_export("llama") / "model.onnx")
+    recipe = Recipe.from_dict({"name": "bc", "passes": [{"pass": "quantize", "activations": "per_tensor"},
+                                                        {"pass": "bias-correct", "linears": "layers.0.attn.*"}]})
+    adds = sum(n.op_type == "Add" for n in model.graph)
+    report = apply_recipe(model, recipe, _windows(), PipelineSettings(measure_difficulty=False))
+    assert [s["modified"] for s in report["steps"]] == [True, True]
+    assert sum(n.op_type == "Add" for n in model.graph) == adds + 4  # q, k, v, o of layer 0 had no bias
+
+
+def test_recipe_tensorrt_check_fails_the_export_and_writes_nothing(tiny_source, tmp_path):
+    from qexport.trt_check import TensorRTIncompatibleError
+
+    recipe = tmp_path / "dyn.yaml"
+    recipe.write_text("name: dyn\ncheck: tensorrt\npasses:\n  - pass: quantize\n    activations: per_token\n")
+    with pytest.raises(TensorRTIncompatibleError, match="dynamic-scale"):
+        qexport.export(str(tiny_source("llama")), tmp_path / "out", recipe=str(recipe), measure_difficulty=False, **CALIB)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_recipe_calibration_settings_reach_the_manifest(tiny_source, tmp_path):
+    recipe = tmp_path / "slac.yaml"
+    recipe.write_text("name: slac\ncalibration:\n  seq_len: 32\n  windows: 3\npasses:\n  - pass: fold-norm\n")
+    out = qexport.export(str(tiny_source("llama")), tmp_path / "a", recipe=str(recipe), measure_difficulty=False)
+    calibration = Artifact.open(out).manifest["calibration"]
+    assert (calibration["windows"], calibration["seq_len"], calibration["tokens"]) == (3, 32, 96)
+    assert calibration["settings_from"] == {"windows": "recipe", "seq_len": "recipe"}
+    # an explicit argument overriding the recipe: test_recipe's test of calibration_shape

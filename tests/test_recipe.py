@@ -57,12 +57,12 @@ def test_unknown_preset_lists_presets():
 
 
 def test_unknown_top_level_key():
-    with pytest.raises(RecipeError, match="unknown key 'pases'; allowed keys: name, description, passes"):
+    with pytest.raises(RecipeError, match="unknown key 'pases'; allowed keys: name, description, calibration, check, passes"):
         rc.Recipe.from_dict({"name": "t", "pases": []})
 
 
 def test_unknown_pass_names_the_registered_ones():
-    with pytest.raises(RecipeError, match="unknown pass 'rotate'; registered passes: (affine, )?fold-norm, layernorm-to-rms, online-hadamard"):
+    with pytest.raises(RecipeError, match="unknown pass 'rotate'; registered passes: affine, aqas, bias-correct, fold-norm, layernorm-to-rms, online-hadamard"):
         rc.Recipe.from_dict(_recipe({"pass": "rotate"}))
 
 
@@ -138,3 +138,40 @@ def test_smooth_rotate_preset_runs_losslessly_on_a_tiny_qwen2(tiny_export):
     modified = [p(model).modified for p in passes]
     assert modified == [True, False, True, True, True, True]  # qwen2's embeddings are not tied
     np.testing.assert_allclose(run(model, feeds)["logits"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_recipe_calibration_and_check_map_onto_settings():
+    recipe = rc.Recipe.from_dict(_recipe({"pass": "fold-norm"}, calibration={"seq_len": 2048, "windows": 4},
+                                         check="tensorrt"))
+    assert recipe.calibration == rc.CalibrationSettings(seq_len=2048, windows=4)
+    assert recipe.checks == (rc.RecipeCheck.TENSORRT,)
+    assert rc.Recipe.from_dict(yaml.safe_load(recipe.to_yaml())) == recipe
+    plain = rc.Recipe.from_dict(_recipe({"pass": "fold-norm"}))
+    assert plain.calibration == rc.CalibrationSettings() and plain.checks == () and "calibration" not in plain.to_dict()
+
+
+@pytest.mark.parametrize("calibration, message", [
+    ({"seq_length": 128}, r"t.calibration: unknown key 'seq_length'; allowed keys: seq_len, windows"),
+    ({"seq_len": 0}, r"t.calibration.seq_len: 0 is not allowed; expected a positive integer"),
+    ({"windows": "many"}, r"t.calibration.windows: 'many' is not allowed"),
+    ([128], r"t.calibration: expected a mapping"),
+])
+def test_bad_recipe_calibration_names_the_key(calibration, message):
+    with pytest.raises(RecipeError, match=message):
+        rc.Recipe.from_dict(_recipe({"pass": "fold-norm"}, calibration=calibration), source="t")
+
+
+def test_bad_recipe_check_lists_the_checks():
+    with pytest.raises(RecipeError, match=r"t.check: 'onnx' is not allowed; expected one of 'tensorrt'"):
+        rc.Recipe.from_dict(_recipe({"pass": "fold-norm"}, check="onnx"), source="t")
+
+
+def test_calibration_shape_prefers_arguments_then_recipe_then_defaults():
+    from qexport.api import DEFAULT_CALIB_SEQ_LEN, calibration_shape
+
+    recipe = rc.Recipe.from_dict(_recipe({"pass": "fold-norm"}, calibration={"seq_len": 2048}))
+    assert calibration_shape(recipe, None, None) == {
+        "windows": 16, "seq_len": 2048, "from": {"windows": "default", "seq_len": "recipe"}}
+    assert calibration_shape(recipe, 2, 128) == {"windows": 2, "seq_len": 128, "from": {"windows": "argument", "seq_len": "argument"}}
+    plain = rc.Recipe.from_dict(_recipe({"pass": "fold-norm"}))
+    assert calibration_shape(plain, None, None)["seq_len"] == DEFAULT_CALIB_SEQ_LEN
