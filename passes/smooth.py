@@ -92,40 +92,50 @@ class SmoothPass(ir.passes.InPlacePass):
             if isinstance(site, site_matching.NormSite) and site.norm.gamma is None:
                 log.warning("%s has no gamma to absorb a scale; skipped", site.name)
                 continue
-            act, weight = self._ranges(site)
+            act, weight = site_ranges(site, self.stats[site.name].absmax)
             result[site] = self._scales(site.name, act, weight)
         return result
-
-    def _ranges(self, site: site_matching.Site) -> tuple[np.ndarray, np.ndarray]:
-        """(max|X_c|, max|W_c|) per scaled channel c."""
-        act = self.stats[site.name].absmax
-        if isinstance(site, site_matching.NormSite):
-            weight = np.max([np.abs(lin.weight_in_out()).max(axis=1) for lin in site.linears], axis=0)
-        elif isinstance(site, site_matching.UpDownSite):
-            weight = np.abs(site.down.weight_in_out()).max(axis=1)
-        else:
-            index = site.o_to_v_channel()
-            per_o = np.abs(site.o.weight_in_out()).max(axis=1)
-            act_v, weight_v = np.zeros(site.v.out_features), np.zeros(site.v.out_features)
-            np.maximum.at(act_v, index, act)
-            np.maximum.at(weight_v, index, per_o)
-            act, weight = act_v, weight_v
-        if act.shape != weight.shape:
-            raise RecipeError(f"statistics for {site.name} have {act.shape[0]} channels, the graph {weight.shape[0]}")
-        return act, weight
 
     def _scales(self, name: str, act: np.ndarray, weight: np.ndarray) -> np.ndarray:
         valid = (act > 0) & (weight > 0)
         a, w = np.where(valid, act, 1.0), np.where(valid, weight, 1.0)
         if self.method is SmoothMethod.SMOOTHQUANT:
             alpha = next((v for k, v in self.alphas.items() if fnmatch.fnmatchcase(name, k)), self.alpha)
-            s = np.maximum(a, 1e-5) ** alpha / np.maximum(w, 1e-5) ** (1.0 - alpha)
+            return smoothquant_scales(act, weight, alpha)
         elif self.method is SmoothMethod.AWEQ:
             s = np.sqrt(a / w)
         else:
             tau = np.percentile(act[valid], self.percentile) if valid.any() else 1.0
             s = np.maximum(1.0, a / tau)
         return np.where(valid, np.maximum(s, 1e-5), 1.0)
+
+
+def site_ranges(site: site_matching.Site, act_absmax: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(max|X_c|, max|W_c|) per scaled channel c; ``act_absmax`` is per channel of the site's activation (for
+    ``v_o``, per o_proj input channel: reduced here to the V channels, max over each query group)."""
+    act = act_absmax
+    if isinstance(site, site_matching.NormSite):
+        weight = np.max([np.abs(lin.weight_in_out()).max(axis=1) for lin in site.linears], axis=0)
+    elif isinstance(site, site_matching.UpDownSite):
+        weight = np.abs(site.down.weight_in_out()).max(axis=1)
+    else:
+        index = site.o_to_v_channel()
+        per_o = np.abs(site.o.weight_in_out()).max(axis=1)
+        act_v, weight_v = np.zeros(site.v.out_features), np.zeros(site.v.out_features)
+        np.maximum.at(act_v, index, act)
+        np.maximum.at(weight_v, index, per_o)
+        act, weight = act_v, weight_v
+    if act.shape != weight.shape:
+        raise RecipeError(f"statistics for {site.name} have {act.shape[0]} channels, the graph {weight.shape[0]}")
+    return act, weight
+
+
+def smoothquant_scales(act: np.ndarray, weight: np.ndarray, alpha: float) -> np.ndarray:
+    """s_j = max|X_j|^alpha / max|W_j|^(1 - alpha); 1 where either range is zero."""
+    valid = (act > 0) & (weight > 0)
+    a, w = np.where(valid, act, 1.0), np.where(valid, weight, 1.0)
+    s = np.maximum(a, 1e-5) ** alpha / np.maximum(w, 1e-5) ** (1.0 - alpha)
+    return np.where(valid, np.maximum(s, 1e-5), 1.0)
 
 
 def fold_scales(graph: ir.Graph, site: site_matching.Site, s: np.ndarray) -> None:

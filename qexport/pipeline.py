@@ -21,6 +21,8 @@ from qexport.site_stats import quantized_site_stats
 
 log = logging.getLogger(__name__)
 
+AQAS_MARK = "qexport.aqas."  # model metadata written by the aqas pass: site name -> chosen alpha
+
 
 @dataclasses.dataclass(frozen=True)
 class PipelineSettings:
@@ -123,8 +125,12 @@ def apply_recipe(
     if verify is None:
         got = logits if logits is not None else _run_logits(model, verify_ids, settings.threads)
         verify = _verify(expected, got, len(verify_ids), recipe.name, settings)
-    return {"name": recipe.name, "recipe": recipe.to_dict(), "steps": steps, "verify": verify, "difficulty": difficulty,
-            "sites": quantized, "checks": _run_checks(model, recipe)}
+    report = {"name": recipe.name, "recipe": recipe.to_dict(), "steps": steps, "verify": verify, "difficulty": difficulty,
+              "sites": quantized, "checks": _run_checks(model, recipe)}
+    alphas = {k[len(AQAS_MARK):]: float(v) for k, v in model.metadata_props.items() if k.startswith(AQAS_MARK)}
+    if alphas:
+        report["aqas_alphas"] = alphas  # the smoothing exponent AQAS chose per site
+    return report
 
 
 def _observe(model: ir.Model, windows: list[np.ndarray], verify_ids: np.ndarray, settings: PipelineSettings) -> dict[str, Any]:
