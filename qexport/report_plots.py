@@ -74,7 +74,7 @@ def site_error_png(rows: list[dict[str, Any]]) -> bytes:
     extra = [r for r in rows if layer_of(r["site"]) is None]  # lm_head
     slots = len(layers) + (1 if extra else 0)
     width = 0.8 / max(len(roles), 1)
-    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.45 * slots * max(1, len(roles)) / 3), 7), sharex=True)
+    fig, axes = plt.subplots(2, 1, figsize=(min(16.0, max(8.0, 0.5 * slots)), 7), sharex=True)
     for ax, key, title in ((axes[0], "local_sqnr_db", "local SQNR (error this linear adds), dB"),
                            (axes[1], "output_sqnr_db", "output SQNR (error accumulated up to this output), dB")):
         for j, role in enumerate(roles):
@@ -92,7 +92,8 @@ def site_error_png(rows: list[dict[str, Any]]) -> bytes:
     ticks = [str(layer) for layer in layers] + (["head"] if extra else [])
     axes[1].set_xticks(range(slots), ticks, fontsize=7)
     axes[1].set_xlabel("layer")
-    axes[0].legend(ncol=min(len(roles), 8), fontsize=7, loc="lower left")
+    axes[1].set_xlim(-0.6, slots - 0.4)
+    axes[0].legend(ncol=min(len(roles), 8), fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.08))
     return _png(fig)
 
 
@@ -123,17 +124,20 @@ def difficulty_png(stages: list[dict[str, Any]], metrics: tuple[str, ...] = ("ou
     for i, metric in enumerate(metrics):
         for j, kind in enumerate(kinds):
             ax = axes[i, j]
-            for k, stage in enumerate(stages):
-                points = sorted((int(name.split(".")[1]), row[metric]) for name, row in stage["sites"].items()
-                                if name.startswith("layers.") and name.endswith("." + kind))
-                if points:
-                    last = k in (0, len(stages) - 1)
-                    ax.plot(*zip(*points), marker="o" if last else None, markersize=3, linewidth=1.5 if last else 0.8,
-                            alpha=1.0 if last else 0.45, label=stage["stage"])
+            series = [(stage["stage"], sorted((int(name.split(".")[1]), row[metric]) for name, row in stage["sites"].items()
+                                              if name.startswith("layers.") and name.endswith("." + kind)))
+                      for stage in stages]
+            series = [(label, points) for label, points in series if points]  # a kind can stop matching after a pass
+            for k, (label, points) in enumerate(series):
+                ends = k in (0, len(series) - 1)  # the export and the last stage with this kind: bold
+                ax.plot(*zip(*points), marker="o" if ends else None, markersize=3, linewidth=1.5 if ends else 0.8,
+                        alpha=1.0 if ends else 0.45, label=label, color=f"C{[s['stage'] for s in stages].index(label)}")
             ax.set_yscale("log")
             ax.set_title(f"{kind}: {metric}", fontsize=9)
             ax.tick_params(labelsize=7)
             ax.set_xlabel("layer", fontsize=8)
-    axes[0, 0].legend(fontsize=6)
+    handles = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 7), fontsize=7,
+               bbox_to_anchor=(0.5, -0.04))
     fig.tight_layout()
     return _png(fig)

@@ -126,27 +126,29 @@ def _smooth_sites(report: dict[str, Any], recipe: dict[str, Any], median: float)
              and role_of(r["site"]) in SMOOTH_SITE and layer_of(r["site"]) is not None][:MAX_SITES]
     passes = recipe.get("passes", [])
     smooth = [i for i, p in enumerate(passes) if p.get("pass") == "smooth"]
-    found, seen = [], set()
+    entries: list[dict[str, Any]] = []
+    reasons = []
     for row in worst:
         site = f"layers.{layer_of(row['site'])}.{SMOOTH_SITE[role_of(row['site'])]}"
-        if site in seen:
+        if any(e["sites"] == site for e in entries):
             continue
-        seen.add(site)
         covering = [passes[i] for i in smooth if fnmatch.fnmatchcase(site, passes[i].get("sites", "*"))]
         alpha = min(ALPHA_MAX, max((p.get("alpha", 0.5) for p in covering), default=0.35) + ALPHA_STEP)
-        entry = {"pass": "smooth", "method": "smoothquant", "alpha": round(alpha, 2), "sites": site}
-        new = copy.deepcopy(recipe)
-        new["passes"].insert(smooth[-1] + 1 if smooth else 0, entry)
+        entries.append({"pass": "smooth", "method": "smoothquant", "alpha": round(alpha, 2), "sites": site})
         profile = report.get("profiles", {}).get(row["site"])
         spread = ""
         if profile:
             absmax = np.asarray(profile["channel_absmax"])
-            spread = f"; its input's largest channel absmax is {absmax.max() / max(np.median(absmax), 1e-30):.1f}x the median"
-        where = f"after the recipe's smoothing at alpha {covering[-1].get('alpha', 0.5)}" if covering else "unsmoothed so far"
-        found.append(_suggestion(
-            f"smooth {site} with alpha {alpha:.2f}",
-            f"{row['site']}: local SQNR {row['local_sqnr_db']:.1f} dB against {median:.1f} dB for the median site "
-            f"(activation {row['activation_sqnr_db']:.1f} dB, weight {row['weight_sqnr_db']:.1f} dB){spread}; {site} is "
-            f"{where}. Leaving only this linear in float would need an exclusion glob the quantize pass lacks",
-            {"passes": [entry]}, new))
-    return found
+            spread = f", largest input channel absmax {absmax.max() / max(np.median(absmax), 1e-30):.1f}x the median"
+        where = f"smoothed at alpha {covering[-1].get('alpha', 0.5)} so far" if covering else "not smoothed so far"
+        reasons.append(f"{row['site']}: local SQNR {row['local_sqnr_db']:.1f} dB (activation {row['activation_sqnr_db']:.1f}"
+                       f" dB, weight {row['weight_sqnr_db']:.1f} dB){spread}; {site} is {where}")
+    if not entries:
+        return []
+    new = copy.deepcopy(recipe)
+    at = smooth[-1] + 1 if smooth else 0  # after the recipe's own smoothing, before its rotations
+    new["passes"][at:at] = entries
+    return [_suggestion(f"smooth {', '.join(e['sites'] for e in entries)} (alpha {', '.join(str(e['alpha']) for e in entries)})",
+                        f"{'; '.join(reasons)}. The median site is at {median:.1f} dB: these are {SITE_MARGIN_DB:.0f} dB or "
+                        "more below it. Insert the passes after the recipe's smoothing; leaving only these linears in "
+                        "float would need an exclusion glob the quantize pass lacks", {"passes": entries}, new)]

@@ -166,6 +166,35 @@ def test_suggestions_are_valid_recipes_with_measured_reasons(cli_report, static_
     assert rows and all(r["per_token_act_sqnr_db"] >= r["activation_sqnr_db"] + 3 for r in rows)
 
 
+def test_smoothing_suggestion_for_a_site_that_stands_out_runs_as_a_recipe(cli_report, static_llama, tiny_export):
+    """Push one site 10 dB below the others: --suggest proposes smoothing the rewrite site feeding it, and the
+    proposed recipe runs (and smooths that site) on the FP32 export."""
+    import copy
+
+    import yaml
+
+    from qexport.artifact import Artifact
+    from qexport.pipeline import PipelineSettings, apply_recipe
+    from qexport.report_suggest import suggest
+    from qexport.text import load_text, parse_source, token_windows
+
+    report = copy.deepcopy(cli_report[0])
+    row = next(r for r in report["sites"] if r["site"] == "layers.1.attn.o")
+    row["local_sqnr_db"] = min(r["local_sqnr_db"] for r in report["sites"]) - 10.0
+    report["sites"].sort(key=lambda r: r["local_sqnr_db"])
+    recipe = json.loads((static_llama / "qexport.json").read_text())["recipe"]["recipe"]
+    smooth = [s for s in suggest(report, recipe) if s["title"].startswith("smooth")]
+    assert len(smooth) == 1 and "layers.1.attn.o" in smooth[0]["reason"]
+    entries = yaml.safe_load(smooth[0]["yaml"])["passes"]
+    assert entries[0] == {"pass": "smooth", "method": "smoothquant", "alpha": 0.5, "sites": "layers.1.v_o"}  # worst first
+    proposed = Recipe.from_dict(yaml.safe_load(smooth[0]["recipe"]))
+    assert [e.name for e in proposed.passes][:2] == ["smooth", "smooth"]  # after the preset's own smoothing
+    fp32 = tiny_export("llama")
+    windows = token_windows(Artifact.open(fp32).tokenizer(), load_text(parse_source(None), "calibration"), 64, 2)
+    steps = apply_recipe(ir.load(fp32 / "model.onnx"), proposed, windows, PipelineSettings(measure_difficulty=False))["steps"]
+    assert steps[1]["pass"] == "smooth" and steps[1]["modified"]
+
+
 def test_role_exclusion_glob_selects_exactly_the_other_linears(tiny_export):
     """The glob --suggest proposes to leave mlp.down in float, checked against the quantize pass's own selection."""
     from qexport.passes.linear_select import linear_names, selected_linears
@@ -198,3 +227,25 @@ def test_report_refuses_an_unquantized_export_and_a_mismatched_reference(tiny_ex
     (other / "qexport.json").write_text(json.dumps(manifest))
     with pytest.raises(ReportError, match="another basis"):
         build_report(other, settings=ReportSettings(windows=1, seq_len=16, reference=str(tiny_export("llama")), threads=1))
+
+
+@pytest.mark.slow
+def test_report_on_smollm2_w8a8_static_names_the_worst_sites(default_export, tmp_path_factory):
+    from smollm2_static import static_smollm2  # tests/ is on sys.path (conftest)
+
+    from qexport.report import ReportSettings, build_report, format_text
+
+    folder = static_smollm2(default_export, tmp_path_factory.mktemp("smollm2-static") / "w8a8-static")
+    report = build_report(folder, settings=ReportSettings(windows=1, seq_len=256, greedy_tokens=8, threads=2,
+                                                          reference=str(default_export), suggest=True))
+    sites = report["sites"]
+    expected = {f"layers.{i}.{role}" for i in range(30) for role in
+                ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")}
+    assert {r["site"] for r in sites} == expected  # 210 linears, each named by role; lm_head stays float
+    assert all(r["weight_sqnr_db"] > 35.0 and r["local_sqnr_db"] > 10.0 for r in sites)
+    assert report["evaluation"]["ppl_ratio"] <= 1.05  # issue 4's w8a8-static target
+    text = format_text(report, worst=5)
+    worst = [r["site"] for r in sites[:5]]
+    assert all(name in text for name in worst)
+    assert text.index(worst[0]) < text.index(worst[4])
+    print("\n" + text)

@@ -248,3 +248,20 @@ def test_require_compatible_names_each_violating_node():
         require_compatible(qdq_matmul(act=act_qdq(zp=np.int8(5))))
     assert "zero-point at q_act" in str(info.value) and "zero-point at dq_act" in str(info.value)
     assert {f.node for f in info.value.findings} == {"q_act", "dq_act"}
+
+
+@pytest.mark.slow
+def test_w8a8_static_preset_output_for_smollm2_passes(default_export, tmp_path_factory, capsys):
+    """issue 5: `qexport check --target tensorrt` passes on the w8a8-static preset's SmolLM2 output."""
+    import json
+
+    from smollm2_static import static_smollm2  # tests/ is on sys.path (conftest)
+    from qexport.cli import main
+
+    folder = static_smollm2(default_export, tmp_path_factory.mktemp("smollm2-static") / "w8a8-static")
+    model = ir.load(folder / "model.onnx")
+    q_nodes = [n for n in model.graph if n.op_type == "QuantizeLinear"]
+    assert len(q_nodes) >= 4 * 30  # per-tensor activation quantizers: q/k/v, o, gate/up, down in each layer
+    assert check_model(model) == []
+    assert main(["-q", "check", str(folder), "--target", "tensorrt", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["passed"] is True
