@@ -20,8 +20,22 @@ from qexport.passes.weight_quant import WeightClip, WeightFormat, WeightQuant, w
 log = logging.getLogger(__name__)
 
 
+def inverse_factor(hessian: np.ndarray, damp: float = 0.01, act_order: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dead inputs, column order, U = upper Cholesky factor of the damped, permuted H^-1) for :func:`gptq_quantize`;
+    linears reading one input (q/k/v, gate/up) share it."""
+    h = np.array(hessian, dtype=np.float64)
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(h.shape[0])
+    h = h[np.ix_(perm, perm)]
+    h[np.diag_indices_from(h)] += damp * np.mean(np.diag(h))
+    return dead, perm, np.linalg.cholesky(np.linalg.inv(h)).T
+
+
 def gptq_quantize(w_in_out: np.ndarray, hessian: np.ndarray, damp: float = 0.01, block_size: int = 128,
-                  act_order: bool = False, fmt: WeightFormat = WeightFormat()) -> tuple[np.ndarray, np.ndarray]:
+                  act_order: bool = False, fmt: WeightFormat = WeightFormat(),
+                  factor: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ (Frantar et al.; IST-DASLab/gptq) of one [in, out] weight for the input Hessian H ~ X^T X / N.
 
     Returns (codes int8 [in, out], scale) on ``fmt``'s grid: int8 per output channel (scale [out], the column
@@ -34,10 +48,8 @@ def gptq_quantize(w_in_out: np.ndarray, hessian: np.ndarray, damp: float = 0.01,
     columns updated together is rounded to whole groups, so a group's scale sees all earlier compensation.
     """
     rows = fmt.group_rows(w_in_out.shape[0])
+    dead, perm, u = factor if factor is not None else inverse_factor(hessian, damp, act_order)
     w = np.array(w_in_out, dtype=np.float64).T  # torch layout [out, in]
-    h = np.array(hessian, dtype=np.float64)
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
     w[:, dead] = 0.0
     if fmt.grouped:
         block_size = max(rows, block_size // rows * rows)
@@ -45,10 +57,7 @@ def gptq_quantize(w_in_out: np.ndarray, hessian: np.ndarray, damp: float = 0.01,
             np.zeros((w.shape[1] // rows, w.shape[0]))
     else:
         scales = fmt.scale(np.asarray(w_in_out, dtype=np.float64))[None]
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(h.shape[0])
-    w, h = w[:, perm], h[np.ix_(perm, perm)]
-    h[np.diag_indices_from(h)] += damp * np.mean(np.diag(h))
-    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper Cholesky factor of H^-1
+    w = w[:, perm]
     q = np.zeros_like(w)
     for start in range(0, w.shape[1], block_size):
         end = min(start + block_size, w.shape[1])
@@ -124,9 +133,11 @@ class GptqPass(ir.passes.InPlacePass):
         stages = _layers(model, chosen) if self.sequential else [chosen]
         for stage in stages:
             hessians = self._hessians(model, list(dict.fromkeys(lin.input for lin in stage)))
+            factors = {v: inverse_factor(h, self.damp, self.act_order) for v, h in hessians.items()}
             for linear in stage:
                 w = linear.weight_in_out()
-                q, scale = gptq_quantize(w, hessians[linear.input], self.damp, self.block_size, self.act_order, fmt)
+                q, scale = gptq_quantize(w, hessians[linear.input], self.damp, self.block_size, self.act_order, fmt,
+                                         factors[linear.input])
                 write_quantized_weight(model.graph, linear, q, scale, fmt)
                 if log.isEnabledFor(logging.DEBUG):
                     h = hessians[linear.input]
@@ -148,9 +159,9 @@ class GptqPass(ir.passes.InPlacePass):
         tokens = 0
         for window in self.windows:
             outs = session.run(names, prefill_feeds(np.asarray(window, dtype=np.int64), inputs, model))
-            for name, out in zip(names, outs):
-                x = out.astype(np.float64).reshape(-1, out.shape[-1])
-                sums[name] = sums.get(name, 0.0) + x.T @ x
+            for name, out in zip(names, outs):  # float32 products of one window, summed in float64
+                x = out.astype(np.float32).reshape(-1, out.shape[-1])
+                sums[name] = sums.get(name, 0.0) + (x.T @ x).astype(np.float64)
             tokens += outs[0].reshape(-1, outs[0].shape[-1]).shape[0]
         return {v: sums[v.name] / tokens for v in values}
 
