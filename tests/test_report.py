@@ -229,6 +229,23 @@ def test_report_refuses_an_unquantized_export_and_a_mismatched_reference(tiny_ex
         build_report(other, settings=ReportSettings(windows=1, seq_len=16, reference=str(tiny_export("llama")), threads=1))
 
 
+def test_per_token_qdq_is_reported_and_a_lowered_graph_is_refused(tiny_source, tiny_export, tmp_path):
+    from qexport.report import ReportSettings, build_report
+    from qexport.report_reference import ReportError
+
+    settings = ReportSettings(windows=1, seq_len=32, greedy_tokens=2, reference=str(tiny_export("llama")), threads=1)
+    qdq = qexport.export(str(tiny_source("llama")), tmp_path / "qdq", recipe="w8a8-dynamic-qdq", calib_windows=1,
+                         calib_seq_len=32, measure_difficulty=False)
+    report = build_report(qdq, settings=settings)
+    assert {r["site"] for r in report["sites"]} == TINY_SITES | {"lm_head"}  # the preset quantizes lm_head too
+    assert {r["act_quant"] for r in report["sites"]} == {"per_token"} and report["difficulty"] == []
+    assert all(r["clip"] is None and 25.0 < r["local_sqnr_db"] < 60.0 for r in report["sites"])
+    lowered = qexport.export(str(tiny_source("llama")), tmp_path / "lowered", recipe="w8a8-dynamic", calib_windows=1,
+                             calib_seq_len=32, measure_difficulty=False)
+    with pytest.raises(ReportError, match="w8a8-dynamic-qdq"):
+        build_report(lowered, settings=settings)
+
+
 @pytest.mark.slow
 def test_report_on_smollm2_w8a8_static_names_the_worst_sites(default_export, tmp_path_factory):
     from smollm2_static import static_smollm2  # tests/ is on sys.path (conftest)
