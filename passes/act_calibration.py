@@ -42,7 +42,7 @@ class AbsHistogram:
             self.counts = np.zeros(self.bins, dtype=np.int64)
 
     def update(self, x: np.ndarray) -> None:
-        a = np.abs(np.asarray(x, dtype=np.float64)).ravel()
+        a = np.abs(np.asarray(x)).ravel()  # the bin index is computed in the data's own precision
         peak = float(a.max()) if a.size else 0.0
         if peak <= 0.0:
             self.counts[0] += a.size
@@ -91,7 +91,7 @@ def static_scales(model: ir.Model, values: Sequence[ir.Value], windows: Sequence
     hists = {n: AbsHistogram() for n in names} if calibration is ActCalibration.MSE else {}
     for outs in run_values(model, names, windows, threads):
         for name, out in outs.items():
-            token_max[name].append(np.abs(out.astype(np.float64)).reshape(-1, out.shape[-1]).max(axis=1))
+            token_max[name].append(np.abs(out).reshape(-1, out.shape[-1]).max(axis=1).astype(np.float64))  # exact in fp32
             if name in hists:
                 hists[name].update(out)
     result = {}
