@@ -72,3 +72,10 @@ def test_tensorrt_runtime_without_engine_says_how_to_build_it(tiny_export, capsy
     code = main(["-q", "generate", str(tiny_export("llama")), "hi", "--runtime", "tensorrt", "--max-new-tokens", "2"])
     assert code == 2
     assert "qexport build-engine" in capsys.readouterr().err
+
+
+def test_report_on_an_unquantized_export_is_a_clear_error(tiny_export, capsys):
+    assert main(["-q", "report", str(tiny_export("llama")), "--json"]) == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # the fixture's export may have printed progress first
+    assert line.startswith("qexport: error:") and "without a recipe" in line and "--recipe w8a8-static" in line
