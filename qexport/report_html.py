@@ -43,21 +43,21 @@ def render_html(report: dict[str, Any], plots: dict[str, bytes]) -> str:
                 ("ratio", f"{ev['ppl_ratio']:.4f}"), ("logit cosine (mean / min)",
                                                       f"{ev['logit_cosine']:.5f} / {ev['logit_cosine_min']:.4f}"),
                 ("greedy tokens matching", f"{ev['greedy_match']} / {ev['greedy_tokens']}"))) + "</table>")
-    parts.append(_sites_section(report))
-    parts.append(_roles_section(report))
-    for name, title in (("site_error.png", "Error per layer"), ("channel_profiles.png", "Channel magnitude profiles of the "
-                        "worst sites' inputs"), ("difficulty.png", "Quantization difficulty before/after each transform")):
-        if name in plots:
-            data = base64.b64encode(plots[name]).decode("ascii")
-            parts.append(f"<h2>{_e(title)}</h2><img alt='{_e(title)}' src='data:image/png;base64,{data}'>")
-    if report.get("difficulty"):
-        parts.append(_difficulty_section(report["difficulty"]))
     if "suggestions" in report:
         parts.append("<h2>Suggested recipe changes</h2>")
         if not report["suggestions"]:
             parts.append("<p>None: no site stands out from the others by the report's thresholds.</p>")
         for s in report["suggestions"]:
             parts.append(f"<h3>{_e(s['title'])}</h3><p>{_e(s['reason'])}</p><pre>{_e(s['yaml'])}</pre>")
+    parts.append(_roles_section(report))
+    for name, title in (("site_error.png", "Error per layer"), ("channel_profiles.png", "Channel magnitude profiles of the "
+                        "worst sites' inputs"), ("difficulty.png", "Quantization difficulty before/after each transform")):
+        if name in plots:
+            data = base64.b64encode(plots[name]).decode("ascii")
+            parts.append(f"<h2>{_e(title)}</h2><img alt='{_e(title)}' src='data:image/png;base64,{data}'>")
+    parts.append(_sites_section(report))
+    if report.get("difficulty"):
+        parts.append(_difficulty_section(report["difficulty"]))
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
