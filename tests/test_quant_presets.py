@@ -46,7 +46,9 @@ def test_quant_preset_end_to_end_on_tiny_llama(tiny_source, tiny_export, tmp_pat
     ops = collections.Counter(n.op_type for n in model.graph)
     settings = dict(rc.load_recipe(preset).passes[[e.name for e in rc.load_recipe(preset).passes].index("quantize")].settings)
     linears = 14 + bool(settings.get("include_lm_head"))  # 2 layers x 7, and lm_head if the preset says so
-    if "ort-int8" in [s["pass"] for s in steps]:
+    if "ort-merge-linears" in [s["pass"] for s in steps]:  # per layer: q/k/v merged, o, gate/up merged, down
+        assert ops["MatMulIntegerToFloat"] == linears - 2 * 3 and ops["Split"] >= 2 * 2 and ops["DequantizeLinear"] == 0
+    elif "ort-int8" in [s["pass"] for s in steps]:
         assert ops["MatMulIntegerToFloat"] == linears and ops["DequantizeLinear"] == 0
     else:
         assert ops["DequantizeLinear"] == linears + ops["QuantizeLinear"]  # weights, and one DQ per activation Q
@@ -78,4 +80,6 @@ def test_quant_preset_meets_its_perplexity_target_on_smollm2(default_export, tmp
     result = evaluate(out, settings=EvalSettings(windows=4, seq_len=512, greedy_tokens=8))
     assert result["ppl_ratio"] <= TARGETS[preset], f"{preset}: ppl ratio {result['ppl_ratio']:.4f}"
     ops = collections.Counter(n.op_type for n in model.graph)
-    assert ops["MatMulIntegerToFloat"] + ops["DequantizeLinear"] >= 7 * 30  # quantized for real: every layer linear
+    merged = sum(len(n.metadata_props.get("qexport.merged_linears", "").split(",")) - 1
+                 for n in model.graph if n.op_type == "MatMulIntegerToFloat")  # linears inside merged nodes
+    assert ops["MatMulIntegerToFloat"] + merged + ops["DequantizeLinear"] >= 7 * 30  # quantized for real: every layer linear

@@ -1,0 +1,96 @@
+"""Merge the lowered int8 linears that read one quantized activation (q/k/v, gate/up) into one kernel call."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+from qexport.passes._util import const_array, drop_if_unused, new_initializer, set_graph_output
+from qexport.passes.lower_ort import LOWERED, MS_DOMAIN
+
+log = logging.getLogger(__name__)
+
+MERGED = "qexport.merged_linears"  # metadata on the merged MatMulIntegerToFloat: the names it replaced
+
+
+def _key(node: ir.Node) -> tuple | None:
+    """What the linears that may merge share (A, its scale, its zero point), or None if ``node`` cannot merge:
+    a lowered MatMulIntegerToFloat with a constant 2-D int8 B, 1-D per-column B scales, no B zero point."""
+    if node.domain != MS_DOMAIN or node.op_type != "MatMulIntegerToFloat" or LOWERED not in node.metadata_props:
+        return None
+    inputs = list(node.inputs) + [None] * (7 - len(node.inputs))
+    a, b, a_scale, b_scale, a_zp, b_zp, bias = inputs
+    weight, scale = const_array(b), const_array(b_scale)
+    if weight is None or weight.dtype != np.int8 or weight.ndim != 2 or scale is None or scale.shape != weight.shape[1:]:
+        return None
+    if b_zp is not None or (bias is not None and (const_array(bias) is None or const_array(bias).ndim != 1)):
+        return None
+    return (a, a_scale, a_zp, weight.shape[0], bias is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeInt8LinearsPass(ir.passes.InPlacePass):
+    """Replace the ``MatMulIntegerToFloat`` nodes that share their uint8 activation by one node and a Split.
+
+    Rewrite, for each group of >= 2 lowered linears (from :class:`~qexport.passes.lower_ort.LowerOrtPass`)
+    with the same A, A scale and A zero point, constant int8 weights B_i [K, N_i] and per-column scales s_i:
+
+    1. B = concat_i B_i along N, s = concat_i s_i (and the fused biases, when every member has one);
+    2. ``MatMulIntegerToFloat(A, B, a_scale, s, a_zp[, None, bias])`` then ``Split(axis=-1, [N_1, ...])``,
+       each piece taking the place (and the consumers, graph output names included) of one old node.
+
+    Exact: each output column is the same integer dot product scaled by the same two factors, so the merged
+    graph equals the unmerged one (up to the kernel's blocking of float accumulation). One pass over A in
+    place of one per linear (SmolLM2: q/k/v and gate/up), and a wider N for the GEMM.
+    A graph with no such group is reported unmodified.
+    """
+
+    lossless: ClassVar[bool] = True
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        groups: dict[tuple, list[ir.Node]] = {}
+        for node in graph:
+            if (key := _key(node)) is not None:
+                groups.setdefault(key, []).append(node)
+        merged = [nodes for nodes in groups.values() if len(nodes) > 1]
+        for nodes in merged:
+            _merge(graph, nodes)
+        if merged:
+            log.info("merged %d int8 linears into %d", sum(map(len, merged)), len(merged))
+        return ir.passes.PassResult(model, bool(merged))
+
+
+def _merge(graph: ir.Graph, nodes: list[ir.Node]) -> None:
+    first = nodes[0]
+    base = f"{first.name}.merged"
+    widths = [int(const_array(n.inputs[1]).shape[1]) for n in nodes]
+    weight = new_initializer(graph, f"{base}.w", np.concatenate([const_array(n.inputs[1]) for n in nodes], axis=1))
+    scale = new_initializer(graph, f"{base}.w_scale", np.concatenate([const_array(n.inputs[3]) for n in nodes]))
+    inputs = [first.inputs[0], weight, first.inputs[2], scale, first.inputs[4]]
+    if len(first.inputs) > 6 and first.inputs[6] is not None:
+        inputs += [None, new_initializer(graph, f"{base}.bias", np.concatenate([const_array(n.inputs[6]) for n in nodes]))]
+    matmul = ir.node("MatMulIntegerToFloat", inputs, domain=MS_DOMAIN, version=1, name=base)
+    matmul.metadata_props[LOWERED] = "1"
+    matmul.metadata_props[MERGED] = ",".join(n.name or "" for n in nodes)
+    out = matmul.outputs[0]
+    out.name, out.dtype = base, first.outputs[0].dtype
+    split_sizes = new_initializer(graph, f"{base}.split", np.array(widths, np.int64))
+    split = ir.node("Split", [out, split_sizes], attributes={"axis": -1}, num_outputs=len(nodes), name=f"{base}.split")
+    graph.insert_before(first, [matmul, split])
+    for node, piece in zip(nodes, split.outputs):
+        old = node.outputs[0]
+        piece.name, piece.dtype, piece.shape = f"{base}.{node.name}", old.dtype, old.shape
+        if old.is_graph_output():
+            set_graph_output(graph, old, piece)
+        old.replace_all_uses_with(piece)
+    for node in nodes:
+        olds = list(node.inputs)
+        graph.remove(node, safe=True)
+        for value in olds:
+            if value is not None:
+                drop_if_unused(graph, value)

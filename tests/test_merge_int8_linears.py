@@ -1,0 +1,65 @@
+"""MergeInt8LinearsPass: one MatMulIntegerToFloat per shared activation computes what the separate ones do."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+
+from pass_testing import load
+from qexport.passes.attention_ort import OrtAttentionPass
+from qexport.passes.insert_qdq import QuantizePass
+from qexport.passes.lower_ort import LowerOrtPass
+from qexport.passes.merge_int8_linears import MERGED, MergeInt8LinearsPass
+from test_attention_ort import _assert_equal, _decode_steps, _padded_feeds
+
+CALIB = (np.arange(3, 67, dtype=np.int64),)
+
+
+def _lowered(tiny_export, family: str, activations: str):
+    model = load(tiny_export(family))
+    QuantizePass(activations=activations, windows=CALIB, include_lm_head=True)(model)
+    LowerOrtPass()(model)
+    return model
+
+
+@pytest.mark.parametrize("activations", ["per_token", "per_tensor"])
+def test_merged_equals_separate_with_left_padding_and_decode(tiny_export, family, activations):
+    model = _lowered(tiny_export, family, activations)
+    feeds = _padded_feeds(model)
+    expected = _decode_steps(model, feeds)
+    before = collections.Counter(n.op_type for n in model.graph)["MatMulIntegerToFloat"]
+    assert MergeInt8LinearsPass()(model).modified
+    for got, want in zip(_decode_steps(model, feeds), expected):
+        _assert_equal(got, want)
+    ops = collections.Counter(n.op_type for n in model.graph)
+    merged = [n for n in model.graph if MERGED in n.metadata_props]
+    replaced = sum(len(n.metadata_props[MERGED].split(",")) for n in merged)
+    assert ops["MatMulIntegerToFloat"] == before - replaced + len(merged) < before
+    assert ops["Split"] == len(merged)
+    assert not MergeInt8LinearsPass()(model).modified  # nothing left to merge
+
+
+def test_llama_merges_qkv_and_gate_up_per_layer(tiny_export):
+    model = _lowered(tiny_export, "llama", "per_token")
+    layers = sum(v.name.startswith("past_key_values.") for v in model.graph.inputs) // 2
+    MergeInt8LinearsPass()(model)
+    widths = sorted(len(n.metadata_props[MERGED].split(",")) for n in model.graph if MERGED in n.metadata_props)
+    assert widths == [2] * layers + [3] * layers  # gate/up and q/k/v
+    ops = collections.Counter(n.op_type for n in model.graph)
+    assert ops["MatMulIntegerToFloat"] == 4 * layers + 1  # merged qkv, o, merged gate/up, down; lm_head
+
+
+def test_merge_after_attention_fusion_equals_the_fused_graph(tiny_export):
+    model = _lowered(tiny_export, "qwen2", "per_token")  # q/k/v biases: the per-token Adds stay after the Split
+    OrtAttentionPass()(model)
+    feeds = _padded_feeds(model, seed=2)
+    expected = _decode_steps(model, feeds)
+    assert MergeInt8LinearsPass()(model).modified
+    for got, want in zip(_decode_steps(model, feeds), expected):
+        _assert_equal(got, want)
+
+
+def test_float_graph_changes_nothing(tiny_export):
+    assert not MergeInt8LinearsPass()(load(tiny_export("llama"))).modified
