@@ -20,6 +20,7 @@ import onnx_ir as ir
 from qexport.artifact import MODEL_FILE, Artifact
 from qexport.errors import QexportError
 from qexport.passes import sites as site_matching
+from qexport.passes.bias_correction import MARK as BIAS_CORRECTED
 from qexport.passes.linear_select import TAG, linear_names
 from qexport.recipe import Recipe, pass_class
 
@@ -42,7 +43,8 @@ class QuantizedLinear:
     node: str  # node name, the same in both graphs
     activation: str  # float activation the quantizer reads (the MatMul input when activations stay float)
     dequantized: str  # the MatMul's input 0 (after Q/DQ)
-    output: str  # the MatMul/Gemm output in both graphs
+    output: str  # the linear's output after its bias in the quantized graph (and after a bias correction)
+    ref_output: str  # the twin's output after its bias
     act_quant: str  # per_tensor, per_token or none
     clip: float | None  # per_tensor: the largest representable |x| (scale * 127)
     weight: np.ndarray  # reference weight [in, out], float64
@@ -164,9 +166,26 @@ def _pair(node: ir.Node, w_q: np.ndarray, linear: site_matching.Linear, name: st
         raise ReportError(f"{name}: the quantized weight is not a quantization of the rebuilt reference weight (SQNR "
                           f"{sqnr:.1f} dB < {MIN_WEIGHT_SQNR_DB} dB): the reference is in another basis; pass --reference "
                           "with the FP32 export this model was quantized from, and keep the same calibration text")
-    bias = linear.bias_array() if linear.bias_node is linear.node else None
-    return QuantizedLinear(name, node.name, activation.name, a.name, node.outputs[0].name, kind, clip,
+    bias = linear.bias_array()
+    return QuantizedLinear(name, node.name, activation.name, a.name, _after_bias(node, linear).name, linear.output.name, kind, clip,
                            w_ref.astype(np.float32), None if bias is None else bias.astype(np.float32), sqnr)
+
+
+def _after_bias(node: ir.Node, linear: site_matching.Linear) -> ir.Value:
+    """The linear's output after the constant Adds that follow it: its bias (as in the twin), and a correction
+    added by ``bias-correct`` (case 3 of that pass; its other cases change the existing bias)."""
+    adds = int(linear.bias_node is not None and linear.bias_node is not linear.node)
+    adds += int(BIAS_CORRECTED in node.metadata_props and node.op_type == "MatMul" and not adds)
+    value = node.outputs[0]
+    for _ in range(adds):
+        if len(value.uses()) != 1:
+            break
+        user = next(iter(value.consumers()))
+        other = [v for v in user.inputs if v is not value]
+        if user.op_type != "Add" or len(other) != 1 or other[0] is None or other[0].const_value is None:
+            break
+        value = user.outputs[0]
+    return value
 
 
 def _dequantized_weight(node: ir.Node) -> np.ndarray | None:

@@ -5,6 +5,7 @@ For each quantized linear, on the same evaluation tokens run through both graphs
   in it: this is the error as it has accumulated by this point of the network.
 - ``local``: the quantized linear's output against the same linear with float weight and float activation
   on the quantized graph's own input (x @ W + b). This is the error this one linear adds.
+Outputs are taken after the linear's bias (and after a ``bias-correct`` correction, whose effect is counted).
 - ``activation``: the quantizer's input against its dequantized output (activation quantization alone);
   ``clipped`` is the fraction of activation entries above the per-tensor clip (scale * 127).
 - ``weight``: the int8 weight against the reference weight (weight quantization alone).
@@ -62,7 +63,7 @@ def site_errors(quantized: ir.Model, reference: ir.Model, linears: Sequence[Quan
     from qexport.calibration import run_values
 
     q_names = sorted({n for lin in linears for n in (lin.activation, lin.dequantized, lin.output)})
-    r_names = sorted({lin.output for lin in linears})
+    r_names = sorted({lin.ref_output for lin in linears})
     sums = {lin.name: {k: _Sums() for k in ("output", "local", "activation", "per_token_sim")} for lin in linears}
     absmax = {lin.name: np.zeros(lin.weight.shape[0]) for lin in linears}
     clipped = {lin.name: 0 for lin in linears}
@@ -74,7 +75,7 @@ def site_errors(quantized: ir.Model, reference: ir.Model, linears: Sequence[Quan
             s = sums[lin.name]
             x = q_out[lin.activation]
             y = q_out[lin.output]
-            s["output"].add(y, r_out[lin.output])
+            s["output"].add(y, r_out[lin.ref_output])
             local_ref = x @ lin.weight + (lin.bias if lin.bias is not None else 0.0)
             s["local"].add(y, local_ref)
             s["activation"].add(q_out[lin.dequantized], x)
