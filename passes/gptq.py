@@ -85,7 +85,8 @@ class GptqPass(ir.passes.InPlacePass):
     (``linears`` glob, lm_head only with ``include_lm_head``):
 
     1. H = X^T X / N of the linear's input over the calibration ``windows``, run through the graph as it is
-       (so after any rotation or smoothing: the basis the weights are in), one H shared by q/k/v and gate/up;
+       (so after any rotation or smoothing: the basis the weights are in), one H shared by q/k/v and gate/up,
+       which are quantized as one weight (their output channels side by side: GPTQ treats outputs independently);
     2. the weight becomes the codes of :func:`gptq_quantize` on the ``weights`` grid (int8 per channel, int4 or
        dint4 per ``group_size`` input channels, scales clipped by ``weight_clip``), written exactly as
        ``quantize`` writes weights, which then adds only the activation quantizers.
@@ -133,17 +134,20 @@ class GptqPass(ir.passes.InPlacePass):
         stages = _layers(model, chosen) if self.sequential else [chosen]
         for stage in stages:
             hessians = self._hessians(model, list(dict.fromkeys(lin.input for lin in stage)))
-            factors = {v: inverse_factor(h, self.damp, self.act_order) for v, h in hessians.items()}
-            for linear in stage:
-                w = linear.weight_in_out()
-                q, scale = gptq_quantize(w, hessians[linear.input], self.damp, self.block_size, self.act_order, fmt,
-                                         factors[linear.input])
-                write_quantized_weight(model.graph, linear, q, scale, fmt)
-                if log.isEnabledFor(logging.DEBUG):
-                    h = hessians[linear.input]
-                    rtn = fmt.dequantize(*fmt.quantize(w))
-                    log.debug("gptq %s: output error %.3g (round-to-nearest %.3g)", linear.node.name,
-                              output_error(w, fmt.dequantize(q, scale), h), output_error(w, rtn, h))
+            for value, h in hessians.items():  # linears reading one input are quantized as one (columns are independent)
+                readers = [lin for lin in stage if lin.input is value]
+                weights = [lin.weight_in_out() for lin in readers]
+                q, scale = gptq_quantize(np.concatenate(weights, axis=1), h, self.damp, self.block_size, self.act_order,
+                                         fmt)
+                split = np.cumsum([w.shape[1] for w in weights])[:-1]
+                for linear, w, q_part, s_part in zip(readers, weights, np.split(q, split, axis=1),
+                                                     np.split(scale, split, axis=-1)):
+                    write_quantized_weight(model.graph, linear, q_part, s_part, fmt)
+                    if log.isEnabledFor(logging.DEBUG):
+                        rtn = fmt.dequantize(*fmt.quantize(w))
+                        log.debug("gptq %s: output error %.3g (round-to-nearest %.3g)", linear.node.name,
+                                  output_error(w, fmt.dequantize(q_part, np.atleast_2d(s_part)), h),
+                                  output_error(w, rtn, h))
         log.info("gptq: quantized %d linears to %s in %d stage(s), %.1f s", len(chosen), fmt.kind.value,
                  len(stages), time.perf_counter() - start)
         return ir.passes.PassResult(model, True)
