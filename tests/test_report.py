@@ -246,6 +246,30 @@ def test_per_token_qdq_is_reported_and_a_lowered_graph_is_refused(tiny_source, t
         build_report(lowered, settings=settings)
 
 
+def test_bias_corrected_linears_are_compared_after_the_correction(tiny_source, tiny_export, tmp_path):
+    import yaml
+
+    from qexport.artifact import Artifact
+    from qexport.report_reference import pair_linears, reference_model
+    from qexport.report_sites import site_errors
+
+    from qexport.recipe import presets_folder
+
+    recipe = yaml.safe_load((presets_folder() / "w8a8-static.yaml").read_text())
+    recipe["passes"].append({"pass": "bias-correct"})
+    (tmp_path / "bc.yaml").write_text(yaml.safe_dump(recipe))
+    out = qexport.export(str(tiny_source("llama")), tmp_path / "bc", recipe=str(tmp_path / "bc.yaml"), calib_windows=1,
+                         calib_seq_len=32, measure_difficulty=False)
+    artifact = Artifact.open(out)
+    reference = reference_model(artifact, tiny_export("llama"), threads=1)
+    quantized = ir.load(artifact.model_path)
+    linears = pair_linears(quantized, reference)
+    assert {lin.name for lin in linears} == TINY_SITES
+    assert all(lin.output.endswith(".bias_corrected") and lin.ref_output != lin.output for lin in linears)
+    rows = site_errors(quantized, reference, linears, [np.arange(32, dtype=np.int64) % 200 + 3], threads=1)
+    assert all(20.0 < r["local_sqnr_db"] < 60.0 for r in rows)
+
+
 @pytest.mark.slow
 def test_report_on_smollm2_w8a8_static_names_the_worst_sites(default_export, tmp_path_factory):
     from smollm2_static import static_smollm2  # tests/ is on sys.path (conftest)
