@@ -42,7 +42,8 @@ class ReportSettings:
 
     def __post_init__(self) -> None:
         if self.windows < 1 or self.seq_len < 2 or self.greedy_tokens < 0 or self.profiles < 0:
-            raise QexportError("report: --windows >= 1, --seq-len >= 2, --greedy-tokens >= 0 and --profiles >= 0")
+            raise QexportError(f"report needs --windows >= 1, --seq-len >= 2 and --greedy-tokens >= 0 (got {self.windows}, "
+                               f"{self.seq_len}, {self.greedy_tokens}) and profiles >= 0 (got {self.profiles})")
 
 
 def build_report(folder: str | os.PathLike, text: str | None = None, dataset: str | None = None,
