@@ -176,3 +176,18 @@ def test_bad_settings_are_recipe_errors(tiny_export):
         QuantizePass(percentile=0.0)
     with pytest.raises(RecipeError, match="calibration windows"):
         QuantizePass(activations="per_tensor")(load(tiny_export("llama")))
+
+
+def test_weight_settings_default_to_int8_and_map_from_a_recipe(tiny_export):
+    from qexport.recipe import Recipe
+    from qexport.passes.weight_quant import WeightClip, WeightQuant
+
+    default, explicit = load(tiny_export("llama")), load(tiny_export("llama"))
+    QuantizePass()(default)
+    QuantizePass(weights="int8", group_size=32, weight_clip="none")(explicit)  # group_size is for int4/dint4 only
+    ints = lambda m: {n.name: n.inputs[0].const_value.numpy() for n in m.graph if n.metadata_props.get(TAG) == "weight"}  # noqa: E731
+    assert ints(default).keys() == ints(explicit).keys()
+    assert all(np.array_equal(ints(default)[k], ints(explicit)[k]) for k in ints(default))
+    built = Recipe.from_dict({"name": "w4", "passes": [{"pass": "quantize", "weights": "dint4", "group_size": 64,
+                                                         "weight_clip": "mse"}]}).build()[0]
+    assert (built.weights, built.group_size, built.weight_clip) == (WeightQuant.DINT4, 64, WeightClip.MSE)
