@@ -9,15 +9,18 @@ qexport preset applied to that export. Columns:
 perplexity, ratio to PyTorch FP32, model size, quantization time after the export (the ORT quantizer's call;
 for qexport: load, calibration and passes), prefill and decode speed relative to the FP32 export (2 threads).
 Usage:
-    python bench/bench_quant.py [MODEL] [--presets w8a8-dynamic,w8a8-static-ort] [--windows 4] [--json]
+    python bench/bench_quant.py [MODEL] [--presets w8a8-dynamic,w8a8-static-ort] [--windows 4] [--inc-path DIR] [--json]
+With Intel Neural Compressor 2.x importable (``--inc-path``), a row for ORT quantize_static with its SmoothQuant option.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,7 +49,9 @@ def _ort_dynamic(src: Path, dst: Path) -> None:
     quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8)
 
 
-def _ort_static(calib_windows: list) -> Callable[[Path, Path], None]:
+def _ort_static(calib_windows: list, smooth_quant: bool = False) -> Callable[[Path, Path], None]:
+    """ORT's quantize_static (QDQ, per-channel, MinMax); with ``smooth_quant`` its SmoothQuant option (alpha 0.5,
+    folded), which needs Intel Neural Compressor 2.x (``neural_compressor.adaptor.ox_utils``)."""
     def run(src: Path, dst: Path) -> None:
         import numpy as np
         import onnx
@@ -73,7 +78,9 @@ def _ort_static(calib_windows: list) -> Callable[[Path, Path], None]:
 
         quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"SmoothQuant": True, "SmoothQuantAlpha": 0.5, "SmoothQuantFolding": True}
+                        if smooth_quant else None)
 
     return run
 
@@ -123,8 +130,13 @@ def main() -> None:
     parser.add_argument("--ort-calib-windows", type=int, default=2, help="windows for ORT's static calibration")
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--inc-path", default=None,
+                        help="a folder holding Intel Neural Compressor 2.x (e.g. pip install --no-deps --target DIR "
+                             "neural-compressor==2.6 and its imports) for ORT's SmoothQuant row; skipped when absent")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.inc_path:
+        sys.path.insert(0, args.inc_path)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     eval_settings = EvalSettings(windows=args.windows, seq_len=args.seq_len, threads=2, greedy_tokens=8)
     speed_settings = BenchSettings(seq_len=args.seq_len, decode_tokens=args.decode_tokens, runs=args.runs, reference=False)
@@ -139,8 +151,13 @@ def main() -> None:
         log.info("fp32 export %.1f s", time.perf_counter() - start)
         tokenizer = Artifact.open(fp32).tokenizer()
         calib = token_windows(tokenizer, load_text(parse_source(None), "calibration"), args.seq_len, args.ort_calib_windows)
-        for name, folder, quantizer in (("ort quantize_dynamic", tmp / "ort-dyn", _ort_dynamic),
-                                        ("ort quantize_static", tmp / "ort-static", _ort_static(calib))):
+        peers = [("ort quantize_dynamic", tmp / "ort-dyn", _ort_dynamic),
+                 ("ort quantize_static", tmp / "ort-static", _ort_static(calib))]
+        if importlib.util.find_spec("neural_compressor") is not None:
+            peers.append(("ort quantize_static + SmoothQuant (INC)", tmp / "ort-static-sq", _ort_static(calib, True)))
+        else:
+            failed["ort quantize_static + SmoothQuant (INC)"] = "neural_compressor not importable (see --inc-path)"
+        for name, folder, quantizer in peers:
             try:
                 models[name] = (folder, _ort_quantized(fp32, folder, quantizer))
             except Exception as exc:  # a peer that fails is a row of the table, not the end of the run
