@@ -6,8 +6,10 @@ import dataclasses
 import fnmatch
 import logging
 
+import numpy as np
 import onnx_ir as ir
 
+from qexport.errors import RecipeError
 from qexport.passes import sites
 from qexport.passes._util import write_weight
 from qexport.passes.hadamard import hadamard_factors, hadamard_matrix, online_hadamard_nodes
@@ -31,13 +33,18 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
     The inserted nodes carry ``metadata_props["qexport.online_hadamard"]``: the dense MatMul(x, H) looks like
     a weight linear to site matching, so quantization passes should skip (or deliberately handle) it.
 
-    n must be 2^k or K * 2^k for a known Hadamard order K; other sizes raise a :class:`QexportError` naming
-    n before anything changes. Sites whose "down" is a tagged Hadamard node are skipped, so a second run
+    ``block`` = b > 0 applies the block-diagonal I_{n/b} ⊗ H_b instead (b a power of two dividing n): one
+    ``Reshape -> MatMul(., H_b) -> Reshape``, n b multiply-adds, cheaper than case 2 but spreading an outlier
+    over b channels only (still orthogonal, so the float graph is unchanged either way).
+
+    n must be 2^k or K * 2^k for a known Hadamard order K (or divisible by ``block``); other sizes raise a
+    :class:`QexportError` naming n before anything changes. Sites whose "down" is a tagged Hadamard node are skipped, so a second run
     reports no change. Run it after any up -> down smoothing, which needs the original site.
     """
 
     sites: str = "*"
     max_dense: int = 256
+    block: int = 0  # 0: the full n x n Hadamard; b > 0: I_{n/b} ⊗ H_b
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -45,19 +52,56 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
             s for s in sites.find_up_down_sites(graph)
             if fnmatch.fnmatchcase(s.name, self.sites) and TAG not in s.down.node.metadata_props
         ]
+        if self.block and (self.block < 2 or self.block & (self.block - 1)):
+            raise RecipeError(f"online-hadamard block {self.block} is not a power of two >= 2; use e.g. 32, or 0 (full)")
         for site in chosen:
-            hadamard_factors(site.down.in_features)  # fail before the first rewrite
+            if self.block and site.down.in_features % self.block:
+                raise RecipeError(f"online-hadamard block {self.block} does not divide {site.name}'s width "
+                                  f"{site.down.in_features}; choose a power of two that does, or 0 (full)")
+            elif not self.block:
+                hadamard_factors(site.down.in_features)  # fail before the first rewrite
         for site in chosen:
             down = site.down
             n = down.in_features
             dtype = down.weight.const_value.numpy().dtype
-            nodes, out = online_hadamard_nodes(graph, down.input, n, dtype, f"{site.name}.r4", self.max_dense)
+            if self.block:
+                nodes, out = _block_hadamard_nodes(graph, down.input, n, self.block, dtype, f"{site.name}.r4")
+                matrix = np.kron(np.eye(n // self.block), hadamard_matrix(self.block))
+            else:
+                nodes, out = online_hadamard_nodes(graph, down.input, n, dtype, f"{site.name}.r4", self.max_dense)
+                matrix = hadamard_matrix(n)
             if down.input.type is not None:
                 out.type, out.shape = down.input.type, down.input.shape
             graph.insert_before(down.node, nodes)
             down.node.replace_input_with(0, out)
-            write_weight(graph, down, hadamard_matrix(n).T @ down.weight_in_out())
+            write_weight(graph, down, matrix.T @ down.weight_in_out())
             log.debug("online Hadamard (%d) before %s", n, down.node.name)
         if chosen:
             log.info("inserted %d online Hadamard transforms", len(chosen))
         return ir.passes.PassResult(model, bool(chosen))
+
+
+def _block_hadamard_nodes(graph: ir.Graph, x: ir.Value, n: int, block: int, dtype: np.dtype, prefix: str
+                          ) -> tuple[list[ir.Node], ir.Value]:
+    """Nodes computing ``x @ (I_{n/block} ⊗ H_block)`` over the last axis of ``x``, tagged like the full form."""
+    h = _shared_const(graph, f"qexport.hadamard.{block}", hadamard_matrix(block).astype(dtype))  # as the full form names it
+    split = _shared_const(graph, f"qexport.hadamard.shape.{n // block}x{block}.block", np.array([-1, n // block, block], np.int64))
+    shape = ir.node("Shape", [x], name=f"{prefix}/hadamard_shape")
+    reshape = ir.node("Reshape", [x, split], name=f"{prefix}/hadamard_split")
+    matmul = ir.node("MatMul", [reshape.outputs[0], h], name=f"{prefix}/hadamard_block")
+    merge = ir.node("Reshape", [matmul.outputs[0], shape.outputs[0]], name=f"{prefix}/hadamard_merge")
+    nodes = [shape, reshape, matmul, merge]
+    for node in nodes:
+        node.outputs[0].name = f"{node.name}:0"
+        node.metadata_props[TAG] = str(node.op_type)
+    return nodes, merge.outputs[0]
+
+
+def _shared_const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """The initializer ``name`` (registered with ``array`` on first use)."""
+    value = graph.initializers.get(name)
+    if value is None:
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.from_numpy(array.dtype)
+        graph.register_initializer(value)
+    return value

@@ -62,6 +62,7 @@ PASSES: dict[str, str] = {
     "ort-int8": "qexport.passes.lower_ort:LowerOrtPass",
     "ort-attention": "qexport.passes.attention_ort:OrtAttentionPass",
     "ort-merge-linears": "qexport.passes.merge_int8_linears:MergeInt8LinearsPass",
+    "ort-rms-norm": "qexport.passes.rms_norm_ort:OrtRmsNormPass",
     "quantize-gptq": "qexport.passes.gptq:GptqPass",
     "bias-correct": "qexport.passes.bias_correction:BiasCorrectPass",
     "aqas": "qexport.passes.aqas:AqasPass",
