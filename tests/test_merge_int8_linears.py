@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 
 import numpy as np
-import pytest
 
 from pass_testing import load
 from qexport.passes.attention_ort import OrtAttentionPass
@@ -24,9 +23,18 @@ def _lowered(tiny_export, family: str, activations: str):
     return model
 
 
-@pytest.mark.parametrize("activations", ["per_token", "per_tensor"])
-def test_merged_equals_separate_with_left_padding_and_decode(tiny_export, family, activations):
-    model = _lowered(tiny_export, family, activations)
+def test_merged_equals_separate_with_left_padding_and_decode(tiny_export, family):
+    _check_merge_is_exact(_lowered(tiny_export, family, "per_token"))
+
+
+def test_per_tensor_merge_concatenates_fused_biases(tiny_export):
+    """Static scales: OPT's Gemm biases are fused into the kernel (its bias input), concatenated on merge."""
+    model = _lowered(tiny_export, "opt", "per_tensor")
+    assert any(len(n.inputs) > 6 and n.inputs[6] is not None for n in model.graph if n.op_type == "MatMulIntegerToFloat")
+    _check_merge_is_exact(model)
+
+
+def _check_merge_is_exact(model) -> None:
     feeds = _padded_feeds(model)
     expected = _decode_steps(model, feeds)
     before = collections.Counter(n.op_type for n in model.graph)["MatMulIntegerToFloat"]
