@@ -29,8 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--recipe", default=None, help="recipe YAML file or preset name (see samples/recipes)")
     p.add_argument("--calib", default=None, help="calibration text: a file or a dataset name (default: Python's documentation)")
-    p.add_argument("--calib-windows", type=int, default=16, help="calibration windows")
-    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--calib-windows", type=int, default=None,
+                   help="calibration windows (default: the recipe's calibration.windows, else 16)")
+    p.add_argument("--calib-seq-len", type=int, default=None,
+                   help="tokens per calibration window (default: the recipe's calibration.seq_len, else 512)")
     p.add_argument("--no-difficulty", action="store_true",
                    help="skip the per-site quantization-difficulty metric after each pass (faster)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
