@@ -76,7 +76,7 @@ def _ort_static(calib_windows: list, smooth_quant: bool = False) -> Callable[[Pa
                         feeds[value.name] = np.zeros((1, dims[1], 0, dims[3]), np.float32)
                 return feeds
 
-        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax,
                         extra_options={"SmoothQuant": True, "SmoothQuantAlpha": 0.5, "SmoothQuantFolding": True}
