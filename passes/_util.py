@@ -183,3 +183,9 @@ def write_bias(graph: ir.Graph, linear: "Linear", bias: np.ndarray) -> None:
             use.node.replace_input_with(use.idx, add.outputs[0])
     if out.is_graph_output():
         set_graph_output(graph, out, add.outputs[0])
+
+
+def raise_default_opset(graph: ir.Graph, version: int) -> None:
+    """Make the graph's default-domain opset at least ``version`` (for an op the pass inserts)."""
+    if graph.opset_imports.get("", 1) < version:
+        graph.opset_imports[""] = version

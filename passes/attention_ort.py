@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qexport.passes._util import const_array, new_initializer
+from qexport.passes._util import const_array, new_initializer, raise_default_opset
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +204,7 @@ class OrtAttentionPass(ir.passes.InPlacePass):
         matches = [m for node in graph if (m := match_attention(node)) is not None]
         if not matches:
             return ir.passes.PassResult(model, False)
-        if graph.opset_imports.get("", 1) < ATTENTION_OPSET:
-            graph.opset_imports[""] = ATTENTION_OPSET
+        raise_default_opset(graph, ATTENTION_OPSET)
         dead_rows: dict[ir.Value, ir.Value] = {}
         for index, match in enumerate(matches):
             _fuse(graph, match, f"qexport.attention.{index}", dead_rows)

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qexport.passes._util import const_array, new_initializer
+from qexport.passes._util import const_array, new_initializer, raise_default_opset
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,7 @@ class OrtRmsNormPass(ir.passes.InPlacePass):
         matches = [m for node in graph if (m := match_rms_norm(node)) is not None]
         if not matches:
             return ir.passes.PassResult(model, False)
-        if graph.opset_imports.get("", 1) < RMS_NORM_OPSET:
-            graph.opset_imports[""] = RMS_NORM_OPSET
+        raise_default_opset(graph, RMS_NORM_OPSET)
         for index, match in enumerate(matches):
             _fuse(graph, match, f"qexport.rms_norm.{index}")
         log.info("fused %d RMSNorms into RMSNormalization nodes", len(matches))
