@@ -5,20 +5,13 @@ from __future__ import annotations
 import collections
 import json
 
-import numpy as np
-import onnx_ir as ir
 import pytest
 
 import qexport
-from pass_testing import load, make_feeds, run
+from preset_testing import evaluate_quantized, export_tiny_preset, logits_sqnr_db, quantize_smollm2
 from qexport import recipe as rc
 
 QUANT_PRESETS = [name for name in rc.preset_names() if name.startswith("w8a8")]
-
-
-def _sqnr_db(got: np.ndarray, expected: np.ndarray) -> float:
-    expected = expected.astype(np.float64)
-    return float(10 * np.log10((expected**2).sum() / ((got.astype(np.float64) - expected) ** 2).sum()))
 
 
 def test_the_documented_quant_presets_exist():
@@ -36,13 +29,7 @@ def test_export_measures_difficulty_up_to_the_lossy_passes(tiny_source, tmp_path
 
 @pytest.mark.parametrize("preset", QUANT_PRESETS)
 def test_quant_preset_end_to_end_on_tiny_llama(tiny_source, tiny_export, tmp_path, preset):
-    out = qexport.export(str(tiny_source("llama")), tmp_path / "q", recipe=preset, calib_windows=2, calib_seq_len=64)
-    manifest = json.loads((out / "qexport.json").read_text())
-    steps = manifest["recipe"]["steps"]
-    assert [s["pass"] for s in steps] == [e.name for e in rc.load_recipe(preset).passes]
-    assert all(s["modified"] for s in steps if not s["lossless"])  # (fold-norm has nothing to fold: gamma = 1)
-    assert manifest["recipe"]["verify"]["max_abs_logit_diff"] < 1e-3  # the lossless prefix stayed exact
-    model = ir.load(out / "model.onnx")
+    steps, model = export_tiny_preset(tiny_source("llama"), tmp_path / "q", preset)
     ops = collections.Counter(n.op_type for n in model.graph)
     settings = dict(rc.load_recipe(preset).passes[[e.name for e in rc.load_recipe(preset).passes].index("quantize")].settings)
     linears = 14 + bool(settings.get("include_lm_head"))  # 2 layers x 7, and lm_head if the preset says so
@@ -52,8 +39,7 @@ def test_quant_preset_end_to_end_on_tiny_llama(tiny_source, tiny_export, tmp_pat
         assert ops["MatMulIntegerToFloat"] == linears and ops["DequantizeLinear"] == 0
     else:
         assert ops["DequantizeLinear"] == linears + ops["QuantizeLinear"]  # weights, and one DQ per activation Q
-    feeds = make_feeds(model, past=0)  # rotations change the KV cache basis: compare from an empty cache
-    sqnr = _sqnr_db(run(model, feeds)["logits"], run(load(tiny_export("llama")), feeds)["logits"])
+    sqnr = logits_sqnr_db(model, tiny_export("llama"))
     assert 20.0 < sqnr < 80.0, f"{preset}: logits SQNR {sqnr:.1f} dB vs FP32"  # quantized, and still the model
 
 
@@ -64,20 +50,8 @@ TARGETS = {"w8a8-dynamic": 1.01, "w8a8-static": 1.05}
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(TARGETS))
 def test_quant_preset_meets_its_perplexity_target_on_smollm2(default_export, tmp_path, preset):
-    import shutil
-
-    from qexport.artifact import Artifact
-    from qexport.evaluation import EvalSettings, evaluate
-    from qexport.pipeline import PipelineSettings, apply_recipe
-    from qexport.text import load_text, parse_source, token_windows
-
-    windows = token_windows(Artifact.open(default_export).tokenizer(), load_text(parse_source(None), "calibration"), 512, 16)
-    model = ir.load(default_export / "model.onnx")
-    apply_recipe(model, rc.load_recipe(preset), windows, PipelineSettings(measure_difficulty=False))
-    out = tmp_path / preset
-    shutil.copytree(default_export, out, ignore=shutil.ignore_patterns("model.onnx"))
-    ir.save(model, out / "model.onnx")
-    result = evaluate(out, settings=EvalSettings(windows=4, seq_len=512, greedy_tokens=8))
+    model = quantize_smollm2(default_export, preset)
+    result = evaluate_quantized(default_export, model, tmp_path / preset)
     assert result["ppl_ratio"] <= TARGETS[preset], f"{preset}: ppl ratio {result['ppl_ratio']:.4f}"
     ops = collections.Counter(n.op_type for n in model.graph)
     merged = sum(len(n.metadata_props.get("qexport.merged_linears", "").split(",")) - 1

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import collections
-import json
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-import qexport
 from pass_testing import load, make_feeds
+from preset_testing import evaluate_quantized, export_tiny_preset, logits_sqnr_db, quantize_smollm2
 from qexport import recipe as rc
 from qexport.errors import RecipeError
 from qexport.passes._util import write_weight
@@ -180,11 +179,6 @@ def test_w4a8_static_passes_the_tensorrt_check_and_block_32_does_not(tiny_export
     assert {f.rule.value for f in errors(check_model(model))} == {"block-size"}
 
 
-def _sqnr_db(got: np.ndarray, expected: np.ndarray) -> float:
-    expected = expected.astype(np.float64)
-    return float(10 * np.log10((expected**2).sum() / ((got.astype(np.float64) - expected) ** 2).sum()))
-
-
 W4A8_PRESETS = [name for name in rc.preset_names() if name.startswith("w4a8")]
 
 
@@ -194,13 +188,7 @@ def test_the_w4a8_preset_exists():
 
 @pytest.mark.parametrize("preset", W4A8_PRESETS)
 def test_w4a8_preset_end_to_end_on_tiny_llama(tiny_source, tiny_export, tmp_path, preset):
-    out = qexport.export(str(tiny_source("llama")), tmp_path / "q", recipe=preset, calib_windows=2, calib_seq_len=64)
-    manifest = json.loads((out / "qexport.json").read_text())
-    steps = manifest["recipe"]["steps"]
-    assert [s["pass"] for s in steps] == [e.name for e in rc.load_recipe(preset).passes]
-    assert all(s["modified"] for s in steps if not s["lossless"])
-    assert manifest["recipe"]["verify"]["max_abs_logit_diff"] < 1e-3  # the lossless prefix stayed exact
-    model = ir.load(out / "model.onnx")
+    _, model = export_tiny_preset(tiny_source("llama"), tmp_path / "q", preset)
     weights = [n for n in model.graph if n.metadata_props.get(TAG) == "weight"]
     assert len(weights) == 14 and all(n.inputs[0].const_value.dtype == ir.DataType.INT4 for n in weights
                                       if n.op_type == "DequantizeLinear")
@@ -208,8 +196,7 @@ def test_w4a8_preset_end_to_end_on_tiny_llama(tiny_source, tiny_export, tmp_path
     assert ops["QuantizeLinear"] == 8  # per-tensor activations: q/k/v, o, gate/up, down in 2 layers
     if preset == "w4a8":
         assert errors(check_model(model)) == []
-    feeds = make_feeds(model, past=0)  # rotations change the KV cache basis: compare from an empty cache
-    sqnr = _sqnr_db(_run_exact(model, feeds)["logits"], _run_exact(load(tiny_export("llama")), feeds)["logits"])
+    sqnr = logits_sqnr_db(model, tiny_export("llama"), runner=_run_exact)
     # int4 on a random tiny model, 128 calibration tokens: measured 7.7 dB (round-to-nearest int4 9.2, W8A8 26);
     # transposed blocks or wrong scales give about 0 dB or less
     assert 5.0 < sqnr < 40.0, f"{preset}: logits SQNR {sqnr:.1f} dB vs FP32"
@@ -217,24 +204,12 @@ def test_w4a8_preset_end_to_end_on_tiny_llama(tiny_source, tiny_export, tmp_path
 
 @pytest.mark.slow
 def test_w4a8_on_smollm2_passes_the_tensorrt_check_and_its_perplexity_target(default_export, tmp_path):
-    import shutil
-
-    from qexport.artifact import Artifact
-    from qexport.evaluation import EvalSettings, evaluate
-    from qexport.pipeline import PipelineSettings, apply_recipe
-    from qexport.text import load_text, parse_source, token_windows
-
-    windows = token_windows(Artifact.open(default_export).tokenizer(), load_text(parse_source(None), "calibration"), 512, 16)
-    model = ir.load(default_export / "model.onnx")
-    apply_recipe(model, rc.load_recipe("w4a8"), windows, PipelineSettings(measure_difficulty=False))
+    model = quantize_smollm2(default_export, "w4a8")
     assert errors(check_model(model)) == []
     int4 = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None
             and n.inputs[0].const_value.dtype == ir.DataType.INT4]
     assert len(int4) == 7 * 30  # every layer linear has int4 weights
-    out = tmp_path / "w4a8"
-    shutil.copytree(default_export, out, ignore=shutil.ignore_patterns("model.onnx"))
-    ir.save(model, out / "model.onnx")
-    result = evaluate(out, settings=EvalSettings(windows=4, seq_len=512, greedy_tokens=8))
+    result = evaluate_quantized(default_export, model, tmp_path / "w4a8")
     ratio = result["ppl_ratio"]
     assert ratio <= 1.10, f"w4a8: ppl ratio {ratio:.4f} (measured 1.080 when the preset was written)"
     if ratio > 1.06:  # issue 4's target; not reached yet: reported as an expected failure with the figure
