@@ -82,7 +82,8 @@ class GptqPass(ir.passes.InPlacePass):
     """Quantize weight linears' weights with GPTQ; activations are left to a following ``quantize`` pass (recipe name ``quantize-gptq``).
 
     Rewrite cases, for each linear selected as :class:`~qexport.passes.insert_qdq.QuantizePass` selects them
-    (``linears`` glob, lm_head only with ``include_lm_head``):
+    (``linears`` glob minus the comma-separated ``exclude`` globs, which stay float; lm_head only with
+    ``include_lm_head``):
 
     1. H = X^T X / N of the linear's input over the calibration ``windows``, run through the graph as it is
        (so after any rotation or smoothing: the basis the weights are in), one H shared by q/k/v and gate/up,
@@ -103,6 +104,7 @@ class GptqPass(ir.passes.InPlacePass):
     windows: tuple[np.ndarray, ...] = ()
     linears: str = "*"
     include_lm_head: bool = False
+    exclude: str = ""
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
@@ -122,7 +124,7 @@ class GptqPass(ir.passes.InPlacePass):
         object.__setattr__(self, "weight_clip", fmt.clip)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        chosen = selected_linears(model, self.linears, self.include_lm_head)
+        chosen = selected_linears(model, self.linears, self.include_lm_head, self.exclude)
         if not chosen:
             return ir.passes.PassResult(model, False)
         if not self.windows:

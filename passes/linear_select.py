@@ -7,11 +7,13 @@ import logging
 
 import onnx_ir as ir
 
+from qexport.errors import RecipeError
 from qexport.passes import sites as site_matching
 
 log = logging.getLogger(__name__)
 
 TAG = "qexport.quant"  # metadata key on nodes inserted by quantization: "weight", "per_token" or "per_tensor"
+ROLE = "qexport.role"  # metadata key on linear nodes: their role name, recorded before quantization
 
 
 def linear_names(model: ir.Model) -> dict[ir.Node, str]:
@@ -21,7 +23,9 @@ def linear_names(model: ir.Model) -> dict[ir.Node, str]:
     Attention linears come from the site matcher (norm -> q/k/v, v -> o); the MLP linears of layer i are the
     weight linears between o_proj of layer i and the next attention input in graph order (this still holds
     after rotations, where the MLP sites are no longer matched): two reading one input are gate (the one
-    feeding an activation) and up, the next one down.
+    feeding an activation) and up, the next one down. Names recorded on the nodes by :func:`selected_linears`
+    (metadata ``qexport.role``, taken while the graph was still float) take precedence, so linears keep their
+    names after a quantization pass has dequantized some of them.
     """
     found = site_matching.find_sites(model)
     names: dict[ir.Node, str] = {}
@@ -43,6 +47,7 @@ def linear_names(model: ir.Model) -> dict[ir.Node, str]:
             layer = None
         elif layer is not None and site_matching.match_linear(node) is not None:
             mlp.append(node)
+    names.update({node: node.metadata_props[ROLE] for node in model.graph if ROLE in node.metadata_props})
     return names
 
 
@@ -64,10 +69,21 @@ def _lm_heads(model: ir.Model) -> set[ir.Node]:
     return heads | {v.producer() for v in model.graph.outputs if v.producer() is not None}
 
 
+def _globs(exclude: str) -> list[str]:
+    return [g.strip() for g in exclude.split(",") if g.strip()]
+
+
+def _matches(names: list[str], globs: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, glob) for name in names for glob in globs)
+
+
+def _names(node: ir.Node, weight: ir.Value | None, roles: dict[ir.Node, str]) -> list[str]:
+    return [roles.get(node, ""), node.name or ""] + ([weight.name or ""] if weight is not None else [])
+
+
 def _selected(node: ir.Node, weight: ir.Value | None, pattern: str, include_lm_head: bool, heads: set[ir.Node],
               roles: dict[ir.Node, str]) -> bool:
-    names = [roles.get(node, ""), node.name or ""] + ([weight.name or ""] if weight is not None else [])
-    if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+    if not _matches(_names(node, weight, roles), [pattern]):
         log.debug("%s not selected by %r", node.name, pattern)
         return False
     if not include_lm_head and node in heads:
@@ -76,25 +92,71 @@ def _selected(node: ir.Node, weight: ir.Value | None, pattern: str, include_lm_h
     return True
 
 
-def selected_linears(model: ir.Model, pattern: str, include_lm_head: bool) -> list[site_matching.Linear]:
-    """Weight linears (``match_linear``) whose weight or node name matches ``pattern``; lm_head only if asked."""
-    heads, roles = _lm_heads(model), linear_names(model)
-    return [lin for node in model.graph if (lin := site_matching.match_linear(node)) is not None
-            and _selected(node, lin.weight, pattern, include_lm_head, heads, roles)]
+def _dequantized_weight(node: ir.Node) -> ir.Value | None:
+    """The stored codes of a MatMul/Gemm whose weight is a quantization pass's DequantizeLinear, else None."""
+    if node.op_type not in ("MatMul", "Gemm") or node.domain != "" or len(node.inputs) < 2 or node.inputs[1] is None:
+        return None
+    b = node.inputs[1].producer()
+    return b.inputs[0] if b is not None and b.metadata_props.get(TAG) == "weight" else None
 
 
-def prequantized_linears(model: ir.Model, pattern: str, include_lm_head: bool) -> list[ir.Node]:
-    """MatMul/Gemm nodes whose weight is already an int8 DequantizeLinear (e.g. from ``quantize-gptq``) and whose
-    activation is not quantized yet."""
-    heads, roles = _lm_heads(model), linear_names(model)
-    found = []
+def _check_exclude(model: ir.Model, pattern: str, include_lm_head: bool, globs: list[str], heads: set[ir.Node],
+                   roles: dict[ir.Node, str]) -> None:
+    """Each ``exclude`` glob must match a linear ``pattern`` selects (float or with its weight already quantized,
+    so a rerun or a ``quantize`` after ``quantize-gptq`` with the same ``exclude`` passes): a typo is an error."""
+    candidates = []
     for node in model.graph:
-        if node.op_type not in ("MatMul", "Gemm") or node.domain != "" or len(node.inputs) < 2:
-            continue
-        a, b = (v.producer() if v is not None else None for v in node.inputs[:2])
-        if b is None or b.metadata_props.get(TAG) != "weight" or (a is not None and TAG in a.metadata_props):
-            continue
-        if _selected(node, b.inputs[0], pattern, include_lm_head, heads, roles):
-            found.append(node)
+        lin = site_matching.match_linear(node)
+        weight = lin.weight if lin is not None else _dequantized_weight(node)
+        if weight is not None and _selected(node, weight, pattern, include_lm_head, heads, roles):
+            candidates.append(_names(node, weight, roles))
+    for glob in globs:
+        if not any(_matches(names, [glob]) for names in candidates):
+            valid = [names[0] for names in candidates if names[0]]
+            shown = ", ".join(valid[:4] + (["...", valid[-1]] if len(valid) > 5 else valid[4:]))
+            head_note = "" if include_lm_head else " (lm_head is never selected without include_lm_head)"
+            raise RecipeError(f"exclude glob {glob!r} matches none of the {len(candidates)} linears selected by "
+                              f"linears={pattern!r}{head_note}; role names look like: {shown or 'none found'}. "
+                              "Fix the glob (role names, node names or weight names; globs separated by commas)")
+
+
+def selected_linears(model: ir.Model, pattern: str, include_lm_head: bool, exclude: str = ""
+                     ) -> list[site_matching.Linear]:
+    """Weight linears (``match_linear``) whose role, node or weight name matches ``pattern`` and no glob of
+    ``exclude`` (comma-separated); lm_head only if asked. An ``exclude`` glob that matches no linear ``pattern``
+    selects is a :class:`RecipeError`. When any linear is selected (the caller is about to quantize it), the role
+    names of all linears are recorded on their nodes (metadata ``qexport.role``) for later passes."""
+    heads, roles, globs = _lm_heads(model), linear_names(model), _globs(exclude)
+    if globs:
+        _check_exclude(model, pattern, include_lm_head, globs, heads, roles)
+    found = [lin for node in model.graph if (lin := site_matching.match_linear(node)) is not None
+             and _selected(node, lin.weight, pattern, include_lm_head, heads, roles)
+             and not _excluded(node, lin.weight, globs, roles)]
+    if found:  # record the role names: once q/k/v or the MLP weights are dequantized, linear_names can no longer
+        for node, role in roles.items():  # match them structurally (or names a partly quantized q/k/v wrongly)
+            node.metadata_props[ROLE] = role
     return found
 
+
+def _excluded(node: ir.Node, weight: ir.Value | None, globs: list[str], roles: dict[ir.Node, str]) -> bool:
+    if globs and _matches(_names(node, weight, roles), globs):
+        log.debug("%s (%s) excluded: left in float", node.name, roles.get(node, "no role name"))
+        return True
+    return False
+
+
+def prequantized_linears(model: ir.Model, pattern: str, include_lm_head: bool, exclude: str = "") -> list[ir.Node]:
+    """MatMul/Gemm nodes whose weight is already an int8 DequantizeLinear (e.g. from ``quantize-gptq``) and whose
+    activation is not quantized yet, selected as :func:`selected_linears` selects."""
+    heads, roles, globs = _lm_heads(model), linear_names(model), _globs(exclude)
+    if globs:
+        _check_exclude(model, pattern, include_lm_head, globs, heads, roles)
+    found = []
+    for node in model.graph:
+        weight = _dequantized_weight(node)
+        a = node.inputs[0].producer() if weight is not None and node.inputs[0] is not None else None
+        if weight is None or (a is not None and TAG in a.metadata_props):
+            continue
+        if _selected(node, weight, pattern, include_lm_head, heads, roles) and not _excluded(node, weight, globs, roles):
+            found.append(node)
+    return found
