@@ -32,7 +32,8 @@ class QuantizePass(ir.passes.InPlacePass):
 
     Rewrite cases, for each linear found by ``match_linear`` (never QK/AV MatMuls, the mask Add, or nodes
     tagged ``qexport.online_*``) whose role name (:func:`linear_names`, e.g. ``layers.*.mlp.down``), node name
-    or weight name matches the glob ``linears``, lm_head only with ``include_lm_head``:
+    or weight name matches the glob ``linears`` and none of the comma-separated globs of ``exclude`` (an
+    exclude glob matching no selected linear is an error), lm_head only with ``include_lm_head``:
 
     1. weight: an int8 initializer q = clip(round(W / s), -127, 127), s = per-output-channel absmax / 127,
        feeding ``DequantizeLinear(q, s, axis)`` (axis 1 for MatMul B [in, out], 0 for Gemm transB = 1); a tied
@@ -46,7 +47,8 @@ class QuantizePass(ir.passes.InPlacePass):
        calibrated scale s = absmax / 127 (``minmax``) or the ``percentile`` of per-token absmax / 127, from
        ``windows`` run through the graph as it is before this pass.
 
-    One activation quantizer is shared by all selected linears reading the same tensor (q/k/v, gate/up).
+    One activation quantizer is shared by all selected linears reading the same tensor (q/k/v, gate/up); an
+    excluded linear keeps its float weight and reads the float tensor, even where its siblings are quantized.
     Linears whose weight is already dequantized (from ``quantize-gptq``) keep it and get only case 2/3.
     Quantized linears no longer match ``match_linear`` (B is computed), so a second run changes nothing.
     """
@@ -58,6 +60,7 @@ class QuantizePass(ir.passes.InPlacePass):
     percentile: float = 99.9
     linears: str = "*"
     include_lm_head: bool = False
+    exclude: str = ""
     weights: WeightQuant = WeightQuant.INT8
     group_size: int = 128
     weight_clip: WeightClip = WeightClip.NONE
@@ -82,8 +85,8 @@ class QuantizePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        linears = {lin.node: lin for lin in selected_linears(model, self.linears, self.include_lm_head)}
-        prequantized = set(prequantized_linears(model, self.linears, self.include_lm_head))
+        linears = {lin.node: lin for lin in selected_linears(model, self.linears, self.include_lm_head, self.exclude)}
+        prequantized = set(prequantized_linears(model, self.linears, self.include_lm_head, self.exclude))
         if self.activations is ActQuant.NONE:
             prequantized = set()  # nothing to add to them
         by_input: dict[ir.Value, list[ir.Node]] = {}
