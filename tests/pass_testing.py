@@ -10,6 +10,8 @@ import onnxruntime as ort
 
 from qexport.passes import sites
 from qexport.passes._util import const_f64, set_const_input
+from qexport.passes.insert_qdq import QuantizePass
+from qexport.passes.lower_ort import LowerOrtPass
 
 # FP32 equivalence of lossless passes: float64 folding, then one float32 rounding per weight
 RTOL, ATOL = 1e-4, 1e-5
@@ -88,6 +90,59 @@ def prefill_decode(model: ir.Model) -> tuple[dict[str, np.ndarray], dict[str, np
         if value.name.startswith("past_key_values."):
             step[value.name] = first[value.name.replace("past_key_values.", "present.")]
     return first, run(model, step)
+
+
+def padded_feeds(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
+    """Batch 2 after 3 cached tokens; the second row is left-padded over the 3 cached tokens and its first new
+    token, so that token's query attends to nothing at all (the fully masked row)."""
+    feeds = make_feeds(model, seed=seed)
+    feeds["attention_mask"][1, :4] = 0
+    if "position_ids" in feeds:
+        positions = np.cumsum(feeds["attention_mask"], axis=-1) - 1
+        feeds["position_ids"] = np.where(feeds["attention_mask"] == 0, 1, positions)[:, -5:]
+    return feeds
+
+
+def decode_steps(model: ir.Model, feeds: dict[str, np.ndarray], steps: int = 3) -> list[dict[str, np.ndarray]]:
+    """Run ``feeds``, then ``steps`` single-token decode steps on the model's own present key/values."""
+    outputs = [run(model, feeds)]
+    mask = feeds["attention_mask"]
+    for step in range(steps):
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
+        nxt = {"input_ids": np.full((mask.shape[0], 1), 11 + step, np.int64), "attention_mask": mask}
+        if "position_ids" in feeds:
+            nxt["position_ids"] = (np.cumsum(mask, axis=-1) - 1)[:, -1:]
+        for name in feeds:
+            if name.startswith("past_key_values."):
+                nxt[name] = outputs[-1][name.replace("past_key_values.", "present.")]
+        outputs.append(run(model, nxt))
+    return outputs
+
+
+def assert_same_outputs(got: dict[str, np.ndarray], expected: dict[str, np.ndarray], *,
+                        rtol: float, atol: float) -> None:
+    """The same output names, each within the test's own tolerances."""
+    assert got.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=rtol, atol=atol, err_msg=name)
+
+
+def apply_and_check_decode(model: ir.Model, rewrite: ir.passes.PassBase, feeds: dict[str, np.ndarray], *,
+                           rtol: float, atol: float, steps: int = 3) -> ir.passes.PassResult:
+    """Apply ``rewrite`` to ``model`` in place and assert that the run on ``feeds`` and ``steps`` decode steps on
+    the model's own KV cache give the same outputs as before it; returns the pass result (for ``modified``)."""
+    expected = decode_steps(model, feeds, steps)
+    result = rewrite(model)
+    for got, want in zip(decode_steps(model, feeds, steps), expected, strict=True):
+        assert_same_outputs(got, want, rtol=rtol, atol=atol)
+    return result
+
+
+def quantize_and_lower(model: ir.Model, activations: str = "per_token") -> ir.Model:
+    """Int8 QDQ on every linear and the lm_head (one 64-token calibration window), lowered to ORT's int8 kernels."""
+    QuantizePass(activations=activations, windows=(np.arange(3, 67, dtype=np.int64),), include_lm_head=True)(model)
+    LowerOrtPass()(model)
+    return model
 
 
 def weights_of(model: ir.Model) -> dict[str, np.ndarray]:
