@@ -50,7 +50,8 @@ def quantize_smollm2(fp32_folder: Path, preset: str) -> ir.Model:
     from qexport.pipeline import PipelineSettings, apply_recipe
     from qexport.text import load_text, parse_source, token_windows
 
-    windows = token_windows(Artifact.open(fp32_folder).tokenizer(), load_text(parse_source(None), "calibration"), 512, 16)
+    tokenizer = Artifact.open(fp32_folder).tokenizer()
+    windows = token_windows(tokenizer, load_text(parse_source(None), "calibration"), 512, 16)
     model = ir.load(fp32_folder / "model.onnx")
     apply_recipe(model, rc.load_recipe(preset), windows, PipelineSettings(measure_difficulty=False))
     return model
