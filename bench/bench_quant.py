@@ -31,6 +31,7 @@ from qexport.artifact import MODEL_FILE, Artifact
 from qexport.benchmark import BenchSettings, bench
 from qexport.evaluation import EvalSettings, evaluate
 from qexport.text import load_text, parse_source, token_windows
+from table import markdown_table  # bench/table.py, beside this script
 
 log = logging.getLogger("bench_quant")
 
@@ -188,14 +189,20 @@ def main() -> None:
         return
     print(f"\n{args.windows} x {args.seq_len} evaluation tokens; ORT CPU, 2 threads; ratios vs PyTorch FP32 (ppl) "
           "and the ORT FP32 export (speed)\n")
-    print("| model | ppl | ppl ratio | size MB | quant s | prefill ms | prefill x | decode tok/s | decode x |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(_table(rows, failed))
+
+
+def _table(rows: dict[str, dict[str, Any]], failed: dict[str, str]) -> str:
+    """One line per measured model, then one per model that failed, with the error."""
+    header = ["model", "ppl", "ppl ratio", "size MB", "quant s", "prefill ms", "prefill x", "decode tok/s", "decode x"]
+    lines = []
     for name, r in rows.items():
         quant = "-" if r["quant_seconds"] is None else f"{r['quant_seconds']:.0f}"
-        print(f"| {name} | {r['ppl']:.3f} | {r['ppl_ratio']:.4f} | {r['size_mb']:.0f} | {quant} | {r['prefill_ms']:.0f} | "
-              f"{r['prefill_speedup']:.2f} | {r['decode_tokens_per_s']:.1f} | {r['decode_speedup']:.2f} |")
-    for name, error in failed.items():
-        print(f"| {name} | failed: {error} | | | | | | | |")
+        lines.append([name, f"{r['ppl']:.3f}", f"{r['ppl_ratio']:.4f}", f"{r['size_mb']:.0f}", quant,
+                      f"{r['prefill_ms']:.0f}", f"{r['prefill_speedup']:.2f}", f"{r['decode_tokens_per_s']:.1f}",
+                      f"{r['decode_speedup']:.2f}"])
+    lines += [[name, f"failed: {error}"] + [""] * (len(header) - 2) for name, error in failed.items()]
+    return markdown_table(header, lines, align="l" + "r" * (len(header) - 1))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from qexport.runtimes.causal_lm import CausalLM
 from qexport.runtimes.ort import OrtRunner
 from qexport.site_difficulty import summary_table
 from qexport.text import TextSource, load_text, token_windows
+from table import markdown_table  # bench/table.py, beside this script
 
 VARIANTS = {  # smoothing methods that have no preset of their own
     "aweq": {"name": "aweq", "passes": [{"pass": "smooth", "method": "aweq", "sites": "layers.*"}]},
@@ -80,13 +81,17 @@ def main() -> None:
         return
     print(f"untransformed FP32 export: ppl {base_ppl:.4f} on {len(evals)} x {args.seq_len} evaluation tokens; "
           f"recipes calibrated on {len(calib)} x {args.seq_len} tokens of the other half\n")
-    print("| recipe | max abs logit diff vs export | ppl | ppl ratio vs export | passes (s) | with calibration and checks (s) |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['recipe']} | {r['max_abs_logit_diff']:.2e} | {r['ppl']:.4f} | {r['ppl_ratio']:.6f} | "
-              f"{r['pass_seconds']:.1f} | {r['total_seconds']:.1f} |")
+    print(_table(rows))
     for name, stages in difficulty.items():
         print(f"\ndifficulty, {name}:\n{summary_table(stages)}")
+
+
+def _table(rows: list[dict]) -> str:
+    header = ["recipe", "max abs logit diff vs export", "ppl", "ppl ratio vs export", "passes (s)",
+              "with calibration and checks (s)"]
+    return markdown_table(header, [[r["recipe"], f"{r['max_abs_logit_diff']:.2e}", f"{r['ppl']:.4f}",
+                                    f"{r['ppl_ratio']:.6f}", f"{r['pass_seconds']:.1f}", f"{r['total_seconds']:.1f}"]
+                                   for r in rows])
 
 
 if __name__ == "__main__":
