@@ -39,10 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity and parity against the PyTorch source model")
     p.add_argument("dir")
-    _text_args(p)
-    p.add_argument("--windows", type=int, default=4, help="number of text windows")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
-    p.add_argument("--greedy-tokens", type=int, default=32, help="greedy tokens compared with PyTorch")
+    _evaluation_args(p, windows=4, seq_len=512, greedy_tokens=32, windows_help="number of text windows")
     p.add_argument("--no-reference", action="store_true", help="skip the PyTorch comparison")
     _runtime_args(p)
     p.add_argument("--json", action="store_true")
@@ -76,10 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="validation report: per-site error, difficulty, perplexity, plots, suggestions")
     p.add_argument("dir")
-    _text_args(p)
-    p.add_argument("--windows", type=int, default=2, help="evaluation windows (sites and perplexity)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per window")
-    p.add_argument("--greedy-tokens", type=int, default=16, help="greedy tokens compared with PyTorch")
+    _evaluation_args(p, windows=2, seq_len=256, greedy_tokens=16, windows_help="evaluation windows (sites and perplexity)")
     p.add_argument("--reference", default=None,
                    help="FP32 export of the same model (default: export it again from the source in the manifest)")
     p.add_argument("--html", default=None, help="write one self-contained HTML page here")
@@ -100,9 +94,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _text_args(p: argparse.ArgumentParser) -> None:
+def _evaluation_args(p: argparse.ArgumentParser, *, windows: int, seq_len: int, greedy_tokens: int,
+                     windows_help: str) -> None:
+    """The evaluation text and how much of it is scored, shared by `eval` and `report` (their defaults differ)."""
     p.add_argument("--text", default=None, help="a UTF-8 text file (default: Python's documentation, evaluation half)")
     p.add_argument("--dataset", default=None, help="a Hugging Face dataset name, NAME or NAME:CONFIG")
+    p.add_argument("--windows", type=int, default=windows, help=windows_help)
+    p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per window")
+    p.add_argument("--greedy-tokens", type=int, default=greedy_tokens, help="greedy tokens compared with PyTorch")
 
 
 def _runtime_args(p: argparse.ArgumentParser, default_threads: int | None = None) -> None:
