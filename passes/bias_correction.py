@@ -122,20 +122,18 @@ def sequential_errors(model: ir.Model, stages: list[list[QuantizedLinear]], corr
                       windows, threads: int | None) -> dict[ir.Node, np.ndarray]:
     """Per linear: mean over all tokens of (output before its correction - x W) in float64 (Gemm: both without
     C), stage after stage, each stage run with the corrections -e of the stages before it fed in."""
-    from qexport.calibration import prefill_feeds, session_with_outputs
+    from qexport.calibration import ValueSession
 
     group = [t for stage in stages for t in stage]
     names = sorted({t.x.name for t in group} | {t.node.outputs[0].name for t in group})
-    session = session_with_outputs(model, names, threads, inputs=[c.name for c in corrections.values()])
-    inputs = {i.name: i for i in session.get_inputs()}
+    session = ValueSession(model, names, threads, inputs=[c.name for c in corrections.values()])
     biases = {c.name: c.const_value.numpy() for c in corrections.values()}
     errors: dict[ir.Node, np.ndarray] = {}
     for stage in stages:
         sums = {t.node: np.zeros(t.weight.shape[1]) for t in stage}
         tokens = 0
         for window in windows:
-            feeds = {**prefill_feeds(np.asarray(window, dtype=np.int64), inputs, model), **biases}
-            outs = dict(zip(names, session.run(names, feeds)))
+            outs = session.run(window, overrides=biases)
             for t in stage:
                 x = outs[t.x.name].astype(np.float64).reshape(-1, t.weight.shape[0])
                 y = outs[t.node.outputs[0].name].astype(np.float64).reshape(-1, t.weight.shape[1]) - _gemm_c(t.node)

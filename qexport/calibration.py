@@ -222,11 +222,28 @@ def prefill_feeds(window: np.ndarray, inputs: dict, model: ir.Model) -> dict[str
     return feeds
 
 
+class ValueSession:
+    """One ONNX Runtime session on ``model`` giving the graph values ``names`` for a token window (prefill with an
+    empty cache); the initializers named in ``inputs`` are fed at each run (e.g. biases being searched), from
+    ``overrides``. ``model`` must not change while the session is in use (its past key/value inputs shape the feeds).
+    """
+
+    def __init__(self, model: ir.Model, names: Sequence[str], threads: int | None = None, inputs: Sequence[str] = ()):
+        self.names = list(names)
+        self._model = model
+        self._session = session_with_outputs(model, self.names, threads, inputs)
+        self._inputs = {i.name: i for i in self._session.get_inputs()}
+
+    def run(self, window: np.ndarray, overrides: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Name -> array of each value in ``names`` for ``window`` (token ids, [seq] or [batch, seq])."""
+        feeds = prefill_feeds(np.asarray(window, dtype=np.int64), self._inputs, self._model)
+        feeds.update(overrides or {})
+        return dict(zip(self.names, self._session.run(self.names, feeds)))
+
+
 def run_values(model: ir.Model, names: list[str], windows, threads: int | None = None):
     """Yield, for each calibration window (token ids), a dict name -> array of the graph values ``names``,
     from one ONNX Runtime session on ``model`` (prefill with an empty cache)."""
-    session = session_with_outputs(model, names, threads)
-    inputs = {i.name: i for i in session.get_inputs()}
+    session = ValueSession(model, names, threads)
     for window in windows:
-        outs = session.run(names, prefill_feeds(np.asarray(window, dtype=np.int64), inputs, model))
-        yield dict(zip(names, outs))
+        yield session.run(window)
