@@ -2,15 +2,15 @@
 
 Thresholds (a site or role "stands out" when its error power is 4x the typical site's, i.e. 6 dB):
 1. A role (``mlp.down``, ``attn.o``, ...) whose median local SQNR is ``ROLE_MARGIN_DB`` below the median site:
-   leave that role in float with the quantize pass's ``linears`` glob. The glob is built from the last letters
-   of the role names and checked against every quantized site name before it is proposed.
+   leave that role in float with the quantization passes' ``exclude`` (``layers.*.mlp.down``).
 2. Per-tensor activations where simulated per-token int8 scales gain at least ``PER_TOKEN_GAIN_DB`` of
    activation SQNR at the worst sites: ``activations: per_token`` (not TensorRT-deployable: dynamic scales).
-3. Sites ``SITE_MARGIN_DB`` below the median local SQNR: a smoothing pass for the rewrite site feeding them
-   with a larger alpha (more of the activation range moved into the weights), added after the recipe's own
-   smoothing. The alpha is a starting point to measure with `qexport report` again, not a measured optimum.
-Single linears cannot be left in float with one ``linears`` glob yet (the quantize pass takes one glob and
-no exclusion): the reason of rule 3 names them, so the choice stays visible.
+3. Sites ``SITE_MARGIN_DB`` below the median local SQNR (at most ``MAX_SITES``, worst first), two alternatives:
+   a smoothing pass for the rewrite site feeding them with a larger alpha (more of the activation range moved
+   into the weights), added after the recipe's own smoothing (the alpha is a starting point to measure with
+   `qexport report` again, not a measured optimum); or leaving exactly those linears in float with ``exclude``.
+``exclude`` is set on every quantization pass of the recipe (``quantize-gptq`` and the ``quantize`` after it:
+on one alone, the other would still quantize the linear), added to any globs the recipe already excludes.
 """
 
 from __future__ import annotations
@@ -44,12 +44,16 @@ def suggest(report: dict[str, Any], recipe: dict[str, Any]) -> list[dict[str, st
     found += _exclude_roles(report, recipe, median)
     found += _per_token(rows, recipe)
     found += _smooth_sites(report, recipe, median)
+    found += _exclude_sites(report, recipe, median)
     return found
 
 
+def _quantize_indices(recipe: dict[str, Any]) -> list[int]:
+    return [i for i, p in enumerate(recipe.get("passes", [])) if p.get("pass") in ("quantize", "quantize-gptq")]
+
+
 def _quantize_index(recipe: dict[str, Any]) -> int | None:
-    passes = recipe.get("passes", [])
-    return next((i for i, p in enumerate(passes) if p.get("pass") in ("quantize", "quantize-gptq")), None)
+    return next(iter(_quantize_indices(recipe)), None)
 
 
 def _with_quantize(recipe: dict[str, Any], **changes: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -72,34 +76,39 @@ def _ordered(recipe: dict[str, Any]) -> dict[str, Any]:
     return {**head, "passes": passes, **{k: v for k, v in recipe.items() if k not in head and k != "passes"}}
 
 
-def exclusion_glob(names: list[str], excluded_roles: list[str]) -> str | None:
-    """One fnmatch glob matching exactly the ``names`` whose role is not in ``excluded_roles``, or None."""
-    roles = {role_of(n) for n in names if n.startswith("layers.")}
-    last = {role: role[-1] for role in roles}
-    chars = {last[r] for r in excluded_roles if r in last}
-    if not chars or any(last[r] in chars for r in roles if r not in excluded_roles):
-        return None
-    glob = f"layers.*[!{''.join(sorted(chars))}]"
-    keep = {n for n in names if n.startswith("layers.") and role_of(n) not in excluded_roles}
-    return glob if {n for n in names if fnmatch.fnmatchcase(n, glob)} == keep else None
+def _with_exclude(recipe: dict[str, Any], globs: dict[str, list[str]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The recipe with each glob (-> the site names it stands for) added to ``exclude`` of every quantization
+    pass that selects one of its sites (the pass rejects a glob that matches nothing it selects); returns
+    (recipe, changed passes)."""
+    new = copy.deepcopy(recipe)
+    entries = []
+    for entry in (new["passes"][i] for i in _quantize_indices(recipe)):
+        current = [g.strip() for g in str(entry.get("exclude", "")).split(",") if g.strip()]
+        added = [g for g, sites in globs.items() if g not in current and any(_selects(entry, s) for s in sites)]
+        if added:
+            entry["exclude"] = ",".join(current + added)
+            entries.append(entry)
+    return new, entries
+
+
+def _selects(entry: dict[str, Any], site: str) -> bool:
+    if site == "lm_head" and not entry.get("include_lm_head", False):
+        return False
+    return fnmatch.fnmatchcase(site, str(entry.get("linears", "*")))
 
 
 def _exclude_roles(report: dict[str, Any], recipe: dict[str, Any], median: float) -> list[dict[str, str]]:
-    index = _quantize_index(recipe)
-    if index is None:
-        return []
     bad = [role for role, v in report["roles"].items() if role != "lm_head"
            and v["median_local_sqnr_db"] <= median - ROLE_MARGIN_DB and v["sites"] < len(report["sites"])]
-    current = recipe["passes"][index].get("linears", "*")
-    glob = exclusion_glob([r["site"] for r in report["sites"]], bad) if bad and current in ("*", "layers.*") else None
-    if glob is None:
+    sites = [r["site"] for r in report["sites"]]
+    new, entries = _with_exclude(recipe, {f"layers.*.{role}": [s for s in sites if role_of(s) == role] for role in bad})
+    if not entries:
         return []
-    new, entry = _with_quantize(recipe, linears=glob)
     reason = "; ".join(f"{role}: median local SQNR {report['roles'][role]['median_local_sqnr_db']:.1f} dB over "
                        f"{report['roles'][role]['sites']} sites" for role in bad)
     return [_suggestion(f"leave {', '.join(bad)} in float", f"{reason}, against {median:.1f} dB for the median site "
                         f"(at least {ROLE_MARGIN_DB:.0f} dB worse: 4x the error power); costs int8 speed and size there",
-                        {"passes": [entry]}, new)]
+                        {"passes": entries}, new)]
 
 
 def _per_token(rows: list[dict[str, Any]], recipe: dict[str, Any]) -> list[dict[str, str]]:
@@ -122,8 +131,7 @@ def _per_token(rows: list[dict[str, Any]], recipe: dict[str, Any]) -> list[dict[
 
 
 def _smooth_sites(report: dict[str, Any], recipe: dict[str, Any], median: float) -> list[dict[str, str]]:
-    worst = [r for r in report["sites"] if r["local_sqnr_db"] <= median - SITE_MARGIN_DB
-             and role_of(r["site"]) in SMOOTH_SITE and layer_of(r["site"]) is not None][:MAX_SITES]
+    worst = [r for r in _worst_sites(report, median) if role_of(r["site"]) in SMOOTH_SITE and layer_of(r["site"]) is not None]
     passes = recipe.get("passes", [])
     smooth = [i for i, p in enumerate(passes) if p.get("pass") == "smooth"]
     entries: list[dict[str, Any]] = []
@@ -150,5 +158,25 @@ def _smooth_sites(report: dict[str, Any], recipe: dict[str, Any], median: float)
     new["passes"][at:at] = entries
     return [_suggestion(f"smooth {', '.join(e['sites'] for e in entries)} (alpha {', '.join(str(e['alpha']) for e in entries)})",
                         f"{'; '.join(reasons)}. The median site is at {median:.1f} dB: these are {SITE_MARGIN_DB:.0f} dB or "
-                        "more below it. Insert the passes after the recipe's smoothing; leaving only these linears in "
-                        "float would need an exclusion glob the quantize pass lacks", {"passes": entries}, new)]
+                        "more below it. Insert the passes after the recipe's smoothing (the alternative: leave these linears "
+                        "in float with exclude)", {"passes": entries}, new)]
+
+
+def _worst_sites(report: dict[str, Any], median: float) -> list[dict[str, Any]]:
+    return [r for r in report["sites"] if r["local_sqnr_db"] <= median - SITE_MARGIN_DB][:MAX_SITES]
+
+
+def _exclude_sites(report: dict[str, Any], recipe: dict[str, Any], median: float) -> list[dict[str, str]]:
+    """Leave the worst linears (at most ``MAX_SITES``) in float: their role names as ``exclude`` globs."""
+    worst = _worst_sites(report, median)
+    if not worst or len(worst) == len(report["sites"]):
+        return []
+    names = [r["site"] for r in worst]
+    new, entries = _with_exclude(recipe, {name: [name] for name in names})
+    if not entries:
+        return []
+    detail = "; ".join(f"{r['site']}: local SQNR {r['local_sqnr_db']:.1f} dB (activation {r['activation_sqnr_db']:.1f} dB, "
+                       f"weight {r['weight_sqnr_db']:.1f} dB)" for r in worst)
+    return [_suggestion(f"leave {', '.join(names)} in float", f"{detail}, against {median:.1f} dB for the median site "
+                        f"(at least {SITE_MARGIN_DB:.0f} dB worse: 4x the error power); costs int8 speed and size on "
+                        f"{len(names)} of {len(report['sites'])} quantized linears", {"passes": entries}, new)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fnmatch
 import io
 import json
 import re
@@ -195,19 +194,86 @@ def test_smoothing_suggestion_for_a_site_that_stands_out_runs_as_a_recipe(cli_re
     assert steps[1]["pass"] == "smooth" and steps[1]["modified"]
 
 
-def test_role_exclusion_glob_selects_exactly_the_other_linears(tiny_export):
-    """The glob --suggest proposes to leave mlp.down in float, checked against the quantize pass's own selection."""
-    from qexport.passes.linear_select import linear_names, selected_linears
-    from qexport.report_suggest import exclusion_glob
+def _pushed_down(report: dict, sites: list[str], db: float = 10.0) -> dict:
+    """A copy of ``report`` with ``sites`` ``db`` below its worst site (worst first, roles recomputed)."""
+    import copy
 
-    glob = exclusion_glob(sorted(TINY_SITES), ["mlp.down"])
-    assert glob == "layers.*[!n]"
-    assert {n for n in TINY_SITES if fnmatch.fnmatchcase(n, glob)} == {n for n in TINY_SITES if not n.endswith("down")}
+    from qexport.report import role_summary
+
+    report = copy.deepcopy(report)
+    floor = min(r["local_sqnr_db"] for r in report["sites"])
+    for row in report["sites"]:
+        if row["site"] in sites:
+            row["local_sqnr_db"] = floor - db - (len(sites) - sites.index(row["site"]))  # in the order given
+    report["sites"].sort(key=lambda r: r["local_sqnr_db"])
+    report["roles"] = role_summary(report["sites"])
+    return report
+
+
+def test_role_exclusion_goes_to_every_quantization_pass_and_selects_exactly_the_other_linears(cli_report, tiny_export):
+    """All mlp.down sites 10 dB down: --suggest proposes ``exclude: layers.*.mlp.down`` on quantize-gptq and quantize
+    (on one alone the other would quantize them), only where that pass selects them, and the quantize pass then
+    selects exactly the other linears."""
+    import yaml
+
+    from qexport.passes.linear_select import linear_names, selected_linears
+    from qexport.report_suggest import suggest
+
+    downs = sorted(n for n in TINY_SITES if n.endswith("mlp.down"))
+    report = _pushed_down(cli_report[0], downs)
+    recipe = {"name": "w4", "passes": [{"pass": "quantize-gptq", "weights": "int4", "group_size": 32},
+                                       {"pass": "quantize", "activations": "per_tensor", "exclude": "layers.9.*"},
+                                       {"pass": "quantize", "linears": "layers.*.attn.*"}]}
+    found = [s for s in suggest(report, recipe) if s["title"] == "leave mlp.down in float"]
+    assert len(found) == 1 and re.search(r"mlp\.down: median local SQNR -?\d+\.\d dB over 2 sites", found[0]["reason"])
+    proposed = Recipe.from_dict(yaml.safe_load(found[0]["recipe"]))
+    assert [dict(e.settings).get("exclude") for e in proposed.passes] == [
+        "layers.*.mlp.down", "layers.9.*,layers.*.mlp.down", None]  # the attn-only pass does not select mlp.down
+    snippet = yaml.safe_load(found[0]["yaml"])["passes"]
+    assert [(e["pass"], e["exclude"]) for e in snippet] == [(e.name, dict(e.settings)["exclude"]) for e in proposed.passes[:2]]
     model = ir.load(tiny_export("llama") / "model.onnx")
     names = linear_names(model)
-    chosen = {names[lin.node] for lin in selected_linears(model, glob, include_lm_head=False)}
-    assert chosen == {n for n in TINY_SITES if not n.endswith("mlp.down")}
-    assert exclusion_glob(sorted(TINY_SITES), ["attn.q", "attn.k"]) == "layers.*[!kq]"
+    chosen = {names[lin.node] for lin in selected_linears(model, "*", False, "layers.*.mlp.down")}
+    assert chosen == TINY_SITES - set(downs)
+
+
+def test_leaving_the_worst_linears_in_float_runs_as_a_recipe(cli_report, static_llama, tiny_export):
+    """Push two sites 10 dB below the others: --suggest proposes excluding those linears (and any other site 6 dB
+    below the median, up to 3), and the proposed recipe runs on the FP32 export, leaving exactly them float
+    (unquantized weights and inputs) and the rest int8."""
+    import yaml
+
+    from qexport.artifact import Artifact
+    from qexport.passes.linear_select import TAG, linear_names
+    from qexport.pipeline import PipelineSettings, apply_recipe
+    from qexport.report_suggest import suggest
+    from qexport.text import load_text, parse_source, token_windows
+
+    worst = ["layers.1.attn.o", "layers.0.mlp.up"]
+    report = _pushed_down(cli_report[0], worst)
+    recipe = json.loads((static_llama / "qexport.json").read_text())["recipe"]["recipe"]
+    found = [s for s in suggest(report, recipe) if s["title"].startswith(f"leave {', '.join(worst)}")]
+    assert len(found) == 1
+    excluded = yaml.safe_load(found[0]["yaml"])["passes"][0]["exclude"].split(",")
+    median = float(np.median([r["local_sqnr_db"] for r in report["sites"]]))
+    rows = {r["site"]: r for r in report["sites"]}
+    assert excluded[:2] == worst and len(excluded) <= 3  # worst first; the tiny model's own outlier may follow
+    assert all(rows[site]["local_sqnr_db"] <= median - 6.0 for site in excluded)
+    assert found[0]["title"] == f"leave {', '.join(excluded)} in float"
+    assert all(re.search(rf"{re.escape(site)}: local SQNR -?\d+\.\d dB \(activation", found[0]["reason"]) for site in excluded)
+    proposed = Recipe.from_dict(yaml.safe_load(found[0]["recipe"]))
+    fp32 = tiny_export("llama")
+    windows = token_windows(Artifact.open(fp32).tokenizer(), load_text(parse_source(None), "calibration"), 64, 2)
+    model = ir.load(fp32 / "model.onnx")
+    steps = apply_recipe(model, proposed, windows, PipelineSettings(measure_difficulty=False))["steps"]
+    assert steps[-1]["pass"] == "quantize" and steps[-1]["modified"]
+    names = linear_names(model)
+    assert TINY_SITES <= set(names.values())
+    for node, role in names.items():
+        weight, x = node.inputs[1].producer(), node.inputs[0].producer()
+        quantized = weight is not None and weight.metadata_props.get(TAG) == "weight"
+        assert quantized == (role in TINY_SITES - set(excluded)), role
+        assert (x is not None and x.metadata_props.get(TAG) == "per_tensor") == quantized, role
 
 
 def test_report_refuses_an_unquantized_export_and_a_mismatched_reference(tiny_export, static_llama, tmp_path):
