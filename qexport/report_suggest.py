@@ -53,11 +53,12 @@ def _quantize_indices(recipe: dict[str, Any]) -> list[int]:
 
 
 def _quantize_index(recipe: dict[str, Any]) -> int | None:
-    return next(iter(_quantize_indices(recipe)), None)
+    """The first ``quantize`` pass (the one with activation settings; ``quantize-gptq`` has none)."""
+    return next((i for i in _quantize_indices(recipe) if recipe["passes"][i].get("pass") == "quantize"), None)
 
 
 def _with_quantize(recipe: dict[str, Any], **changes: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The recipe with ``changes`` set on its first quantization pass; returns (recipe, changed pass)."""
+    """The recipe with ``changes`` set on its first ``quantize`` pass; returns (recipe, changed pass)."""
     new = copy.deepcopy(recipe)
     entry = new["passes"][_quantize_index(recipe)]
     entry.update(changes)
