@@ -11,7 +11,9 @@ Rules and where TensorRT documents them (TensorRT 10.x):
   quantization does not support per-axis quantization"), one scale per output channel, a single blocked dimension.
 * INT4 ("Quantization Schemes"): per-block scales, block size 64 or 128, block dimension one of the last two.
 
-Placement advice that does not stop a build (one quantized GEMM input only) is reported as a warning.
+Placement advice that does not stop a build (one quantized GEMM input only) is reported as a warning. The graph
+facts these rules read (build-time constness, producers, quantized types, weight axes) come from
+:mod:`qexport.qdq_graph`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import QexportError
+from qexport.qdq_graph import (Constness, all_nodes, node_name, producer_op, quantized_type, static_dims,
+                               weight_axes)
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +98,8 @@ class TensorRTIncompatibleError(QexportError):
 def check_model(model: ir.Model, target: TensorRTTarget = TensorRTTarget()) -> list[Finding]:
     """Every finding for ``model``, errors first, in graph order."""
     findings = list(_check_opset(model, target))
-    consts = _Constness()
-    for node in _all_nodes(model):
+    consts = Constness()
+    for node in all_nodes(model):
         findings.extend(_check_node(node, model, target, consts))
     return sorted(findings, key=lambda f: f.severity != Severity.ERROR)
 
@@ -120,16 +124,6 @@ def format_findings(findings: Iterable[Finding]) -> str:
     return "\n".join(f"  [{f.severity.value}] {f.rule.value} at {f.node}: {f.message}" for f in findings) or "  none"
 
 
-def _all_nodes(model: ir.Model) -> Iterator[ir.Node]:
-    yield from ir.traversal.RecursiveGraphIterator(model.graph)
-    for function in model.functions.values():
-        yield from ir.traversal.RecursiveGraphIterator(function)
-
-
-def _name(node: ir.Node) -> str:
-    return node.name or f"<unnamed {node.op_type}>"
-
-
 def _check_opset(model: ir.Model, target: TensorRTTarget) -> Iterator[Finding]:
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     if opset is not None and not target.min_opset <= opset <= target.max_opset:
@@ -137,45 +131,39 @@ def _check_opset(model: ir.Model, target: TensorRTTarget) -> Iterator[Finding]:
                       f"{target.min_opset}..{target.max_opset}; export with an opset in that range")
 
 
-def _check_node(node: ir.Node, model: ir.Model, target: TensorRTTarget, consts: "_Constness") -> Iterator[Finding]:
+def _check_node(node: ir.Node, model: ir.Model, target: TensorRTTarget, consts: Constness) -> Iterator[Finding]:
+    name = node_name(node)
     if node.domain not in STANDARD_DOMAINS:
         if (node.domain, node.op_type, node.overload) not in model.functions:
-            yield Finding(Rule.UNSUPPORTED_OP, _name(node), f"{node.domain}::{node.op_type} is not an ONNX operator; "
+            yield Finding(Rule.UNSUPPORTED_OP, name, f"{node.domain}::{node.op_type} is not an ONNX operator; "
                           "TensorRT imports only standard ops, local functions and registered plugins: use "
                           "QuantizeLinear/DequantizeLinear and MatMul instead of contrib ops")
         return
     if node.op_type in UNSUPPORTED_OPS:
         hint = "use static QuantizeLinear/DequantizeLinear pairs" if "Quant" in node.op_type or "Integer" in \
             node.op_type or node.op_type.startswith("QLinear") else "rewrite the graph without it"
-        yield Finding(Rule.UNSUPPORTED_OP, _name(node), f"TensorRT's ONNX parser does not support {node.op_type}; {hint}")
+        yield Finding(Rule.UNSUPPORTED_OP, name, f"TensorRT's ONNX parser does not support {node.op_type}; {hint}")
     elif node.op_type in ("QuantizeLinear", "DequantizeLinear"):
         yield from _check_qdq(node, target, consts)
     elif node.op_type in ("MatMul", "Gemm"):
-        dequantized = [_producer_op(v, look_through=SHAPE_OPS) == "DequantizeLinear" for v in node.inputs[:2]]
+        dequantized = [producer_op(v, look_through=SHAPE_OPS) == "DequantizeLinear" for v in node.inputs[:2]]
         if any(dequantized) and not all(dequantized):
-            yield Finding(Rule.QDQ_PLACEMENT, _name(node), "only one input is dequantized, so TensorRT runs a "
+            yield Finding(Rule.QDQ_PLACEMENT, name, "only one input is dequantized, so TensorRT runs a "
                           "weight-only or float GEMM here; for an INT8 GEMM quantize the activation too (Q/DQ)",
                           Severity.WARNING)
 
 
-def _producer_op(value: ir.Value | None, look_through: frozenset[str] = frozenset()) -> str | None:
-    producer = value.producer() if value is not None else None
-    while producer is not None and producer.op_type in look_through:
-        producer = producer.inputs[0].producer() if producer.inputs[0] is not None else None
-    return producer.op_type if producer is not None else None
-
-
-def _check_qdq(node: ir.Node, target: TensorRTTarget, consts: "_Constness") -> Iterator[Finding]:
-    name, is_dq = _name(node), node.op_type == "DequantizeLinear"
+def _check_qdq(node: ir.Node, target: TensorRTTarget, consts: Constness) -> Iterator[Finding]:
+    name, is_dq = node_name(node), node.op_type == "DequantizeLinear"
     x, scale = node.inputs[0], node.inputs[1]
     zero_point = node.inputs[2] if len(node.inputs) > 2 else None
-    qtype = _quantized_type(node)
+    qtype = quantized_type(node)
     weight = x is not None and consts.is_constant(x)
     if qtype is not None and qtype not in QUANTIZED_TYPES:
         hint = " (without a zero point ONNX quantizes to uint8)" if qtype == ir.DataType.UINT8 and not is_dq else ""
         yield Finding(Rule.QDQ_TYPE, name, f"quantized type {qtype.name} is not one TensorRT "
                       f"supports{hint}; use int8 (symmetric, zero point 0), float8e4m3fn, or int4 for weights")
-    if is_dq and not weight and _producer_op(x) != "QuantizeLinear":
+    if is_dq and not weight and producer_op(x) != "QuantizeLinear":
         yield Finding(Rule.DQ_WITHOUT_Q, name, "dequantizes a run-time tensor that no QuantizeLinear produced; "
                       "TensorRT takes quantized data only from constants or a QuantizeLinear")
     if not is_dq:
@@ -201,30 +189,10 @@ def _check_qdq(node: ir.Node, target: TensorRTTarget, consts: "_Constness") -> I
     yield from _check_granularity(node, x, scale, qtype, weight, target)
 
 
-def _quantized_type(node: ir.Node) -> ir.DataType | None:
-    """DQ: its input's type. Q: output, else zero point, else output_dtype, else ONNX's default uint8."""
-    if node.op_type == "DequantizeLinear":
-        x = node.inputs[0]
-        producer = x.producer() if x is not None else None
-        if x is not None and x.dtype is None and producer is not None and producer.op_type == "QuantizeLinear":
-            return _quantized_type(producer)  # intermediate values may carry no type before shape inference
-        return x.dtype if x is not None else None
-    zero_point = node.inputs[2] if len(node.inputs) > 2 else None
-    output_dtype = node.attributes.get_int("output_dtype", 0)
-    return node.outputs[0].dtype or (zero_point.dtype if zero_point is not None else None) or \
-        (ir.DataType(output_dtype) if output_dtype else ir.DataType.UINT8)
-
-
-def _static_dims(value: ir.Value | None) -> tuple[int, ...] | None:
-    if value is None or value.shape is None or not all(isinstance(d, int) for d in value.shape):
-        return None
-    return tuple(value.shape)
-
-
 def _check_granularity(
     node: ir.Node, x: ir.Value, scale: ir.Value, qtype: ir.DataType | None, weight: bool, target: TensorRTTarget
 ) -> Iterator[Finding]:
-    name, x_dims, s_dims = _name(node), _static_dims(x), _static_dims(scale)
+    name, x_dims, s_dims = node_name(node), static_dims(x), static_dims(scale)
     if s_dims is None:
         log.debug("%s: scale shape unknown, granularity not checked", name)
         return
@@ -250,7 +218,7 @@ def _check_granularity(
     if x_dims is None:
         return
     axis = node.attributes.get_int("axis", 1) % max(len(x_dims), 1)
-    out_axis, in_axis = _weight_axes(node, len(x_dims))
+    out_axis, in_axis = weight_axes(node, len(x_dims))
     if per_channel:
         if len(s_dims) != 1 or s_dims[0] != x_dims[axis]:
             yield Finding(Rule.SCALE_SHAPE, name, f"{s_dims[0] if s_dims else 0} scales for axis {axis} of "
@@ -266,7 +234,7 @@ def _check_blocks(
     node: ir.Node, x_dims: tuple[int, ...], s_dims: tuple[int, ...], axis: int, in_axis: int | None,
     qtype: ir.DataType | None, target: TensorRTTarget,
 ) -> Iterator[Finding]:
-    name = _name(node)
+    name = node_name(node)
     if len(s_dims) != len(x_dims):
         yield Finding(Rule.BLOCK_LAYOUT, name, f"block scales must have the weight's rank {len(x_dims)}")
         return
@@ -286,61 +254,3 @@ def _check_blocks(
                           f"{' or '.join(map(str, target.int4_block_sizes))}")
         if x_dims[-1] % 2:
             yield Finding(Rule.BLOCK_LAYOUT, name, "INT4 weights need an even last dimension (two values per byte)")
-
-
-def _weight_axes(node: ir.Node, rank: int) -> tuple[int | None, int | None]:
-    """Output-channel and reduction axes of the weight, from the GEMM it feeds (through its DQ for a Q)."""
-    outputs = list(node.outputs)
-    if node.op_type == "QuantizeLinear":
-        outputs = [o for use, _ in node.outputs[0].uses() if use.op_type == "DequantizeLinear" for o in use.outputs]
-    for value in outputs:
-        for consumer, index in value.uses():
-            if consumer.op_type == "MatMul" and index == 1 and rank >= 2:
-                return rank - 1, rank - 2
-            if consumer.op_type == "Gemm" and index == 1:
-                return (0, 1) if consumer.attributes.get_int("transB", 0) else (1, 0)
-            if consumer.op_type == "Conv" and index == 1:
-                return 0, 1
-    log.debug("%s: no MatMul/Gemm/Conv weight consumer, axis rule not applied", _name(node))
-    return None, None
-
-
-class _Constness:
-    """Whether a value is known at build time (initializer, Constant, or computed only from those)."""
-
-    def __init__(self) -> None:
-        self._memo: dict[int, bool] = {}
-
-    def is_constant(self, value: ir.Value) -> bool:
-        key = id(value)
-        if key not in self._memo:
-            self._memo[key] = False  # cycles (loop-carried values) are not constant
-            producer = value.producer()
-            if value.const_value is not None:
-                self._memo[key] = True
-            elif producer is not None and producer.op_type not in ("Shape", "Size", "RandomNormal", "RandomUniform",
-                                                                     "RandomNormalLike", "RandomUniformLike"):
-                self._memo[key] = all(v is None or self.is_constant(v) for v in producer.inputs)
-        return self._memo[key]
-
-    @staticmethod
-    def array(value: ir.Value) -> np.ndarray | None:
-        """The value as numpy when it is an initializer or a Constant's output; None otherwise."""
-        if value.const_value is not None:
-            return value.const_value.numpy()
-        producer = value.producer()
-        if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
-            return producer.attributes["value"].as_tensor().numpy()
-        return None
-
-    def trace(self, value: ir.Value | None, limit: int = 6) -> str:
-        """The run-time ops that compute ``value``, breadth first, for the message."""
-        ops: list[str] = []
-        frontier = [value]
-        while frontier and len(ops) < limit:
-            v = frontier.pop(0)
-            if v is not None and not self.is_constant(v):
-                producer = v.producer()
-                ops.append(producer.op_type if producer is not None else f"input {v.name!r}")
-                frontier.extend(producer.inputs if producer is not None else [])
-        return " <- ".join(dict.fromkeys(ops)) or "unknown"
