@@ -20,8 +20,9 @@ final graph must pass :func:`qexport.trt_check.require_compatible`, or the expor
       windows: 4
     check: tensorrt
 
-An unknown key, value or type raises :class:`RecipeError` naming the key and what is allowed. Pass modules
-are imported only when a recipe uses them. Fields whose type cannot be written in YAML (calibration
+An unknown key, value or type raises :class:`RecipeError` naming the key and what is allowed. The pass names and
+the conversion of YAML values to pass fields are in :mod:`qexport.pass_registry`; pass modules are imported only
+when a recipe uses them. Fields whose type cannot be written in YAML (calibration
 statistics) are supplied at run time through :meth:`Recipe.build`.
 
 Presets live in ``samples/recipes/*.yaml`` (the one source of truth). An installed wheel ships that same
@@ -30,117 +31,23 @@ folder as the package ``qexport.recipes`` (a ``package-dir`` mapping in pyprojec
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
 import enum
-import importlib
 import importlib.resources
 import logging
 import os
-import types
-import typing
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
 from qexport.errors import RecipeError
+# PASSES, pass_class and settable_fields are also imported from here (qexport.recipe.PASSES is the registry itself)
+from qexport.pass_registry import PASSES, convert_setting, pass_class, settable_fields
 
 log = logging.getLogger(__name__)
 
-# pass name -> "module:Class"; modules are imported on first use
-PASSES: dict[str, str] = {
-    "untie-embeddings": "qexport.passes.untie_embeddings:UntieEmbeddingsPass",
-    "fold-norm": "qexport.passes.fold_norm:FoldNormPass",
-    "layernorm-to-rms": "qexport.passes.layernorm_to_rms:LayerNormToRmsPass",
-    "smooth": "qexport.passes.smooth:SmoothPass",
-    "rotate-residual": "qexport.passes.rotate_residual:RotateResidualPass",
-    "rotate-heads": "qexport.passes.rotate_heads:RotateHeadsPass",
-    "online-hadamard": "qexport.passes.online_hadamard:OnlineHadamardPass",
-    "affine": "qexport.passes.affine:AffinePass",
-    "quantize": "qexport.passes.insert_qdq:QuantizePass",
-    "ort-int8": "qexport.passes.lower_ort:LowerOrtPass",
-    "ort-attention": "qexport.passes.attention_ort:OrtAttentionPass",
-    "ort-merge-linears": "qexport.passes.merge_int8_linears:MergeInt8LinearsPass",
-    "ort-rms-norm": "qexport.passes.rms_norm_ort:OrtRmsNormPass",
-    "quantize-gptq": "qexport.passes.gptq:GptqPass",
-    "bias-correct": "qexport.passes.bias_correction:BiasCorrectPass",
-    "aqas": "qexport.passes.aqas:AqasPass",
-}
 _RECIPE_KEYS = ("name", "description", "calibration", "check", "passes")
-_SCALARS = (bool, int, float, str)
-
-
-def pass_class(name: str) -> type:
-    """The pass class registered as ``name``; raises :class:`RecipeError` for an unknown or missing pass."""
-    if name not in PASSES:
-        raise RecipeError(f"unknown pass {name!r}; registered passes: {', '.join(sorted(PASSES))}")
-    module_name, class_name = PASSES[name].split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise RecipeError(f"pass {name!r} needs module {module_name}, which cannot be imported: {exc}") from exc
-    return getattr(module, class_name)
-
-
-def _settable(tp: Any) -> bool:
-    """Whether a field of type ``tp`` can be written in YAML."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return all(_settable(a) for a in args)
-    if origin is tuple:
-        return len(args) == 2 and args[1] is Ellipsis and _settable(args[0])
-    if origin is typing.Literal:
-        return True
-    if origin in (dict, collections.abc.Mapping):
-        return args[0] is str and _settable(args[1])
-    return tp is type(None) or tp in _SCALARS or (isinstance(tp, type) and issubclass(tp, enum.Enum))
-
-
-def _describe(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if origin is tuple:
-        return f"a list of {_describe(args[0])}"
-    if origin is typing.Literal:
-        return "one of " + ", ".join(map(repr, args))
-    if origin in (dict, collections.abc.Mapping):
-        return f"a mapping of names to {_describe(args[1])}"
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return "one of " + ", ".join(repr(m.value) for m in tp)
-    return "null" if tp is type(None) else tp.__name__
-
-
-def _convert(where: str, value: Any, tp: Any) -> Any:
-    """``value`` read from YAML as type ``tp``; raises :class:`RecipeError` naming ``where``."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arg in args:
-            try:
-                return _convert(where, value, arg)
-            except RecipeError:
-                continue
-    elif origin is tuple and isinstance(value, (list, tuple)):
-        return tuple(_convert(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value))
-    elif origin in (dict, collections.abc.Mapping) and isinstance(value, Mapping):
-        return {_convert(f"{where} key", k, str): _convert(f"{where}[{k!r}]", v, args[1]) for k, v in value.items()}
-    elif origin is typing.Literal:
-        if value in args:
-            return value
-    elif isinstance(tp, type) and issubclass(tp, enum.Enum):
-        for member in tp:
-            if value == member.value:
-                return member
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp in _SCALARS and type(value) is tp:
-        return value
-    raise RecipeError(f"{where}: {value!r} is not allowed; expected {_describe(tp)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +73,7 @@ class PassEntry:
             if key not in fields:
                 allowed = ", ".join(sorted(fields)) or "none"
                 raise RecipeError(f"{where}: unknown setting {key!r} for pass {name!r}; allowed settings: {allowed}")
-            settings.append((key, _convert(f"{where}.{key}", value, fields[key])))
+            settings.append((key, convert_setting(f"{where}.{key}", value, fields[key])))
         return cls(name, tuple(settings))
 
     def build(self, **runtime: Any) -> Any:
@@ -189,14 +96,6 @@ class PassEntry:
                 value = [v.value if isinstance(v, enum.Enum) else v for v in value]
             out[key] = value
         return out
-
-
-def settable_fields(klass: type) -> dict[str, Any]:
-    """Field name -> type for the fields of a pass dataclass that a recipe may set."""
-    if not dataclasses.is_dataclass(klass):
-        raise RecipeError(f"{klass.__name__} is not a dataclass pass")
-    hints = typing.get_type_hints(klass)
-    return {f.name: hints[f.name] for f in dataclasses.fields(klass) if f.init and _settable(hints[f.name])}
 
 
 class RecipeCheck(str, enum.Enum):
@@ -233,7 +132,7 @@ class CalibrationSettings:
 
 def _parse_checks(data: Any, where: str) -> tuple[RecipeCheck, ...]:
     items = data if isinstance(data, list) else [data]
-    return tuple(_convert(where, item, RecipeCheck) for item in items)
+    return tuple(convert_setting(where, item, RecipeCheck) for item in items)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,8 +152,8 @@ class Recipe:
         unknown = [k for k in data if k not in _RECIPE_KEYS]
         if unknown:
             raise RecipeError(f"{source}: unknown key {unknown[0]!r}; allowed keys: {', '.join(_RECIPE_KEYS)}")
-        name = _convert(f"{source}.name", data.get("name"), str)
-        description = _convert(f"{source}.description", data.get("description", ""), str)
+        name = convert_setting(f"{source}.name", data.get("name"), str)
+        description = convert_setting(f"{source}.description", data.get("description", ""), str)
         entries = data.get("passes")
         if not isinstance(entries, list) or not entries:
             raise RecipeError(f"{source}.passes: expected a non-empty list of pass entries")
