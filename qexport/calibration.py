@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import QexportError
+from qexport.ort_session import cpu_session
 from qexport.passes import sites as site_matching
 
 log = logging.getLogger(__name__)
@@ -186,9 +187,8 @@ def _fingerprint(stats: CalibrationStats) -> str:
 def session_with_outputs(model: ir.Model, names: list[str], threads: int | None, inputs: Sequence[str] = ()):
     """An ONNX Runtime session on ``model`` that also returns the values ``names``; the initializers named in
     ``inputs`` become overridable inputs (fed at each run, e.g. biases being searched). ``model`` is serialized
-    with these extra outputs and inputs, which are taken off again: it is left as it was."""
-    import onnxruntime as ort
-
+    with these extra outputs and inputs (its large initializers handed over in memory, see
+    :mod:`qexport.ort_session`), which are taken off again: it is left as it was."""
     graph = model.graph
     values = {v.name: v for node in graph for v in node.outputs}
     added_outputs = [values[n] for n in dict.fromkeys(names) if not values[n].is_graph_output()]
@@ -196,17 +196,12 @@ def session_with_outputs(model: ir.Model, names: list[str], threads: int | None,
     graph.outputs.extend(added_outputs)
     graph.inputs.extend(added_inputs)
     try:
-        data = ir.to_proto(model).SerializeToString()
+        return cpu_session(model, threads)
     finally:
         for _ in added_outputs:  # pop, not slice deletion: only pop updates the values' graph-output marks
             graph.outputs.pop()
         for _ in added_inputs:
             graph.inputs.pop()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
 def prefill_feeds(window: np.ndarray, inputs: dict, model: ir.Model) -> dict[str, np.ndarray]:

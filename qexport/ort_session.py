@@ -1,0 +1,56 @@
+"""ONNX Runtime CPU sessions on an in-memory onnx_ir model, without serializing its weights.
+
+Serializing a model to protobuf copies every initializer (about 540 MB for SmolLM2-135M), and the session
+then parses and copies them again. Here the large initializers are serialized as external-data stubs and
+handed to ONNX Runtime as OrtValues on the model's own arrays (``SessionOptions.add_external_initializers``),
+so only the graph structure is serialized. The model is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+IN_MEMORY = "qexport-in-memory"  # the external-data location of the stubs; ONNX Runtime never opens it
+MIN_ELEMENTS = 1024  # smaller initializers are serialized inline
+_NUMPY_NATIVE = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8, ir.DataType.UINT8,
+                 ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64, ir.DataType.BOOL}
+
+
+def serialize_without_weights(model: ir.Model) -> tuple[bytes, list[str], list[np.ndarray]]:
+    """(the model's bytes with its large initializers as external stubs, their names, their arrays)."""
+    swapped: dict[str, ir.TensorProtocol] = {}
+    arrays: list[np.ndarray] = []
+    try:
+        for name, value in model.graph.initializers.items():
+            tensor = value.const_value
+            if (tensor is None or tensor.dtype not in _NUMPY_NATIVE or tensor.size < MIN_ELEMENTS
+                    or value.is_graph_input()):  # overridable initializers stay inline
+                continue
+            array = np.ascontiguousarray(tensor.numpy())
+            swapped[name] = tensor
+            arrays.append(array)
+            value.const_value = ir.ExternalTensor(IN_MEMORY, offset=0, length=array.nbytes, dtype=tensor.dtype,
+                                                  shape=tensor.shape, name=name, base_dir="")
+        data = ir.to_proto(model).SerializeToString()
+    finally:
+        for name, tensor in swapped.items():
+            model.graph.initializers[name].const_value = tensor
+    return data, list(swapped), arrays
+
+
+def cpu_session(model: ir.Model, threads: int | None = None):
+    """An ONNX Runtime CPU session on ``model`` as it is now (default graph optimizations)."""
+    import onnxruntime as ort
+
+    data, names, arrays = serialize_without_weights(model)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]  # views of the arrays, not copies
+    if names:
+        options.add_external_initializers(names, values)
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    session._qexport_weights = values  # ONNX Runtime may use these buffers for the session's whole life
+    return session

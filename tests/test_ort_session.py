@@ -1,0 +1,40 @@
+"""In-memory ONNX Runtime sessions (qexport.ort_session): same outputs as a fully serialized model, model untouched."""
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from qexport.calibration import prefill_feeds, session_with_outputs
+from qexport.ort_session import IN_MEMORY, cpu_session, serialize_without_weights
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_in_memory_session_equals_the_serialized_model_and_leaves_it_unchanged(tiny_export, family):
+    model = ir.load(tiny_export(family) / "model.onnx")
+    before = {name: (value.const_value, value.const_value.numpy().copy()) for name, value in model.graph.initializers.items()}
+    full = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    fast = cpu_session(model)
+    ids = np.random.default_rng(0).integers(3, 250, size=(2, 9))
+    feeds = prefill_feeds(ids, {i.name: i for i in fast.get_inputs()}, model)
+    for a, b in zip(full.run(None, feeds), fast.run(None, feeds)):
+        np.testing.assert_array_equal(a, b)
+    for name, value in model.graph.initializers.items():  # the same tensor objects, the same data
+        assert value.const_value is before[name][0]
+        np.testing.assert_array_equal(value.const_value.numpy(), before[name][1])
+
+
+def test_large_initializers_leave_the_protobuf_and_small_or_overridable_ones_stay(tiny_export):
+    model = ir.load(tiny_export("llama") / "model.onnx")
+    data, names, arrays = serialize_without_weights(model)
+    full = len(ir.to_proto(model).SerializeToString())
+    assert names and full - len(data) >= 0.95 * sum(a.nbytes for a in arrays) > 0  # their bytes are not in it (stubs: a few)
+    stubs = {t.name for t in ir.from_proto(__import__("onnx").load_from_string(data)).graph.initializers.values()
+             if isinstance(t.const_value, ir.ExternalTensor) and t.const_value.location == IN_MEMORY}
+    assert stubs == set(names)
+    assert all(a.size >= 1024 for a in arrays)
+    bias = next(n for n, v in model.graph.initializers.items() if v.const_value.size >= 1024)
+    session = session_with_outputs(model, [], None, inputs=[bias])  # an overridable initializer is fed at run time
+    feeds = prefill_feeds(np.arange(3, 10), {i.name: i for i in session.get_inputs()}, model)
+    zero = np.zeros_like(model.graph.initializers[bias].const_value.numpy())
+    assert not np.array_equal(session.run(["logits"], feeds)[0], session.run(["logits"], {**feeds, bias: zero})[0])
