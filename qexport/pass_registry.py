@@ -33,6 +33,7 @@ PASSES: dict[str, str] = {
     "ort-attention": "qexport.passes.attention_ort:OrtAttentionPass",
     "ort-merge-linears": "qexport.passes.merge_int8_linears:MergeInt8LinearsPass",
     "ort-rms-norm": "qexport.passes.rms_norm_ort:OrtRmsNormPass",
+    "ort-rotary": "qexport.passes.rotary_ort:OrtRotaryPass",
     "quantize-gptq": "qexport.passes.gptq:GptqPass",
     "bias-correct": "qexport.passes.bias_correction:BiasCorrectPass",
     "aqas": "qexport.passes.aqas:AqasPass",
