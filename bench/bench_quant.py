@@ -3,8 +3,9 @@
 One run, one table; every figure is measured in this run on the same model and evaluation text (never the
 calibration text). Rows: the FP32 export; ONNX Runtime `quantize_dynamic` (per-channel int8 weights,
 per-tensor dynamic uint8 activations) and `quantize_static` (QDQ, per-channel, MinMax, calibrated on the
-qexport calibration text) applied to that export; the FP32 export with only its attention fused (`ort-attention`, the
-last pass of the ORT presets: shows how much of their speed comes from the fusion rather than from int8); each
+qexport calibration text) applied to that export; the FP32 export with only the float fusions of the ORT presets
+(`ort-attention`, `ort-rms-norm`, `ort-rotary`: shows how much of their speed comes from fusion rather than from
+int8); each
 qexport preset applied to that export. Columns:
 perplexity, ratio to PyTorch FP32, model size, quantization time after the export (the ORT quantizer's call;
 for qexport: load, calibration and passes), prefill and decode speed relative to the FP32 export (2 threads).
@@ -106,17 +107,21 @@ def _qexport_preset(fp32: Path, out: Path, preset: str, windows: list) -> float:
     return time.perf_counter() - start
 
 
-def _fp32_fused_attention(fp32: Path, out: Path) -> float:
-    """The FP32 export with its attention cores fused (OrtAttentionPass) and nothing else; returns seconds."""
+def _fp32_fused(fp32: Path, out: Path) -> float:
+    """The FP32 export with the float ORT fusions of the w8a8-dynamic preset (attention, RMSNorm, rotary) and
+    nothing else; returns seconds."""
     import onnx_ir as ir
 
     from qexport.api import save_model
     from qexport.passes.attention_ort import OrtAttentionPass
+    from qexport.passes.rms_norm_ort import OrtRmsNormPass
+    from qexport.passes.rotary_ort import OrtRotaryPass
 
     shutil.copytree(fp32, out, ignore=shutil.ignore_patterns(MODEL_FILE))
     start = time.perf_counter()
     model = ir.load(fp32 / MODEL_FILE)
-    OrtAttentionPass()(model)
+    for fusion in (OrtAttentionPass(), OrtRmsNormPass(), OrtRotaryPass()):
+        fusion(model)
     save_model(model, out)
     return time.perf_counter() - start
 
@@ -164,7 +169,7 @@ def main() -> None:
             except Exception as exc:  # a peer that fails is a row of the table, not the end of the run
                 log.warning("%s failed: %s", name, exc)
                 failed[name] = f"{type(exc).__name__}: {exc}"[:200]
-        models["onnxruntime fp32 + ort-attention"] = (tmp / "fp32-attention", _fp32_fused_attention(fp32, tmp / "fp32-attention"))
+        models["onnxruntime fp32 + ort fusions"] = (tmp / "fp32-fused", _fp32_fused(fp32, tmp / "fp32-fused"))
         windows = token_windows(tokenizer, load_text(parse_source(None), "calibration"), args.seq_len, args.calib_windows)
         for preset in filter(None, args.presets.split(",")):
             models[f"qexport {preset}"] = (tmp / preset, _qexport_preset(fp32, tmp / preset, preset, windows))
