@@ -7,13 +7,14 @@ import dataclasses
 import logging
 import re
 import time
-from typing import ClassVar, Sequence
+from typing import ClassVar, Iterator, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import RecipeError
 from qexport.passes import sites as site_matching
+from qexport.passes.layer_sessions import StagedRuns
 from qexport.passes.linear_select import linear_names, selected_linears
 from qexport.passes.weight_quant import WeightClip, WeightFormat, WeightQuant, write_quantized_weight
 
@@ -95,11 +96,16 @@ class GptqPass(ir.passes.InPlacePass):
     One-shot (``sequential: false``): all Hessians from one run of the float graph. Layer-sequential
     (``sequential: true``, methods.md §4 step 8): the linears of layer 0, 1, ... (by role name, then any others)
     in turn, each layer's Hessians from the graph in which all earlier layers' weights are already quantized;
-    activations are still float there (their quantizers come with the later ``quantize`` pass).
+    activations are still float there (their quantizers come with the later ``quantize`` pass). The residual
+    stream entering each layer is cached per window (:class:`~qexport.passes.layer_sessions.StagedRuns`), so
+    a layer's Hessians come from a session over that layer and the one before it (quantized), not from the
+    embedding up; the values are those of the whole graph. Where the graph cannot be cut there (no residual
+    stream found, or a layer reading it other than through the cut), that layer runs the whole graph.
     Quantized linears no longer match, so a second run changes nothing.
     """
 
     lossless: ClassVar[bool] = False
+    _cached_layers: ClassVar[bool] = True  # False: each sequential stage runs the whole graph (the reference path)
 
     windows: tuple[np.ndarray, ...] = ()
     linears: str = "*"
@@ -134,8 +140,10 @@ class GptqPass(ir.passes.InPlacePass):
             fmt.group_rows(linear.in_features, linear.node.name)
         start = time.perf_counter()
         stages = _layers(model, chosen) if self.sequential else [chosen]
-        for stage in stages:
-            hessians = self._hessians(model, list(dict.fromkeys(lin.input for lin in stage)))
+        inputs = [list(dict.fromkeys(lin.input for lin in stage)) for stage in stages]
+        runs = StagedRuns(model, inputs, self.windows, self.threads, cached=self.sequential and self._cached_layers)
+        for k, stage in enumerate(stages):
+            hessians = _hessians(inputs[k], runs.run(k))
             for value, h in hessians.items():  # linears reading one input are quantized as one (columns are independent)
                 readers = [lin for lin in stage if lin.input is value]
                 weights = [lin.weight_in_out() for lin in readers]
@@ -150,26 +158,22 @@ class GptqPass(ir.passes.InPlacePass):
                         log.debug("gptq %s: output error %.3g (round-to-nearest %.3g)", linear.node.name,
                                   output_error(w, fmt.dequantize(q_part, np.atleast_2d(s_part)), h),
                                   output_error(w, rtn, h))
-        log.info("gptq: quantized %d linears to %s in %d stage(s), %.1f s", len(chosen), fmt.kind.value,
-                 len(stages), time.perf_counter() - start)
+        log.info("gptq: quantized %d linears to %s in %d stage(s) (%d run from the cached residual stream, %d "
+                 "through the whole graph), %.1f s", len(chosen), fmt.kind.value, len(stages), runs.from_cache,
+                 len(stages) - runs.from_cache, time.perf_counter() - start)
         return ir.passes.PassResult(model, True)
 
-    def _hessians(self, model: ir.Model, values: Sequence[ir.Value]) -> dict[ir.Value, np.ndarray]:
-        """H = X^T X / N of each value over the windows, from the part of the graph that computes them."""
-        from qexport.calibration import prefill_feeds
 
-        names = [v.name for v in values]
-        session = _session_for(model, names, self.threads)
-        inputs = {i.name: i for i in session.get_inputs()}
-        sums: dict[str, np.ndarray] = {}
-        tokens = 0
-        for window in self.windows:
-            outs = session.run(names, prefill_feeds(np.asarray(window, dtype=np.int64), inputs, model))
-            for name, out in zip(names, outs):  # float32 products of one window, summed in float64
-                x = out.astype(np.float32).reshape(-1, out.shape[-1])
-                sums[name] = sums.get(name, 0.0) + (x.T @ x).astype(np.float64)
-            tokens += outs[0].reshape(-1, outs[0].shape[-1]).shape[0]
-        return {v: sums[v.name] / tokens for v in values}
+def _hessians(values: Sequence[ir.Value], runs: Iterator[dict[str, np.ndarray]]) -> dict[ir.Value, np.ndarray]:
+    """H = X^T X / N of each value over the windows, from ``runs`` (name -> array per window)."""
+    sums: dict[str, np.ndarray] = {}
+    tokens = 0
+    for outs in runs:
+        for v in values:  # float32 products of one window, summed in float64
+            x = outs[v.name].astype(np.float32).reshape(-1, outs[v.name].shape[-1])
+            sums[v.name] = sums.get(v.name, 0.0) + (x.T @ x).astype(np.float64)
+        tokens += x.shape[0]
+    return {v: sums[v.name] / tokens for v in values}
 
 
 def _layers(model: ir.Model, chosen: list[site_matching.Linear]) -> list[list[site_matching.Linear]]:
@@ -180,29 +184,6 @@ def _layers(model: ir.Model, chosen: list[site_matching.Linear]) -> list[list[si
         found = re.match(r"layers\.(\d+)\.", roles.get(linear.node, ""))
         stages.setdefault(int(found.group(1)) if found else 1 << 30, []).append(linear)
     return [stages[k] for k in sorted(stages)]
-
-
-def _session_for(model: ir.Model, names: list[str], threads: int | None):
-    """An ONNX Runtime session on a copy of ``model`` whose outputs are ``names``, without the nodes they do not
-    need (a layer's Hessians need only the layers before it)."""
-    import onnxruntime as ort
-
-    copy = ir.from_proto(ir.to_proto(model))
-    values = {v.name: v for node in copy.graph for v in node.outputs}
-    copy.graph.outputs.clear()
-    copy.graph.outputs.extend(values[n] for n in names)
-    for node in reversed(list(copy.graph)):
-        if not any(v.uses() or v.is_graph_output() for v in node.outputs):
-            copy.graph.remove(node, safe=True)
-    for name in [n for n, v in copy.graph.initializers.items() if not v.uses()]:
-        del copy.graph.initializers[name]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    data = ir.to_proto(copy).SerializeToString()
-    del copy
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
 def output_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray) -> float:

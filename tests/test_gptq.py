@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from pass_testing import load
-from qexport.errors import RecipeError
+from qexport.errors import PatternNotFoundError, RecipeError
+from qexport.passes import gptq, layer_sessions
 from qexport.passes.gptq import GptqPass, gptq_quantize
 from qexport.passes.insert_qdq import QuantizePass
+from qexport.passes.layer_sessions import StagedRuns
 from qexport.passes.linear_select import TAG, selected_linears
 from qexport.passes.weight_quant import WeightFormat, quantize_weight
 
@@ -115,35 +117,91 @@ def test_grouped_gptq_beats_round_to_nearest_on_the_layer_output(kind):
         assert _output_mse(x, w, fmt.dequantize(q, scale)) < 0.6 * rtn, f"{kind} act_order={act_order}"
 
 
-def test_sequential_gptq_takes_each_layers_hessian_from_the_graph_with_earlier_layers_quantized(tiny_export, monkeypatch):
-    windows = tuple(np.arange(3 + 60 * i, 67 + 60 * i, dtype=np.int64) for i in range(3))
-    seen: dict[str, np.ndarray] = {}
-    hessians = GptqPass._hessians
+def _layer_hessians(model, pattern, settings):
+    """One-shot Hessians of the inputs of the linears matching ``pattern``, from the whole graph as it is."""
+    inputs = list(dict.fromkeys(lin.input for lin in selected_linears(model, pattern, False)))
+    return {v.name: h for v, h in gptq._hessians(inputs, StagedRuns(model, [inputs], settings["windows"]).run(0)).items()}
 
-    def spy(self, model, values):
-        found = hessians(self, model, values)
+
+def _spy_hessians(monkeypatch) -> dict[str, np.ndarray]:
+    seen: dict[str, np.ndarray] = {}
+    hessians = gptq._hessians
+
+    def spy(values, runs):
+        found = hessians(values, runs)
         seen.update({v.name: h for v, h in found.items()})
         return found
 
+    monkeypatch.setattr(gptq, "_hessians", spy)
+    return seen
+
+
+def test_sequential_gptq_takes_each_layers_hessian_from_the_graph_with_earlier_layers_quantized(tiny_export, monkeypatch):
+    windows = tuple(np.arange(3 + 60 * i, 67 + 60 * i, dtype=np.int64) for i in range(3))
     model = load(tiny_export("llama"))
     layer1 = {lin.input.name for lin in selected_linears(model, "layers.1.*", False)}
     settings = dict(windows=windows, weights="int4", group_size=32)
-    layer1_inputs = [lin.input for lin in selected_linears(model, "layers.1.*", False)]
-    float_h = {v.name: h for v, h in GptqPass(**settings)._hessians(model, list(dict.fromkeys(layer1_inputs))).items()}
-    monkeypatch.setattr(GptqPass, "_hessians", spy)
+    float_h = _layer_hessians(model, "layers.1.*", settings)
+    seen = _spy_hessians(monkeypatch)
     assert GptqPass(**settings, sequential=True)(model).modified
     monkeypatch.undo()
     # the same Hessians from a graph in which only layer 0 is quantized (one-shot: its Hessians are float's)
     reference = load(tiny_export("llama"))
     GptqPass(**settings, linears="layers.0.*")(reference)
-    expected = GptqPass(**settings)._hessians(
-        reference, list(dict.fromkeys(lin.input for lin in selected_linears(reference, "layers.1.*", False))))
+    expected = _layer_hessians(reference, "layers.1.*", settings)
     assert len(expected) == len(layer1) == 4  # the inputs of q/k/v, o, gate/up and down
-    for value, h in expected.items():
-        np.testing.assert_allclose(seen[value.name], h, rtol=1e-6, atol=1e-9 * np.abs(h).max())
-        change = np.abs(seen[value.name] - float_h[value.name]).max() / np.abs(float_h[value.name]).max()
-        assert change > 1e-4, f"{value.name}: layer 1 saw float inputs (relative change {change:.2g})"
+    for name, h in expected.items():
+        np.testing.assert_allclose(seen[name], h, rtol=1e-6, atol=1e-9 * np.abs(h).max())
+        change = np.abs(seen[name] - float_h[name]).max() / np.abs(float_h[name]).max()
+        assert change > 1e-4, f"{name}: layer 1 saw float inputs (relative change {change:.2g})"
     assert sum(n.metadata_props.get(TAG) == "weight" for n in model.graph) == 14
+
+
+def _weight_codes(model) -> dict[str, np.ndarray]:
+    return {n.name: n.inputs[0].const_value.numpy().astype(np.int8) for n in model.graph
+            if n.metadata_props.get(TAG) == "weight"}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "gemma3"])
+def test_sequential_gptq_from_the_cached_residual_stream_equals_whole_graph_runs(tiny_export, monkeypatch, family):
+    """Layer by layer from the cached residual stream (each stage runs one layer and a half) gives the Hessians
+    and codes of running the whole graph up to each layer's linears (the reference path, forced)."""
+    windows = tuple(np.arange(3 + 60 * i, 67 + 60 * i, dtype=np.int64) for i in range(3))
+    settings = dict(windows=windows, weights="int4", group_size=32, sequential=True)
+    results = {}
+    for cached in (True, False):
+        model = load(tiny_export(family))
+        monkeypatch.setattr(GptqPass, "_cached_layers", cached)
+        seen = _spy_hessians(monkeypatch)
+        made = []
+        monkeypatch.setattr(gptq, "StagedRuns", lambda *a, **k: made.append(StagedRuns(*a, **k)) or made[-1])
+        assert GptqPass(**settings)(model).modified
+        monkeypatch.undo()
+        stages = len(made[0].stages)
+        assert stages >= 2 and made[0].from_cache == (stages - 1 if cached else 0)
+        results[cached] = seen, _weight_codes(model)
+    (h_cached, codes_cached), (h_whole, codes_whole) = results[True], results[False]
+    assert h_cached.keys() == h_whole.keys() and len(codes_cached) == len(codes_whole) > 0
+    for name, h in h_whole.items():
+        np.testing.assert_allclose(h_cached[name], h, rtol=1e-6, atol=1e-9 * np.abs(h).max())
+    assert all(np.array_equal(codes_cached[k], codes_whole[k]) for k in codes_whole)
+
+
+def test_stage_without_a_cut_runs_the_whole_graph(tiny_export, monkeypatch):
+    """No residual stream found: every stage runs the whole graph, with the same result as the cached path."""
+    windows = tuple(np.arange(3 + 60 * i, 67 + 60 * i, dtype=np.int64) for i in range(2))
+    settings = dict(windows=windows, weights="int4", group_size=32, sequential=True)
+    cached = load(tiny_export("llama"))
+    GptqPass(**settings)(cached)
+
+    def no_stream(model):
+        raise PatternNotFoundError("no residual stream (test)")
+
+    monkeypatch.setattr(layer_sessions, "stream_values", no_stream)
+    whole = load(tiny_export("llama"))
+    GptqPass(**settings)(whole)
+    a, b = _weight_codes(cached), _weight_codes(whole)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_gptq_weight_settings_are_checked(tiny_export):
