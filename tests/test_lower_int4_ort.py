@@ -1,0 +1,81 @@
+"""LowerInt4OrtPass: MatMulNBits computes what the blocked INT4 QDQ linear computes."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from pass_testing import load, make_feeds
+from qexport.errors import RecipeError
+from qexport.passes.insert_qdq import QuantizePass
+from qexport.passes.lower_int4_ort import LOWERED, LowerInt4OrtPass, pack_nibbles
+
+CALIB = (np.arange(3, 67, dtype=np.int64), np.arange(100, 164, dtype=np.int64))
+
+
+def _run(model: ir.Model, feeds: dict[str, np.ndarray], optimize: bool) -> dict[str, np.ndarray]:
+    """ONNX Runtime on ``model``; without graph optimizations the QDQ graph runs as written (ORT's own
+    DequantizeLinear -> MatMul fusion would round activations to int8 per block)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def _w4a8(family: str, tiny_export, weights: str = "int4", activations: str = "per_tensor") -> ir.Model:
+    model = load(tiny_export(family))
+    QuantizePass(activations=activations, weights=weights, group_size=32, windows=CALIB)(model)
+    return model
+
+
+def test_nibbles_are_packed_low_first_with_zero_point_eight():
+    codes = np.array([[-8, 7], [1, -1], [0, 3], [2, -5]], dtype=np.int8)  # [K 4, N 2]
+    packed = pack_nibbles(np.repeat(codes, 4, axis=0), 16)  # K 16, one block
+    assert packed.shape == (2, 1, 8) and packed.dtype == np.uint8
+    column0 = np.repeat(codes[:, 0], 4) + 8  # the first output's 16 codes, offset to 0..15
+    assert list(packed[0, 0]) == [int(column0[2 * i]) | (int(column0[2 * i + 1]) << 4) for i in range(8)]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_lowered_equals_the_qdq_graph(tiny_export, family):
+    model = _w4a8(family, tiny_export)
+    feeds = make_feeds(model)
+    expected = _run(model, feeds, optimize=False)
+    dq_before = sum(n.op_type == "DequantizeLinear" for n in model.graph)
+    assert LowerInt4OrtPass()(model).modified
+    ops = collections.Counter(n.op_type for n in model.graph)
+    assert ops["MatMulNBits"] == 14 and all(n.metadata_props.get(LOWERED) == "int4" for n in model.graph
+                                            if n.op_type == "MatMulNBits")  # 7 linears x 2 layers
+    assert ops["DequantizeLinear"] == dq_before - 14  # the weight DQs are gone, the activation DQs stay
+    got = _run(model, feeds, optimize=True)
+    for name, value in expected.items():  # float32 in the kernel: only the summation order differs
+        np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5 * np.abs(value).max())
+    assert not LowerInt4OrtPass()(model).modified
+
+
+def test_accuracy_level_four_is_lossy_but_close(tiny_export):
+    model = _w4a8("llama", tiny_export, activations="none")
+    feeds = make_feeds(model)
+    expected = _run(model, feeds, optimize=False)["logits"]
+    assert LowerInt4OrtPass(accuracy_level=4)(model).modified
+    got = _run(model, feeds, optimize=True)["logits"]
+    sqnr = 10 * np.log10(np.sum(expected ** 2) / np.sum((got - expected) ** 2))
+    assert 25.0 < sqnr < 120.0, sqnr  # int8 activations per block: not exact, far better than the int4 weights
+
+
+def test_dint4_and_int8_weights_are_left_alone(tiny_export):
+    for weights in ("dint4", "int8"):
+        model = _w4a8("llama", tiny_export, weights=weights)
+        assert not LowerInt4OrtPass()(model).modified
+
+
+def test_accuracy_level_is_validated():
+    with pytest.raises(RecipeError, match="accuracy_level"):
+        LowerInt4OrtPass(accuracy_level=5)
