@@ -50,32 +50,34 @@ def gptq_quantize(w_in_out: np.ndarray, hessian: np.ndarray, damp: float = 0.01,
     """
     rows = fmt.group_rows(w_in_out.shape[0])
     dead, perm, u = factor if factor is not None else inverse_factor(hessian, damp, act_order)
-    w = np.array(w_in_out, dtype=np.float64).T  # torch layout [out, in]
-    w[:, dead] = 0.0
+    w = np.array(w_in_out, dtype=np.float64)  # [in, out]: a column of the paper's W is a contiguous row here
+    w[dead] = 0.0
     if fmt.grouped:
         block_size = max(rows, block_size // rows * rows)
-        scales = np.stack([fmt.scale(w[:, g:g + rows].T) for g in range(0, w.shape[1], rows)]) if act_order else \
-            np.zeros((w.shape[1] // rows, w.shape[0]))
+        scales = np.stack([fmt.scale(w[g:g + rows]) for g in range(0, w.shape[0], rows)]) if act_order else \
+            np.zeros((w.shape[0] // rows, w.shape[1]))
     else:
-        scales = fmt.scale(np.asarray(w_in_out, dtype=np.float64))[None]
-    w = w[:, perm]
+        scales = fmt.scale(np.asarray(w_in_out, dtype=np.float64))[None]  # dead inputs' weights included
+    w = w[perm]
     q = np.zeros_like(w)
-    for start in range(0, w.shape[1], block_size):
-        end = min(start + block_size, w.shape[1])
-        block, errors = w[:, start:end].copy(), np.zeros((w.shape[0], end - start))
+    update = np.empty((block_size, w.shape[1]))
+    for start in range(0, w.shape[0], block_size):
+        end = min(start + block_size, w.shape[0])
+        block, errors = w[start:end].copy(), np.zeros((w.shape[1], end - start))
         for i in range(end - start):
             column = perm[start + i]
-            if fmt.grouped and not act_order and column % rows == 0:
-                scales[column // rows] = fmt.scale(block[:, i:i + rows].T)
+            if fmt.grouped and not act_order and column % rows == 0:  # (Fortran order: the sums of the
+                scales[column // rows] = fmt.scale(np.asfortranarray(block[i:i + rows]))  # clip search as before)
             scale = scales[column // rows] if fmt.grouped else scales[0]
-            col = block[:, i]
-            q[:, start + i] = fmt.codes(col / scale)
-            err = (col - fmt.levels(q[:, start + i]) * scale) / u[start + i, start + i]
-            block[:, i:] -= np.outer(err, u[start + i, start + i:end])
+            row = block[i]
+            q[start + i] = fmt.codes(row / scale)
+            err = (row - fmt.levels(q[start + i]) * scale) / u[start + i, start + i]
+            rest = update[:end - start - i - 1]
+            np.multiply(u[start + i, start + i + 1:end, None], err, out=rest)
+            block[i + 1:] -= rest
             errors[:, i] = err
-        w[:, end:] -= errors @ u[start:end, end:]
-    q = q[:, np.argsort(perm)]
-    return q.T.astype(np.int8), (scales if fmt.grouped else scales[0])
+        w[end:] -= (errors @ u[start:end, end:]).T
+    return q[np.argsort(perm)].astype(np.int8), (scales if fmt.grouped else scales[0])
 
 
 @dataclasses.dataclass(frozen=True)
