@@ -8,7 +8,7 @@ import pytest
 from pass_testing import load
 from qexport.errors import PatternNotFoundError, RecipeError
 from qexport.passes import gptq, layer_sessions
-from qexport.passes.gptq import GptqPass, gptq_quantize
+from qexport.passes.gptq import GptqPass, gptq_quantize, inverse_factor
 from qexport.passes.insert_qdq import QuantizePass
 from qexport.passes.layer_sessions import StagedRuns
 from qexport.passes.linear_select import TAG, selected_linears
@@ -103,6 +103,48 @@ def test_grouped_gptq_without_correlations_is_round_to_nearest(kind, clip):
         q_rtn, s_rtn = fmt.quantize(w)
         np.testing.assert_allclose(scale, s_rtn, rtol=1e-12)
         assert np.mean(q == q_rtn) > 0.995 and scale.shape == (3, 24)
+
+
+def _plain_gptq(w_in_out, hessian, fmt, block_size=128, act_order=False):
+    """The GPTQ loop written plainly on the [out, in] layout, block updates through np.outer (the reference the
+    in-place loop of gptq_quantize must equal bit for bit)."""
+    rows = fmt.group_rows(w_in_out.shape[0])
+    dead, perm, u = inverse_factor(hessian, 0.01, act_order)
+    w = np.array(w_in_out, dtype=np.float64).T
+    w[:, dead] = 0.0
+    if fmt.grouped:
+        block_size = max(rows, block_size // rows * rows)
+        scales = np.stack([fmt.scale(w[:, g:g + rows].T) for g in range(0, w.shape[1], rows)]) if act_order else \
+            np.zeros((w.shape[1] // rows, w.shape[0]))
+    else:
+        scales = fmt.scale(np.asarray(w_in_out, dtype=np.float64))[None]
+    w = w[:, perm]
+    q = np.zeros_like(w)
+    for start in range(0, w.shape[1], block_size):
+        end = min(start + block_size, w.shape[1])
+        block, errors = w[:, start:end].copy(), np.zeros((w.shape[0], end - start))
+        for i in range(end - start):
+            column = perm[start + i]
+            if fmt.grouped and not act_order and column % rows == 0:
+                scales[column // rows] = fmt.scale(block[:, i:i + rows].T)
+            scale = scales[column // rows] if fmt.grouped else scales[0]
+            q[:, start + i] = fmt.codes(block[:, i] / scale)
+            err = (block[:, i] - fmt.levels(q[:, start + i]) * scale) / u[start + i, start + i]
+            block[:, i:] -= np.outer(err, u[start + i, start + i:end])
+            errors[:, i] = err
+        w[:, end:] -= errors @ u[start:end, end:]
+    return q[:, np.argsort(perm)].T.astype(np.int8), (scales if fmt.grouped else scales[0])
+
+
+@pytest.mark.parametrize("kind,clip", [("int8", "none"), ("int4", "mse"), ("dint4", "mse")])
+def test_gptq_loop_equals_the_plain_loop_bit_for_bit(kind, clip):
+    x, w = _layer(seed=4, n_in=128, n_out=40)
+    h = x.T @ x / len(x)
+    fmt = WeightFormat(kind, group_size=32, clip=clip)
+    for block_size, act_order in ((48, False), (128, True)):
+        q, scale = gptq_quantize(w, h, block_size=block_size, act_order=act_order, fmt=fmt)
+        q_ref, scale_ref = _plain_gptq(w, h, fmt, block_size, act_order)
+        assert np.array_equal(q, q_ref) and np.array_equal(scale, scale_ref), (block_size, act_order)
 
 
 @pytest.mark.parametrize("kind", ["int4", "dint4"])
