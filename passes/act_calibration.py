@@ -41,8 +41,9 @@ class AbsHistogram:
         if self.counts is None:
             self.counts = np.zeros(self.bins, dtype=np.int64)
 
-    def update(self, x: np.ndarray) -> None:
-        a = np.abs(np.asarray(x)).ravel()  # the bin index is computed in the data's own precision
+    def update(self, x: np.ndarray, absolute: bool = False) -> None:
+        """Count ``x``'s magnitudes (``absolute``: ``x`` is already |x|)."""
+        a = (np.asarray(x) if absolute else np.abs(np.asarray(x))).ravel()  # binned in the data's own precision
         peak = float(a.max()) if a.size else 0.0
         if peak <= 0.0:
             self.counts[0] += a.size
@@ -53,7 +54,8 @@ class AbsHistogram:
             self.counts = self.counts.reshape(-1, 2).sum(axis=1)
             self.counts = np.concatenate([self.counts, np.zeros(self.bins - len(self.counts), np.int64)])
             self.top *= 2.0
-        index = np.minimum((a * (self.bins / self.top)).astype(np.int64), self.bins - 1)
+        index = (a * (self.bins / self.top)).astype(np.intp)
+        np.minimum(index, self.bins - 1, out=index)
         self.counts += np.bincount(index, minlength=self.bins)
 
     def centres(self) -> np.ndarray:
@@ -91,9 +93,10 @@ def static_scales(model: ir.Model, values: Sequence[ir.Value], windows: Sequence
     hists = {n: AbsHistogram() for n in names} if calibration is ActCalibration.MSE else {}
     for outs in run_values(model, names, windows, threads):
         for name, out in outs.items():
-            token_max[name].append(np.abs(out).reshape(-1, out.shape[-1]).max(axis=1).astype(np.float64))  # exact in fp32
+            magnitude = np.abs(out)  # once for both statistics
+            token_max[name].append(magnitude.reshape(-1, out.shape[-1]).max(axis=1).astype(np.float64))  # exact in fp32
             if name in hists:
-                hists[name].update(out)
+                hists[name].update(magnitude, absolute=True)
     result = {}
     for value in values:
         per_token = np.concatenate(token_max[value.name])
