@@ -189,3 +189,17 @@ def raise_default_opset(graph: ir.Graph, version: int) -> None:
     """Make the graph's default-domain opset at least ``version`` (for an op the pass inserts)."""
     if graph.opset_imports.get("", 1) < version:
         graph.opset_imports[""] = version
+
+
+def remove_dead_nodes(graph: ir.Graph) -> int:
+    """Remove the nodes none of whose outputs is used or a graph output (in reverse order, so chains go too),
+    and the initializers only they read; returns how many nodes."""
+    removed = 0
+    for node in reversed(list(graph)):
+        if not any(o.uses() or o.is_graph_output() for o in node.outputs):
+            inputs = [v for v in node.inputs if v is not None]
+            graph.remove(node, safe=True)
+            removed += 1
+            for value in inputs:
+                drop_if_unused(graph, value)
+    return removed

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qexport.passes._util import const_array, new_initializer, raise_default_opset
+from qexport.passes._util import const_array, new_initializer, raise_default_opset, remove_dead_nodes
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class OrtRotaryPass(ir.passes.InPlacePass):
         halves: dict[ir.Value, ir.Value] = {}
         for index, match in enumerate(matches):
             _fuse(graph, match, f"qexport.rotary.{index}", halves)
-        removed = _remove_dead(graph)
+        removed = remove_dead_nodes(graph)
         log.info("fused %d rotary embeddings into RotaryEmbedding nodes (%d nodes removed)", len(matches), removed)
         return ir.passes.PassResult(model, True)
 
@@ -165,18 +165,3 @@ def _fuse(graph: ir.Graph, match: RotaryMatch, base: str, halves: dict[ir.Value,
     out.name, out.dtype, out.shape = base, match.output.dtype, match.output.shape
     graph.insert_before(match.output.producer(), node)
     match.output.replace_all_uses_with(out)
-
-
-def _remove_dead(graph: ir.Graph) -> int:
-    """Remove the nodes whose outputs nothing reads any more (the decomposed rotaries); returns how many."""
-    removed = 0
-    changed = True
-    while changed:
-        changed = False
-        for node in reversed(list(graph)):
-            if node.op_type in ("Slice", "Neg", "Concat", "Mul", "Add", "Unsqueeze") and \
-                    not any(v.uses() or v.is_graph_output() for v in node.outputs):
-                graph.remove(node, safe=True)
-                removed += 1
-                changed = True
-    return removed
