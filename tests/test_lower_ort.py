@@ -5,11 +5,13 @@ from __future__ import annotations
 import collections
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 from pass_testing import load, make_feeds, run
 from qexport.passes.insert_qdq import QuantizePass
 from qexport.passes.linear_select import TAG
+from qexport.passes._util import const_array
 from qexport.passes.lower_ort import LOWERED, LowerOrtPass, match_quant_linear
 
 # Lowered vs QDQ logits, relative to max |logit|: float accumulation order and rare rounding ties only.
@@ -71,3 +73,68 @@ def test_weight_only_linears_are_left_alone(tiny_export):
     model = load(tiny_export("llama"))
     QuantizePass(activations="none")(model)
     assert not LowerOrtPass()(model).modified
+
+
+def _with_outputs(model, values, feeds):
+    """Run ``model`` with ``values`` as extra graph outputs (taken off again)."""
+    model.graph.outputs.extend(values)
+    try:
+        return run(model, feeds)
+    finally:
+        for _ in values:
+            model.graph.outputs.pop()
+
+
+def _lowered_nodes_alone(model):
+    """The nodes LowerOrtPass inserted, as a model of their own whose float inputs (each linear's activation x and,
+    per token, its scale s_t) are graph inputs: to feed them the QDQ graph's own values; the names of those inputs;
+    node name -> output name (the lm_head's output is the renamed graph output)."""
+    from onnx import TensorProto, helper
+
+    proto = ir.to_proto(model)
+    keep = [n for n in proto.graph.node if any(p.key == LOWERED for p in n.metadata_props)]
+    produced = {o for n in keep for o in n.output}
+    inits = {i.name: i for i in proto.graph.initializer}
+    used = dict.fromkeys(i for n in keep for i in n.input if i)
+    outer = [name for name in used if name not in produced and name not in inits]
+    dtypes = {v.name: int(v.dtype) for node in model.graph if LOWERED in node.metadata_props for v in node.outputs}
+    outputs = [helper.make_tensor_value_info(o, dtypes[o], None) for n in keep for o in n.output]
+    graph = helper.make_graph(keep, "lowered", [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outer],
+                              outputs, [inits[name] for name in used if name in inits])
+    alone = ir.from_proto(helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version))
+    return alone, outer, {n.name: n.output[0] for n in keep}
+
+
+@pytest.mark.parametrize("activations", ["per_token", "per_tensor"])
+def test_lowered_linears_fed_the_qdq_inputs_give_its_integers_exactly(tiny_export, family, activations):
+    """Teacher-forced, linear by linear (no drift from earlier layers): the lowered uint8 activation minus 128 equals
+    the QDQ graph's int8 activation exactly, saturation at -128 and 127 included (per-tensor scales shrunk 4x so
+    both ends clip), and MatMulIntegerToFloat equals sum_k q_k w_kn * s_a * s_w[n] (+ bias) computed in float64
+    from those integers up to float32 rounding of the two scale products."""
+    model = _quantized(tiny_export, family, activations)
+    matches = [m for node in model.graph if (m := match_quant_linear(node)) is not None]
+    if activations == "per_tensor":
+        for scale in {m.act_q.inputs[1] for m in matches}:  # one initializer read by the Q and its DQ
+            scale.const_value = ir.tensor(scale.const_value.numpy() * np.float32(0.25), name=scale.name)
+    feeds = make_feeds(model)
+    acts = {m.act_q: (m.act_q.name, m.act_q.inputs[1].name, m.act_q.outputs[0].name) for m in matches}
+    exposed = [v for q in acts for v in (q.inputs[0], q.inputs[1], q.outputs[0]) if not v.is_initializer()]
+    qdq = _with_outputs(model, list(dict.fromkeys(exposed)), feeds)
+    scales = {scale: const_array(q.inputs[1]) if q.inputs[1].is_initializer() else qdq[scale] for q, (_, scale, _) in acts.items()}
+    expected = [(m.matmul.name, const_array(m.weight_int8), const_array(m.weight_scale), m.transposed,
+                 const_array(m.bias) if m.bias is not None else None, acts[m.act_q]) for m in matches]
+    LowerOrtPass()(model)
+    alone, outer, output_of = _lowered_nodes_alone(model)
+    lowered = run(alone, {name: qdq[name] for name in outer})
+    for q_name, _, int8 in acts.values():
+        got = lowered[f"{q_name}.u8"].astype(np.int16) - 128
+        assert np.array_equal(got, qdq[int8]), f"{q_name}: lowered integers differ from the QDQ int8"
+    ints = np.concatenate([qdq[int8].ravel() for _, _, int8 in acts.values()])
+    if activations == "per_tensor":
+        assert ints.min() == -128 and ints.max() == 127  # both saturation ends were exercised
+    for name, weight, w_scale, transposed, bias, (_, scale, int8) in expected:
+        exact = qdq[int8].astype(np.float64) @ (weight.T if transposed else weight).astype(np.float64)
+        exact = exact * scales[scale].astype(np.float64) * w_scale.astype(np.float64) + (0.0 if bias is None else bias)
+        result = lowered[output_of.get(f"{name}.bias", output_of[f"{name}.int"])]
+        diff = np.abs(result - exact).max() / np.abs(exact).max()
+        assert diff < 1e-6, f"{name}: lowered linear vs float64 product of the QDQ integers {diff:.3g}"
