@@ -151,11 +151,12 @@ class StagedRuns:
         inputs = ([boundary] if boundary is not None else []) + [v for v in self.model.graph.inputs if v in used]
         session = _session(subgraph_proto(self.model, nodes, inputs, wanted), self.threads)
         names = [v.name for v in wanted]
-        model_inputs = {i.name: i for i in session.get_inputs()}
+        model_inputs = {v.name: v for v in self.model.graph.inputs}  # the feeds of a whole-graph run, of which
+        session_inputs = [i.name for i in session.get_inputs()]  # the session takes those its nodes read
         cache = []
         for i, window in enumerate(self.windows):
             feeds = prefill_feeds(np.asarray(window, dtype=np.int64), model_inputs, self.model)
-            feeds = {name: feeds[name] for name in model_inputs if name in feeds}
+            feeds = {name: feeds[name] for name in session_inputs if name in feeds}
             if boundary is not None:
                 feeds[boundary.name] = self._cache[i]
             outs = dict(zip(names, session.run(names, feeds)))
