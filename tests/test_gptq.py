@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -232,12 +234,15 @@ def test_sequential_gptq_from_the_cached_residual_stream_equals_whole_graph_runs
     assert all(np.array_equal(codes_cached[k], codes_whole[k]) for k in codes_whole)
 
 
-def test_stage_without_a_cut_runs_the_whole_graph(tiny_export, monkeypatch):
+def test_stage_without_a_cut_runs_the_whole_graph(tiny_export, monkeypatch, caplog):
     """No residual stream found: every stage runs the whole graph, with the same result as the cached path."""
     windows = tuple(np.arange(3 + 60 * i, 67 + 60 * i, dtype=np.int64) for i in range(2))
     settings = dict(windows=windows, weights="int4", group_size=32, sequential=True)
     cached = load(tiny_export("llama"))
+    caplog.set_level(logging.INFO, logger="qexport.passes")
     GptqPass(**settings)(cached)
+    assert "(1 run from the cached residual stream, 1 through the whole graph)" in caplog.text
+    caplog.clear()
 
     def no_stream(model):
         raise PatternNotFoundError("no residual stream (test)")
@@ -245,6 +250,8 @@ def test_stage_without_a_cut_runs_the_whole_graph(tiny_export, monkeypatch):
     monkeypatch.setattr(layer_sessions, "stream_values", no_stream)
     whole = load(tiny_export("llama"))
     GptqPass(**settings)(whole)
+    assert "(0 run from the cached residual stream, 2 through the whole graph)" in caplog.text
+    assert "no residual stream to cut at" in caplog.text
     a, b = _weight_codes(cached), _weight_codes(whole)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
