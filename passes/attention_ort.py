@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qexport.passes._util import const_array, new_initializer, raise_default_opset
+from qexport.passes._util import const_array, new_initializer, raise_default_opset, remove_dead_nodes
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class OrtAttentionPass(ir.passes.InPlacePass):
         dead_rows: dict[ir.Value, ir.Value] = {}
         for index, match in enumerate(matches):
             _fuse(graph, match, f"qexport.attention.{index}", dead_rows)
-        removed = _remove_dead(graph)
+        removed = remove_dead_nodes(graph)
         log.info("fused %d attention cores into Attention nodes (%d nodes removed)", len(matches), removed)
         return ir.passes.PassResult(model, True)
 
@@ -262,17 +262,3 @@ def _shared(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """The constant ``qexport.attention.<name>``, registered on first use."""
     existing = graph.initializers.get(f"qexport.attention.{name}")
     return existing if existing is not None else new_initializer(graph, f"qexport.attention.{name}", array)
-
-
-def _remove_dead(graph: ir.Graph) -> int:
-    """Remove nodes none of whose outputs is used or a graph output; returns how many."""
-    removed = 0
-    for node in reversed(list(graph)):
-        if not any(o.uses() or o.is_graph_output() for o in node.outputs):
-            inputs = [v for v in node.inputs if v is not None]
-            graph.remove(node, safe=True)
-            removed += 1
-            for value in inputs:
-                if value.is_initializer() and not value.uses() and not value.is_graph_output():
-                    del graph.initializers[value.name]
-    return removed
