@@ -23,6 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from qexport.errors import PatternNotFoundError
+from qexport.ort_session import session_from_bytes
 from qexport.passes.residual import find_residual_stream
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,8 @@ class StagedRuns:
         log.debug("stage %d: %d nodes from %s", k, len(nodes), boundary.name if boundary is not None else "the inputs")
         used = {v for node in nodes for v in node.inputs if v is not None}
         inputs = ([boundary] if boundary is not None else []) + [v for v in self.model.graph.inputs if v in used]
-        session = _session(subgraph_proto(self.model, nodes, inputs, wanted), self.threads)
+        proto = subgraph_proto(self.model, nodes, inputs, wanted)
+        session = session_from_bytes(proto.SerializeToString(), self.threads)
         names = [v.name for v in wanted]
         model_inputs = {v.name: v for v in self.model.graph.inputs}  # the feeds of a whole-graph run, of which
         session_inputs = [i.name for i in session.get_inputs()]  # the session takes those its nodes read
@@ -167,13 +169,3 @@ class StagedRuns:
             self._cached, self._cache = cut, cache
         elif cut is not self._cached:
             self._cached, self._cache = None, []
-
-
-def _session(proto: onnx.ModelProto, threads: int | None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])

@@ -8,6 +8,8 @@ so only the graph structure is serialized. The model is left exactly as it was.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import onnx_ir as ir
 
@@ -41,16 +43,23 @@ def serialize_without_weights(model: ir.Model) -> tuple[bytes, list[str], list[n
 
 def cpu_session(model: ir.Model, threads: int | None = None):
     """An ONNX Runtime CPU session on ``model`` as it is now (default graph optimizations)."""
+    data, names, arrays = serialize_without_weights(model)
+    return session_from_bytes(data, threads, names, arrays)
+
+
+def session_from_bytes(data: bytes, threads: int | None = None, names: Sequence[str] = (),
+                       arrays: Sequence[np.ndarray] = ()):
+    """An ONNX Runtime CPU session (default graph optimizations, warnings off) on the serialized model ``data``;
+    the external-data stubs ``names`` are read from ``arrays``."""
     import onnxruntime as ort
 
-    data, names, arrays = serialize_without_weights(model)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]  # views of the arrays, not copies
     if names:
-        options.add_external_initializers(names, values)
+        options.add_external_initializers(list(names), values)
     session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     session._qexport_weights = values  # ONNX Runtime may use these buffers for the session's whole life
     return session
