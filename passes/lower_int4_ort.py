@@ -9,13 +9,12 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import RecipeError
-from qexport.passes._util import const_array, drop_if_unused, new_initializer
+from qexport.passes._util import const_array, drop_if_unused, new_initializer, set_graph_output
 from qexport.passes.linear_select import TAG
+from qexport.passes.lower_ort import LOWERED, MS_DOMAIN
 
 log = logging.getLogger(__name__)
 
-MS_DOMAIN = "com.microsoft"
-LOWERED = "qexport.lowered"  # metadata value on the nodes this pass inserts
 ZERO_POINT = 8  # MatMulNBits' default 4-bit zero point: stored nibble = code + 8
 
 
@@ -33,7 +32,7 @@ class Int4Linear:
 def match_int4_linear(node: ir.Node) -> Int4Linear | None:
     """The int4 weight linear ``node`` is (a MatMul whose B is a tagged blocked INT4 weight DequantizeLinear along
     the input axis, without zero point), or None."""
-    if node.domain != "" or node.op_type != "MatMul" or len(node.inputs) != 2 or node.outputs[0].is_graph_output():
+    if node.domain != "" or node.op_type != "MatMul" or len(node.inputs) != 2:
         return None
     dq = node.inputs[1].producer() if node.inputs[1] is not None else None
     if dq is None or dq.op_type != "DequantizeLinear" or dq.domain != "" or dq.metadata_props.get(TAG) != "weight":
@@ -109,6 +108,8 @@ def _lower(graph: ir.Graph, match: Int4Linear, accuracy_level: int) -> None:
     old = match.matmul.outputs[0]
     out.name, out.dtype, out.shape = f"{base}.nbits_out", old.dtype, old.shape
     graph.insert_before(match.matmul, node)
+    if old.is_graph_output():
+        set_graph_output(graph, old, out)  # moves the output name (logits) onto the lowered value
     old.replace_all_uses_with(out)
     graph.remove(match.matmul, safe=True)
     weight = match.dequantize.outputs[0]

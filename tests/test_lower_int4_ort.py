@@ -29,9 +29,11 @@ def _run(model: ir.Model, feeds: dict[str, np.ndarray], optimize: bool) -> dict[
     return dict(zip(names, session.run(names, feeds)))
 
 
-def _w4a8(family: str, tiny_export, weights: str = "int4", activations: str = "per_tensor") -> ir.Model:
+def _w4a8(family: str, tiny_export, weights: str = "int4", activations: str = "per_tensor",
+          include_lm_head: bool = False) -> ir.Model:
     model = load(tiny_export(family))
-    QuantizePass(activations=activations, weights=weights, group_size=32, windows=CALIB)(model)
+    QuantizePass(activations=activations, weights=weights, group_size=32, windows=CALIB,
+                 include_lm_head=include_lm_head)(model)
     return model
 
 
@@ -58,6 +60,20 @@ def test_lowered_equals_the_qdq_graph(tiny_export, family):
     for name, value in expected.items():  # float32 in the kernel: only the summation order differs
         np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5 * np.abs(value).max())
     assert not LowerInt4OrtPass()(model).modified
+
+
+def test_an_int4_lm_head_writing_the_logits_is_lowered_and_keeps_the_output_name(tiny_export):
+    model = _w4a8("llama", tiny_export, include_lm_head=True)
+    feeds = make_feeds(model)
+    expected = _run(model, feeds, optimize=False)
+    assert LowerInt4OrtPass()(model).modified
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph) == 15  # 7 linears x 2 layers, and lm_head
+    logits = next(v for v in model.graph.outputs if v.name == "logits")
+    assert logits.producer().op_type == "MatMulNBits"
+    got = _run(model, feeds, optimize=True)
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5 * np.abs(value).max())
 
 
 def test_accuracy_level_four_is_lossy_but_close(tiny_export):
