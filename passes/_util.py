@@ -203,3 +203,9 @@ def remove_dead_nodes(graph: ir.Graph) -> int:
             for value in inputs:
                 drop_if_unused(graph, value)
     return removed
+
+
+def producer_of(value: ir.Value | None, op_type: str) -> ir.Node | None:
+    """The node computing ``value`` when it is a default-domain ``op_type``, else None."""
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.domain == "" and node.op_type == op_type else None

@@ -8,7 +8,8 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qexport.passes._util import const_array, new_initializer, raise_default_opset, remove_dead_nodes
+from qexport.passes._util import (const_array, new_initializer, producer_of, raise_default_opset,
+                                 remove_dead_nodes)
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,6 @@ class AttentionMatch:
     scale: float
 
 
-def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
-    node = value.producer() if value is not None else None
-    return node if node is not None and node.domain == "" and node.op_type == op_type else None
-
-
 def _attr(node: ir.Node, name: str, default=None):
     return node.attributes[name].value if name in node.attributes else default
 
@@ -46,7 +42,7 @@ def _scalar(value: ir.Value | None) -> float | None:
 
 def _unscaled(value: ir.Value) -> tuple[ir.Value, float]:
     """``x`` and ``c`` when ``value = Mul(x, c)`` with a scalar constant c, else (value, 1)."""
-    mul = _producer(value, "Mul")
+    mul = producer_of(value, "Mul")
     if mul is not None:
         for i in (0, 1):
             c = _scalar(mul.inputs[1 - i])
@@ -57,10 +53,10 @@ def _unscaled(value: ir.Value) -> tuple[ir.Value, float]:
 
 def _shape_slice(value: ir.Value | None) -> tuple[ir.Value, int, int] | None:
     """(x, start, end) when ``value = Slice(Shape(x), start, end)`` on axis 0 with step 1."""
-    node = _producer(value, "Slice")
+    node = producer_of(value, "Slice")
     if node is None or len(node.inputs) < 3:
         return None
-    shape = _producer(node.inputs[0], "Shape")
+    shape = producer_of(node.inputs[0], "Shape")
     start, end = const_array(node.inputs[1]), const_array(node.inputs[2])
     extra = [const_array(v) if v is not None else None for v in node.inputs[3:5]]
     if shape is None or start is None or end is None or _attr(shape, "start") or _attr(shape, "end") is not None:
@@ -72,7 +68,7 @@ def _shape_slice(value: ir.Value | None) -> tuple[ir.Value, int, int] | None:
 
 def _concat_of(value: ir.Value | None, source: ir.Value, parts: list) -> bool:
     """Whether ``value = Concat(parts)``, each part a constant [-1] or a (start, end) slice of Shape(source)."""
-    node = _producer(value, "Concat")
+    node = producer_of(value, "Concat")
     if node is None or len(node.inputs) != len(parts):
         return False
     for v, part in zip(node.inputs, parts):
@@ -90,12 +86,12 @@ def _concat_of(value: ir.Value | None, source: ir.Value, parts: list) -> bool:
 def _transposed_last_two(value: ir.Value) -> ir.Value | None:
     """x when ``value`` is x with its last two axes swapped: Transpose(0, 1, 3, 2), or the exporter's
     Reshape(x, [-1, T, D]) -> Transpose(0, 2, 1) -> Reshape([B, H, D, T]) with shapes sliced from Shape(x)."""
-    node = _producer(value, "Transpose")
+    node = producer_of(value, "Transpose")
     if node is not None and list(_attr(node, "perm", [])) == [0, 1, 3, 2]:
         return node.inputs[0]
-    outer = _producer(value, "Reshape")
-    middle = _producer(outer.inputs[0], "Transpose") if outer is not None else None
-    inner = _producer(middle.inputs[0], "Reshape") if middle is not None else None
+    outer = producer_of(value, "Reshape")
+    middle = producer_of(outer.inputs[0], "Transpose") if outer is not None else None
+    inner = producer_of(middle.inputs[0], "Reshape") if middle is not None else None
     if inner is None or list(_attr(middle, "perm", [])) != [0, 2, 1]:
         return None
     x = inner.inputs[0]
@@ -109,8 +105,8 @@ def _transposed_last_two(value: ir.Value) -> ir.Value | None:
 def _before_repeat(value: ir.Value) -> ir.Value:
     """x [B, H_kv, T, D] when ``value`` is the exporter's GQA repeat_kv of x (Unsqueeze(2), Expand, Reshape;
     full-range Slices in between are skipped), else ``value`` itself."""
-    reshape = _producer(value, "Reshape")
-    expand = _producer(reshape.inputs[0], "Expand") if reshape is not None else None
+    reshape = producer_of(value, "Reshape")
+    expand = producer_of(reshape.inputs[0], "Expand") if reshape is not None else None
     current = expand.inputs[0] if expand is not None else None
     seen_unsqueeze = None
     while current is not None and (node := current.producer()) is not None and node.domain == "":
@@ -143,15 +139,15 @@ def match_attention(softmax: ir.Node) -> AttentionMatch | None:
     if softmax.op_type != "Softmax" or softmax.domain != "" or _attr(softmax, "axis", -1) not in (-1, 3):
         return None
     scores, mask = softmax.inputs[0], None
-    add = _producer(scores, "Add")
+    add = producer_of(scores, "Add")
     if add is not None:
-        first = next((i for i in (0, 1) if _producer(add.inputs[i], "MatMul") is not None), None)
+        first = next((i for i in (0, 1) if producer_of(add.inputs[i], "MatMul") is not None), None)
         if first is None:
             return None
         scores, mask = add.inputs[first], add.inputs[1 - first]
         if len(add.outputs[0].uses()) != 1 or mask.dtype != ir.DataType.FLOAT:
             return None
-    qk = _producer(scores, "MatMul")
+    qk = producer_of(scores, "MatMul")
     if qk is None or len(scores.uses()) != 1:
         return None
     (query, a), (key_t, b) = _unscaled(qk.inputs[0]), _unscaled(qk.inputs[1])
@@ -160,7 +156,7 @@ def match_attention(softmax: ir.Node) -> AttentionMatch | None:
     uses = {node for node, _ in probs.uses()}
     where = next((n for n in uses if n.op_type == "Where"), None)
     if where is not None:  # the exporter's NaN guard: Where(IsNaN(p), 0, p)
-        isnan = _producer(where.inputs[0], "IsNaN")
+        isnan = producer_of(where.inputs[0], "IsNaN")
         if isnan is None or isnan.inputs[0] is not probs or where.inputs[2] is not probs or _scalar(where.inputs[1]) != 0.0 \
                 or uses != {isnan, where} or len(isnan.outputs[0].uses()) != 1:
             log.debug("%s: unexpected consumers of the softmax", softmax.name)

@@ -8,7 +8,8 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qexport.passes._util import const_array, new_initializer, raise_default_opset, remove_dead_nodes
+from qexport.passes._util import (const_array, new_initializer, producer_of, raise_default_opset,
+                                 remove_dead_nodes)
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +26,6 @@ class RotaryMatch:
     cos: ir.Value  # [B, S, 2h], its two halves equal
     sin: ir.Value
     output: ir.Value
-
-
-def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
-    node = value.producer() if value is not None else None
-    return node if node is not None and node.domain == "" and node.op_type == op_type else None
 
 
 def _ints(value: ir.Value | None) -> list[int] | None:
@@ -73,7 +69,7 @@ def _duplicated_halves(table: ir.Value) -> bool:
 
 def _table(factor: ir.Value) -> ir.Value | None:
     """The [B, S, 2h] table ``factor`` = Unsqueeze(table, axes=[1]) broadcasts over heads, if its halves are equal."""
-    unsqueeze = _producer(factor, "Unsqueeze")
+    unsqueeze = producer_of(factor, "Unsqueeze")
     if unsqueeze is None or _ints(unsqueeze.inputs[1] if len(unsqueeze.inputs) > 1 else None) != [1]:
         return None
     table = unsqueeze.inputs[0]
@@ -85,7 +81,7 @@ def match_rotary(add: ir.Node) -> RotaryMatch | None:
     if add.op_type != "Add" or add.domain != "" or len(add.inputs) != 2 or add.outputs[0].is_graph_output():
         return None
     for first, second in (add.inputs, add.inputs[::-1]):
-        direct, rotated = _producer(first, "Mul"), _producer(second, "Mul")
+        direct, rotated = producer_of(first, "Mul"), producer_of(second, "Mul")
         if direct is None or rotated is None:
             continue
         for x, cos_factor in (direct.inputs, direct.inputs[::-1]):
@@ -100,10 +96,10 @@ def _match_parts(add: ir.Node, x: ir.Value, cos_factor: ir.Value, half: ir.Value
     if x is None or x.shape is None or len(x.shape) != 4 or not isinstance(x.shape[3], int) or x.shape[3] % 2:
         return None
     width = x.shape[3]
-    concat = _producer(half, "Concat")
+    concat = producer_of(half, "Concat")
     if concat is None or len(concat.inputs) != 2 or concat.attributes["axis"].value not in (-1, 3):
         return None
-    neg = _producer(concat.inputs[0], "Neg")
+    neg = producer_of(concat.inputs[0], "Neg")
     upper = _last_axis_slice(neg.inputs[0].producer() if neg is not None else None, x, 4)
     lower = _last_axis_slice(concat.inputs[1].producer(), x, 4)
     if upper is None or lower is None or upper[0] != width // 2 or upper[1] < width or lower != (0, width // 2):
