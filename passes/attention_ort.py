@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 ATTENTION_OPSET = 23
 FUSED = "qexport.attention"  # metadata value on the Attention nodes this pass inserts
-_MASK_MIN = float(np.finfo(np.float32).min)  # the exporter's "masked" value
+MASK_MIN = float(np.finfo(np.float32).min)  # the exporter's "masked" value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +188,8 @@ class OrtAttentionPass(ir.passes.InPlacePass):
     whose mask is entirely the exporter's finite minimum (a padding token) gets uniform attention in the
     decomposed graph (the guard never fires: no NaN) but 0 from the fused kernel; the pass restores the
     decomposed value for such rows, ``y += dead_row * mean_t(v)`` (a few nodes on [B, H, S, D] and
-    smaller), so padding positions' outputs and cache entries are unchanged too.
+    smaller, inside an ``If`` that skips them when no row is dead: a batch without padding), so padding
+    positions' outputs and cache entries are unchanged too.
 
     The default-domain opset is raised to 23 (ONNX Runtime 1.23+). A graph without a matching core, or a
     second run, is reported unmodified. The node is ONNX Runtime specific in practice: keep the QDQ /
@@ -201,7 +202,7 @@ class OrtAttentionPass(ir.passes.InPlacePass):
         if not matches:
             return ir.passes.PassResult(model, False)
         raise_default_opset(graph, ATTENTION_OPSET)
-        dead_rows: dict[ir.Value, ir.Value] = {}
+        dead_rows: dict[ir.Value, tuple[ir.Value, ir.Value]] = {}
         for index, match in enumerate(matches):
             _fuse(graph, match, f"qexport.attention.{index}", dead_rows)
         removed = remove_dead_nodes(graph)
@@ -216,7 +217,7 @@ def _node(graph_nodes: list[ir.Node], op: str, inputs: list, name: str, **attrs)
     return node.outputs[0]
 
 
-def _fuse(graph: ir.Graph, match: AttentionMatch, base: str, dead_rows: dict[ir.Value, ir.Value]) -> None:
+def _fuse(graph: ir.Graph, match: AttentionMatch, base: str, dead_rows: dict[ir.Value, tuple[ir.Value, ir.Value]]) -> None:
     nodes: list[ir.Node] = []
     inputs = [match.query, match.key, match.value] + ([match.mask] if match.mask is not None else [])
     attention = ir.node("Attention", inputs, attributes={"scale": match.scale}, name=base)
@@ -231,25 +232,36 @@ def _fuse(graph: ir.Graph, match: AttentionMatch, base: str, dead_rows: dict[ir.
 
 
 def _restore_dead_rows(graph: ir.Graph, match: AttentionMatch, y: ir.Value, base: str, nodes: list[ir.Node],
-                       dead_rows: dict[ir.Value, ir.Value]) -> ir.Value:
-    """y + dead * mean_t(v), head h reading kv head h // (H / H_kv), dead = 1 where a mask row is all minimum."""
+                       dead_rows: dict[ir.Value, tuple[ir.Value, ir.Value]]) -> ir.Value:
+    """y + dead * mean_t(v), head h reading kv head h // (H / H_kv), dead = 1 where a mask row is all minimum;
+    inside ``If(any row dead)``, so a step without padding (one prompt, every decode step of it) skips it."""
     heads, kv_heads, head_dim = _heads(match.query), _heads(match.key), match.query.shape[3]
-    if match.mask not in dead_rows:  # [B, 1, 1, S, 1] float, once per mask
+    if match.mask not in dead_rows:  # [B, 1, 1, S, 1] float and "any row dead", once per mask
         last = _shared(graph, "last_axis", np.array([-1], np.int64))
         row_max = _node(nodes, "ReduceMax", [match.mask, last], f"{base}.mask_row_max")
-        is_dead = _node(nodes, "Equal", [row_max, _shared(graph, "masked", np.array(_MASK_MIN, np.float32))], f"{base}.dead")
+        is_dead = _node(nodes, "Equal", [row_max, _shared(graph, "masked", np.array(MASK_MIN, np.float32))], f"{base}.dead")
         dead = _node(nodes, "Cast", [is_dead], f"{base}.dead_f", to=ir.DataType.FLOAT)
-        dead_rows[match.mask] = _node(nodes, "Unsqueeze", [dead, _shared(graph, "axis1", np.array([1], np.int64))],
-                                      f"{base}.dead5")
-    axis2 = _shared(graph, "axis2", np.array([2], np.int64))
-    mean_v = _node(nodes, "ReduceMean", [match.value, axis2], f"{base}.mean_v")  # [B, H_kv, 1, D]
-    mean_v = _node(nodes, "Unsqueeze", [mean_v, axis2], f"{base}.mean_v5")  # [B, H_kv, 1, 1, D]
-    fix = _node(nodes, "Mul", [dead_rows[match.mask], mean_v], f"{base}.dead_fix")  # [B, H_kv, 1, S, D]
+        dead5 = _node(nodes, "Unsqueeze", [dead, _shared(graph, "axis1", np.array([1], np.int64))], f"{base}.dead5")
+        any_dead = _node(nodes, "ReduceMax", [dead], f"{base}.any_dead_f", keepdims=0)
+        dead_rows[match.mask] = (dead5, _node(nodes, "Cast", [any_dead], f"{base}.any_dead", to=ir.DataType.BOOL))
+    dead5, any_dead = dead_rows[match.mask]
     split = new_initializer(graph, f"{base}.groups", np.array([0, kv_heads, heads // kv_heads, -1, head_dim], np.int64))
     merge = new_initializer(graph, f"{base}.heads", np.array([0, heads, -1, head_dim], np.int64))
-    grouped = _node(nodes, "Reshape", [y, split], f"{base}.grouped")
-    fixed = _node(nodes, "Add", [grouped, fix], f"{base}.restored")
-    out = _node(nodes, "Reshape", [fixed, merge], f"{base}.out")
+    axis2 = _shared(graph, "axis2", np.array([2], np.int64))
+    restore: list[ir.Node] = []
+    mean_v = _node(restore, "ReduceMean", [match.value, axis2], f"{base}.mean_v")  # [B, H_kv, 1, D]
+    mean_v = _node(restore, "Unsqueeze", [mean_v, axis2], f"{base}.mean_v5")  # [B, H_kv, 1, 1, D]
+    fix = _node(restore, "Mul", [dead5, mean_v], f"{base}.dead_fix")  # [B, H_kv, 1, S, D]
+    grouped = _node(restore, "Reshape", [y, split], f"{base}.grouped")
+    fixed = _node(restore, "Add", [grouped, fix], f"{base}.restored")
+    restored = _node(restore, "Reshape", [fixed, merge], f"{base}.restored4")
+    unchanged: list[ir.Node] = []
+    kept = _node(unchanged, "Identity", [y], f"{base}.no_dead_rows")
+    for value in (restored, kept):
+        value.dtype, value.shape = match.output.dtype, match.output.shape
+    branches = {"then_branch": ir.Graph([], [restored], nodes=restore, name=f"{base}.restore"),
+                "else_branch": ir.Graph([], [kept], nodes=unchanged, name=f"{base}.keep")}
+    out = _node(nodes, "If", [any_dead], f"{base}.out", **branches)
     out.dtype, out.shape = match.output.dtype, match.output.shape
     return out
 
