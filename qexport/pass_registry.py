@@ -34,6 +34,7 @@ PASSES: dict[str, str] = {
     "ort-merge-linears": "qexport.passes.merge_int8_linears:MergeInt8LinearsPass",
     "ort-rms-norm": "qexport.passes.rms_norm_ort:OrtRmsNormPass",
     "ort-rotary": "qexport.passes.rotary_ort:OrtRotaryPass",
+    "ort-attention-chunks": "qexport.passes.attention_chunks_ort:OrtAttentionChunksPass",
     "ort-int4": "qexport.passes.lower_int4_ort:LowerInt4OrtPass",
     "quantize-gptq": "qexport.passes.gptq:GptqPass",
     "bias-correct": "qexport.passes.bias_correction:BiasCorrectPass",
