@@ -9,6 +9,10 @@ int8); each
 qexport preset applied to that export. Columns:
 perplexity, ratio to PyTorch FP32, model size, quantization time after the export (the ORT quantizer's call;
 for qexport: load, calibration and passes), prefill and decode speed relative to the FP32 export (2 threads).
+Speed is timed in ``--rounds`` interleaved rounds after all the models are built: each round opens a fresh
+session of every model in turn (the order rotated each round), and a model's figure is its median over the
+rounds, with the prefill range beside it. On a shared machine a slow spell then lands on one round of several
+models rather than on the whole measurement of one of them.
 Usage:
     python bench/bench_quant.py [MODEL] [--presets w8a8-dynamic,w8a8-static-ort] [--windows 4] [--inc-path DIR] [--json]
 With Intel Neural Compressor 2.x importable (``--inc-path``), a row for ORT quantize_static with its SmoothQuant option.
@@ -21,6 +25,7 @@ import importlib.util
 import json
 import logging
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -108,11 +113,12 @@ def _qexport_preset(fp32: Path, out: Path, preset: str, windows: list) -> float:
 
 
 def _fp32_fused(fp32: Path, out: Path) -> float:
-    """The FP32 export with the float ORT fusions of the w8a8-dynamic preset (attention, RMSNorm, rotary) and
-    nothing else; returns seconds."""
+    """The FP32 export with the float ORT fusions of the w8a8-dynamic preset (attention, RMSNorm, rotary,
+    query chunks) and nothing else; returns seconds."""
     import onnx_ir as ir
 
     from qexport.api import save_model
+    from qexport.passes.attention_chunks_ort import OrtAttentionChunksPass
     from qexport.passes.attention_ort import OrtAttentionPass
     from qexport.passes.rms_norm_ort import OrtRmsNormPass
     from qexport.passes.rotary_ort import OrtRotaryPass
@@ -120,7 +126,7 @@ def _fp32_fused(fp32: Path, out: Path) -> float:
     shutil.copytree(fp32, out, ignore=shutil.ignore_patterns(MODEL_FILE))
     start = time.perf_counter()
     model = ir.load(fp32 / MODEL_FILE)
-    for fusion in (OrtAttentionPass(), OrtRmsNormPass(), OrtRotaryPass()):
+    for fusion in (OrtAttentionPass(), OrtRmsNormPass(), OrtRotaryPass(), OrtAttentionChunksPass()):
         fusion(model)
     save_model(model, out)
     return time.perf_counter() - start
@@ -135,7 +141,8 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=16)
     parser.add_argument("--ort-calib-windows", type=int, default=2, help="windows for ORT's static calibration")
     parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=5, help="timed prefills per session (decode: half)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds, a fresh session each")
     parser.add_argument("--inc-path", default=None,
                         help="a folder holding Intel Neural Compressor 2.x (e.g. pip install --no-deps --target DIR "
                              "neural-compressor==2.6 and its imports) for ORT's SmoothQuant row; skipped when absent")
@@ -177,14 +184,15 @@ def main() -> None:
             log.info("evaluating %s", name)
             try:
                 quality = evaluate(folder, settings=eval_settings)
-                speed = bench(folder, speed_settings)["results"]["onnxruntime-cpu"]
             except Exception as exc:
                 log.warning("%s does not run: %s", name, exc)
                 failed[name] = f"{type(exc).__name__}: {exc}"[:200]
                 continue
             size = sum(f.stat().st_size for f in folder.glob("model.onnx*"))
             rows[name] = {"ppl": quality["ppl"], "ppl_ratio": quality["ppl_ratio"], "size_mb": size / 1e6,
-                          "quant_seconds": seconds, **speed}
+                          "quant_seconds": seconds}
+        for name, speed in _timed_in_rounds({name: models[name][0] for name in rows}, speed_settings, args.rounds).items():
+            rows[name].update(speed)
     base = rows["onnxruntime fp32"]
     for row in rows.values():
         row["prefill_speedup"] = base["prefill_ms"] / row["prefill_ms"]
@@ -193,18 +201,39 @@ def main() -> None:
         print(json.dumps({"rows": rows, "failed": failed}, indent=2))
         return
     print(f"\n{args.windows} x {args.seq_len} evaluation tokens; ORT CPU, 2 threads; ratios vs PyTorch FP32 (ppl) "
-          "and the ORT FP32 export (speed)\n")
+          f"and the ORT FP32 export (speed: medians of {args.rounds} interleaved rounds, fresh sessions)\n")
     print(_table(rows, failed))
+
+
+def _timed_in_rounds(folders: dict[str, Path], settings: BenchSettings, rounds: int) -> dict[str, dict[str, Any]]:
+    """Per model: median prefill ms and decode tokens/s over ``rounds`` rounds, each timing every model in a fresh
+    session, the order rotated by one model per round; plus the prefill range over the rounds."""
+    names = list(folders)
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for index in range(max(1, rounds)):
+        order = names[index % len(names):] + names[:index % len(names)]
+        for name in order:
+            log.info("timing %s (round %d of %d)", name, index + 1, rounds)
+            samples[name].append(bench(folders[name], settings)["results"]["onnxruntime-cpu"])
+    result = {}
+    for name, runs in samples.items():
+        prefill = [r["prefill_ms"] for r in runs]
+        result[name] = {"prefill_ms": statistics.median(prefill), "prefill_ms_range": (min(prefill), max(prefill)),
+                        "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in runs),
+                        "rounds": runs}
+    return result
 
 
 def _table(rows: dict[str, dict[str, Any]], failed: dict[str, str]) -> str:
     """One line per measured model, then one per model that failed, with the error."""
-    header = ["model", "ppl", "ppl ratio", "size MB", "quant s", "prefill ms", "prefill x", "decode tok/s", "decode x"]
+    header = ["model", "ppl", "ppl ratio", "size MB", "quant s", "prefill ms", "prefill range", "prefill x",
+              "decode tok/s", "decode x"]
     lines = []
     for name, r in rows.items():
         quant = "-" if r["quant_seconds"] is None else f"{r['quant_seconds']:.0f}"
         lines.append([name, f"{r['ppl']:.3f}", f"{r['ppl_ratio']:.4f}", f"{r['size_mb']:.0f}", quant,
-                      f"{r['prefill_ms']:.0f}", f"{r['prefill_speedup']:.2f}", f"{r['decode_tokens_per_s']:.1f}",
+                      f"{r['prefill_ms']:.0f}", "{:.0f}-{:.0f}".format(*r["prefill_ms_range"]), f"{r['prefill_speedup']:.2f}",
+                      f"{r['decode_tokens_per_s']:.1f}",
                       f"{r['decode_speedup']:.2f}"])
     lines += [[name, f"failed: {error}"] + [""] * (len(header) - 2) for name, error in failed.items()]
     return markdown_table(header, lines, align="l" + "r" * (len(header) - 1))
