@@ -219,7 +219,8 @@ def test_w4a8_on_smollm2_passes_the_tensorrt_check_and_meets_its_perplexity_targ
     # w4a8-ort = these passes + its ORT lowerings (lossless up to float rounding): lower this graph, not a new one
     qdq_passes = {e.name for e in rc.load_recipe("w4a8").passes}
     lowerings = [e for e in rc.load_recipe("w4a8-ort").passes if e.name not in qdq_passes]
-    assert [e.name for e in lowerings] == ["ort-int4", "ort-attention", "ort-rms-norm", "ort-rotary"]
+    assert [e.name for e in lowerings] == ["ort-int4", "ort-attention", "ort-rms-norm", "ort-rotary",
+                                           "ort-attention-chunks"]
     for entry in lowerings:
         assert entry.build()(model).modified
     lowered = evaluate_quantized(default_export, model, tmp_path / "w4a8-ort")["ppl_ratio"]
