@@ -24,10 +24,12 @@ def _fused(tiny_export, family: str) -> ir.Model:
     return model
 
 
-def _executed_attention_nodes(model: ir.Model, feeds: dict[str, np.ndarray]) -> collections.Counter:
-    """How many times ONNX Runtime ran each Attention node, by node name (subgraph nodes included)."""
+def _executed_attention_nodes(model: ir.Model, feeds: dict[str, np.ndarray], folder) -> collections.Counter:
+    """How many times ONNX Runtime ran each Attention node, by node name (subgraph nodes included); the profile
+    is written under ``folder``."""
     options = ort.SessionOptions()
     options.log_severity_level, options.enable_profiling = 3, True
+    options.profile_file_prefix = str(folder / "ort_profile")
     session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
     session.run(None, feeds)
     with open(session.end_profiling()) as f:
@@ -37,7 +39,7 @@ def _executed_attention_nodes(model: ir.Model, feeds: dict[str, np.ndarray]) -> 
                                and e["name"].endswith("_kernel_time"))
 
 
-def test_chunked_equals_fused_with_past_left_padding_and_decode(tiny_export, family):
+def test_chunked_equals_fused_with_past_left_padding_and_decode(tiny_export, family, tmp_path):
     """5 new tokens after 3 cached ones (S >= min_rows: the chunked branch, rows 1, 1, 1, 2), a fully masked row in
     the first chunk, then 3 decode steps (S = 1: the single node)."""
     model = _fused(tiny_export, family)
@@ -47,13 +49,13 @@ def test_chunked_equals_fused_with_past_left_padding_and_decode(tiny_export, fam
     layers = sum(v.name.startswith("past_key_values.") for v in model.graph.inputs) // 2
     ifs = [n for n in model.graph if n.op_type == "If" and CHUNKED in n.metadata_props]
     assert len(ifs) == layers and not any(n.op_type == "Attention" for n in model.graph)
-    ran = _executed_attention_nodes(model, feeds)
+    ran = _executed_attention_nodes(model, feeds, tmp_path)
     assert sum(".then.y" in name for name in ran) == 4 * layers and not any(".else." in name for name in ran)
     step = {k: v[:, :, :0] if k.startswith("past_key_values.") else v for k, v in feeds.items()}
     step["input_ids"], step["attention_mask"] = feeds["input_ids"][:, :1], feeds["attention_mask"][:, :1]
     if "position_ids" in step:
         step["position_ids"] = np.zeros((2, 1), np.int64)
-    ran = _executed_attention_nodes(model, step)  # one row: below min_rows
+    ran = _executed_attention_nodes(model, step, tmp_path)  # one row: below min_rows
     assert sum(".else.y" in name for name in ran) == layers and not any(".then." in name for name in ran)
 
 
