@@ -209,3 +209,11 @@ def producer_of(value: ir.Value | None, op_type: str) -> ir.Node | None:
     """The node computing ``value`` when it is a default-domain ``op_type``, else None."""
     node = value.producer() if value is not None else None
     return node if node is not None and node.domain == "" and node.op_type == op_type else None
+
+
+def append_node(nodes: list[ir.Node], op: str, inputs: list, name: str, **attributes) -> ir.Value:
+    """Append a one-output default-domain node named ``name`` (its output too) to ``nodes``; returns the output."""
+    node = ir.node(op, inputs, attributes=attributes, name=name)
+    node.outputs[0].name = name
+    nodes.append(node)
+    return node.outputs[0]

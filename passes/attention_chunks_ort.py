@@ -23,7 +23,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qexport.passes._util import const_array, new_initializer, producer_of
+from qexport.passes._util import append_node, const_array, new_initializer, producer_of
 from qexport.passes.attention_ort import FUSED as FUSED_ATTENTION
 from qexport.passes.attention_ort import MASK_MIN
 
@@ -76,21 +76,9 @@ class _Bounds:
     cond: ir.Value
     sizes: ir.Value  # [chunks] int64: rows per chunk
     zero: ir.Value  # [0]
+    axis: ir.Value  # [2]: the sequence axis of q, k, v
     key_ends: list[ir.Value]  # [1] int64 each: P + the chunk's last row + 1
     masks: list[ir.Value]  # the chunk's rows of the mask, its keys only
-
-
-class _Builder:
-    """Appends named nodes to a list (one graph's new nodes)."""
-
-    def __init__(self, base: str):
-        self.base, self.nodes = base, []
-
-    def __call__(self, op: str, inputs: list, suffix: str, **attrs) -> ir.Value:
-        node = ir.node(op, inputs, attributes=attrs, name=f"{self.base}.{suffix}")
-        node.outputs[0].name = f"{self.base}.{suffix}"
-        self.nodes.append(node)
-        return node.outputs[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +111,8 @@ class OrtAttentionChunksPass(ir.passes.InPlacePass):
 
     def _bounds(self, graph: ir.Graph, match: ChunkMatch, base: str) -> _Bounds:
         c = lambda name, array: new_initializer(graph, f"{base}.{name}", np.array(array, np.int64))  # noqa: E731
-        add = _Builder(base)
+        nodes: list[ir.Node] = []
+        add = lambda op, inputs, suffix, **attrs: append_node(nodes, op, inputs, f"{base}.{suffix}", **attrs)  # noqa: E731
         rows = add("Shape", [match.mask], "rows", start=2, end=3)  # [S]
         total = add("Shape", [match.mask], "total", start=3, end=4)  # [P + S]
         past = add("Sub", [total, rows], "past")
@@ -142,35 +131,37 @@ class OrtAttentionChunksPass(ir.passes.InPlacePass):
             hi = add("Concat", [end, key_end], f"hi{i}", axis=0)
             masks.append(add("Slice", [match.mask, lo, hi, axes], f"mask{i}"))
         producer = match.mask.producer()
-        graph.insert_after(producer, add.nodes)
-        return _Bounds(cond, sizes, zero, key_ends, masks)
+        graph.insert_after(producer, nodes)
+        return _Bounds(cond, sizes, zero, c("axis", [2]), key_ends, masks)
 
     def _chunk(self, graph: ir.Graph, match: ChunkMatch, bounds: _Bounds, base: str) -> None:
-        node, axis = match.node, new_initializer(graph, f"{base}.axis", np.array([2], np.int64))
+        node, axis = match.node, bounds.axis
         attrs = {name: attr.value for name, attr in node.attributes.items()}
-        then = _Builder(f"{base}.then")
+        then: list[ir.Node] = []
         split = ir.node("Split", [match.query, bounds.sizes], attributes={"axis": 2}, num_outputs=self.chunks,
                         name=f"{base}.then.q")
         for i, q in enumerate(split.outputs):
             q.name = f"{base}.then.q{i}"
-        then.nodes.append(split)
-        outs = []
+        then.append(split)
+        outs, name = [], f"{base}.then"
         for i, q in enumerate(split.outputs):
-            last = i == self.chunks - 1
-            k = match.key if last else then("Slice", [match.key, bounds.zero, bounds.key_ends[i], axis], f"k{i}")
-            v = match.value if last else then("Slice", [match.value, bounds.zero, bounds.key_ends[i], axis], f"v{i}")
-            outs.append(then("Attention", [q, k, v, bounds.masks[i]], f"y{i}", **attrs))
-        joined = then("Concat", outs, "y", axis=2)
-        otherwise = _Builder(f"{base}.else")
-        whole = otherwise("Attention", list(node.inputs), "y", **attrs)
-        for inner in then.nodes + otherwise.nodes:
+            if i == self.chunks - 1:
+                k, v = match.key, match.value
+            else:
+                k = append_node(then, "Slice", [match.key, bounds.zero, bounds.key_ends[i], axis], f"{name}.k{i}")
+                v = append_node(then, "Slice", [match.value, bounds.zero, bounds.key_ends[i], axis], f"{name}.v{i}")
+            outs.append(append_node(then, "Attention", [q, k, v, bounds.masks[i]], f"{name}.y{i}", **attrs))
+        joined = append_node(then, "Concat", outs, f"{name}.y", axis=2)
+        otherwise: list[ir.Node] = []
+        whole = append_node(otherwise, "Attention", list(node.inputs), f"{base}.else.y", **attrs)
+        for inner in then + otherwise:
             if inner.op_type == "Attention":
                 inner.metadata_props[FUSED_ATTENTION] = node.metadata_props[FUSED_ATTENTION]
         for value in (joined, whole):
             value.dtype, value.shape = node.outputs[0].dtype, node.outputs[0].shape
-        branch = lambda b, y: ir.Graph([], [y], nodes=b.nodes, name=b.base)  # noqa: E731
-        choose = ir.node("If", [bounds.cond], attributes={"then_branch": branch(then, joined),
-                                                          "else_branch": branch(otherwise, whole)}, name=base)
+        choose = ir.node("If", [bounds.cond], name=base, attributes={
+            "then_branch": ir.Graph([], [joined], nodes=then, name=f"{base}.then"),
+            "else_branch": ir.Graph([], [whole], nodes=otherwise, name=f"{base}.else")})
         choose.metadata_props[CHUNKED] = str(self.chunks)
         result = choose.outputs[0]
         result.name, result.dtype, result.shape = base, node.outputs[0].dtype, node.outputs[0].shape

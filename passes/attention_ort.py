@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qexport.passes._util import (const_array, new_initializer, producer_of, raise_default_opset,
+from qexport.passes._util import (append_node, const_array, new_initializer, producer_of, raise_default_opset,
                                  remove_dead_nodes)
 
 log = logging.getLogger(__name__)
@@ -210,13 +210,6 @@ class OrtAttentionPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
 
-def _node(graph_nodes: list[ir.Node], op: str, inputs: list, name: str, **attrs) -> ir.Value:
-    node = ir.node(op, inputs, attributes=attrs, name=name)
-    node.outputs[0].name = name
-    graph_nodes.append(node)
-    return node.outputs[0]
-
-
 def _fuse(graph: ir.Graph, match: AttentionMatch, base: str, dead_rows: dict[ir.Value, tuple[ir.Value, ir.Value]]) -> None:
     nodes: list[ir.Node] = []
     inputs = [match.query, match.key, match.value] + ([match.mask] if match.mask is not None else [])
@@ -238,30 +231,30 @@ def _restore_dead_rows(graph: ir.Graph, match: AttentionMatch, y: ir.Value, base
     heads, kv_heads, head_dim = _heads(match.query), _heads(match.key), match.query.shape[3]
     if match.mask not in dead_rows:  # [B, 1, 1, S, 1] float and "any row dead", once per mask
         last = _shared(graph, "last_axis", np.array([-1], np.int64))
-        row_max = _node(nodes, "ReduceMax", [match.mask, last], f"{base}.mask_row_max")
-        is_dead = _node(nodes, "Equal", [row_max, _shared(graph, "masked", np.array(MASK_MIN, np.float32))], f"{base}.dead")
-        dead = _node(nodes, "Cast", [is_dead], f"{base}.dead_f", to=ir.DataType.FLOAT)
-        dead5 = _node(nodes, "Unsqueeze", [dead, _shared(graph, "axis1", np.array([1], np.int64))], f"{base}.dead5")
-        any_dead = _node(nodes, "ReduceMax", [dead], f"{base}.any_dead_f", keepdims=0)
-        dead_rows[match.mask] = (dead5, _node(nodes, "Cast", [any_dead], f"{base}.any_dead", to=ir.DataType.BOOL))
+        row_max = append_node(nodes, "ReduceMax", [match.mask, last], f"{base}.mask_row_max")
+        is_dead = append_node(nodes, "Equal", [row_max, _shared(graph, "masked", np.array(MASK_MIN, np.float32))], f"{base}.dead")
+        dead = append_node(nodes, "Cast", [is_dead], f"{base}.dead_f", to=ir.DataType.FLOAT)
+        dead5 = append_node(nodes, "Unsqueeze", [dead, _shared(graph, "axis1", np.array([1], np.int64))], f"{base}.dead5")
+        any_dead = append_node(nodes, "ReduceMax", [dead], f"{base}.any_dead_f", keepdims=0)
+        dead_rows[match.mask] = (dead5, append_node(nodes, "Cast", [any_dead], f"{base}.any_dead", to=ir.DataType.BOOL))
     dead5, any_dead = dead_rows[match.mask]
     split = new_initializer(graph, f"{base}.groups", np.array([0, kv_heads, heads // kv_heads, -1, head_dim], np.int64))
     merge = new_initializer(graph, f"{base}.heads", np.array([0, heads, -1, head_dim], np.int64))
     axis2 = _shared(graph, "axis2", np.array([2], np.int64))
     restore: list[ir.Node] = []
-    mean_v = _node(restore, "ReduceMean", [match.value, axis2], f"{base}.mean_v")  # [B, H_kv, 1, D]
-    mean_v = _node(restore, "Unsqueeze", [mean_v, axis2], f"{base}.mean_v5")  # [B, H_kv, 1, 1, D]
-    fix = _node(restore, "Mul", [dead5, mean_v], f"{base}.dead_fix")  # [B, H_kv, 1, S, D]
-    grouped = _node(restore, "Reshape", [y, split], f"{base}.grouped")
-    fixed = _node(restore, "Add", [grouped, fix], f"{base}.restored")
-    restored = _node(restore, "Reshape", [fixed, merge], f"{base}.restored4")
+    mean_v = append_node(restore, "ReduceMean", [match.value, axis2], f"{base}.mean_v")  # [B, H_kv, 1, D]
+    mean_v = append_node(restore, "Unsqueeze", [mean_v, axis2], f"{base}.mean_v5")  # [B, H_kv, 1, 1, D]
+    fix = append_node(restore, "Mul", [dead5, mean_v], f"{base}.dead_fix")  # [B, H_kv, 1, S, D]
+    grouped = append_node(restore, "Reshape", [y, split], f"{base}.grouped")
+    fixed = append_node(restore, "Add", [grouped, fix], f"{base}.restored")
+    restored = append_node(restore, "Reshape", [fixed, merge], f"{base}.restored4")
     unchanged: list[ir.Node] = []
-    kept = _node(unchanged, "Identity", [y], f"{base}.no_dead_rows")
+    kept = append_node(unchanged, "Identity", [y], f"{base}.no_dead_rows")
     for value in (restored, kept):
         value.dtype, value.shape = match.output.dtype, match.output.shape
     branches = {"then_branch": ir.Graph([], [restored], nodes=restore, name=f"{base}.restore"),
                 "else_branch": ir.Graph([], [kept], nodes=unchanged, name=f"{base}.keep")}
-    out = _node(nodes, "If", [any_dead], f"{base}.out", **branches)
+    out = append_node(nodes, "If", [any_dead], f"{base}.out", **branches)
     out.dtype, out.shape = match.output.dtype, match.output.shape
     return out
 
