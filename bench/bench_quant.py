@@ -191,8 +191,12 @@ def main() -> None:
             size = sum(f.stat().st_size for f in folder.glob("model.onnx*"))
             rows[name] = {"ppl": quality["ppl"], "ppl_ratio": quality["ppl_ratio"], "size_mb": size / 1e6,
                           "quant_seconds": seconds}
-        for name, speed in _timed_in_rounds({name: models[name][0] for name in rows}, speed_settings, args.rounds).items():
-            rows[name].update(speed)
+        speeds = _timed_in_rounds({name: models[name][0] for name in rows}, speed_settings, args.rounds, failed)
+        for name in list(rows):
+            if name in speeds:
+                rows[name].update(speeds[name])
+            else:  # its timing failed (in ``failed``): a row of errors, not the end of the run
+                del rows[name]
     base = rows["onnxruntime fp32"]
     for row in rows.values():
         row["prefill_speedup"] = base["prefill_ms"] / row["prefill_ms"]
@@ -205,16 +209,23 @@ def main() -> None:
     print(_table(rows, failed))
 
 
-def _timed_in_rounds(folders: dict[str, Path], settings: BenchSettings, rounds: int) -> dict[str, dict[str, Any]]:
+def _timed_in_rounds(folders: dict[str, Path], settings: BenchSettings, rounds: int,
+                     failed: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Per model: median prefill ms and decode tokens/s over ``rounds`` rounds, each timing every model in a fresh
-    session, the order rotated by one model per round; plus the prefill range over the rounds."""
+    session, the order rotated by one model per round; plus the prefill range over the rounds. A model whose timing
+    fails is left out of the later rounds and of the result, its error put in ``failed``."""
     names = list(folders)
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for index in range(max(1, rounds)):
         order = names[index % len(names):] + names[:index % len(names)]
-        for name in order:
+        for name in (n for n in order if n not in failed):
             log.info("timing %s (round %d of %d)", name, index + 1, rounds)
-            samples[name].append(bench(folders[name], settings)["results"]["onnxruntime-cpu"])
+            try:
+                samples[name].append(bench(folders[name], settings)["results"]["onnxruntime-cpu"])
+            except Exception as exc:
+                log.warning("%s cannot be timed: %s", name, exc)
+                failed[name] = f"{type(exc).__name__}: {exc}"[:200]
+                del samples[name]
     result = {}
     for name, runs in samples.items():
         prefill = [r["prefill_ms"] for r in runs]
