@@ -23,6 +23,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from qexport.errors import RecipeError
 from qexport.passes._util import append_node, const_array, new_initializer, producer_of
 from qexport.passes.attention_ort import FUSED as FUSED_ATTENTION
 from qexport.passes.attention_ort import MASK_MIN
@@ -90,9 +91,9 @@ class OrtAttentionChunksPass(ir.passes.InPlacePass):
 
     def __post_init__(self):
         if self.chunks < 2:
-            raise ValueError(f"ort-attention-chunks: chunks must be at least 2, got {self.chunks}")
+            raise RecipeError(f"ort-attention-chunks: chunks must be at least 2, got {self.chunks}")
         if self.min_rows < self.chunks:
-            raise ValueError(f"ort-attention-chunks: min_rows ({self.min_rows}) must be at least chunks "
+            raise RecipeError(f"ort-attention-chunks: min_rows ({self.min_rows}) must be at least chunks "
                              f"({self.chunks}) so that no chunk is empty")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

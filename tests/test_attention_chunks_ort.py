@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from pass_testing import apply_and_check_decode, load, padded_feeds, quantize_and_lower, run
+from qexport.errors import RecipeError
 from qexport.passes.attention_chunks_ort import CHUNKED, OrtAttentionChunksPass
 from qexport.passes.attention_ort import OrtAttentionPass
 
@@ -95,9 +96,9 @@ def test_second_run_unfused_graph_and_bad_settings(tiny_export):
     count = len(list(model.graph))
     assert not OrtAttentionChunksPass()(model).modified
     assert len(list(model.graph)) == count
-    with pytest.raises(ValueError, match="chunks must be at least 2"):
+    with pytest.raises(RecipeError, match="chunks must be at least 2"):
         OrtAttentionChunksPass(chunks=1)
-    with pytest.raises(ValueError, match="no chunk is empty"):
+    with pytest.raises(RecipeError, match="no chunk is empty"):
         OrtAttentionChunksPass(chunks=4, min_rows=3)
 
 
