@@ -5,8 +5,10 @@ from __future__ import annotations
 import collections
 
 import numpy as np
+import pytest
 
 from pass_testing import load
+from qexport.errors import RecipeError
 from qexport.passes.attention_ort import OrtAttentionPass
 from qexport.passes.insert_qdq import QuantizePass
 from qexport.passes.lower_ort import LowerOrtPass
@@ -71,3 +73,31 @@ def test_merge_after_attention_fusion_equals_the_fused_graph(tiny_export):
 
 def test_float_graph_changes_nothing(tiny_export):
     assert not MergeInt8LinearsPass()(load(tiny_export("llama"))).modified
+
+
+def test_max_columns_leaves_wider_groups_separate_and_stays_exact(tiny_export):
+    full = _lowered(tiny_export, "llama", "per_token")
+    MergeInt8LinearsPass()(full)
+    width = {len(n.metadata_props[MERGED].split(",")): int(n.inputs[1].const_value.shape[1])
+             for n in full.graph if MERGED in n.metadata_props}  # members -> merged columns
+    assert width[3] < width[2]  # q/k/v narrower than gate/up, as in SmolLM2 (960 < 3072)
+    model = _lowered(tiny_export, "llama", "per_token")
+    layers = sum(v.name.startswith("past_key_values.") for v in model.graph.inputs) // 2
+    before = sum(n.op_type == "MatMulIntegerToFloat" for n in model.graph)
+    feeds = _padded_feeds(model, seed=3)
+    expected = _decode_steps(model, feeds)
+    assert MergeInt8LinearsPass(max_columns=width[3])(model).modified
+    merged = [n.metadata_props[MERGED].split(",") for n in model.graph if MERGED in n.metadata_props]
+    assert [len(names) for names in merged] == [3] * layers  # q/k/v only; gate/up left separate
+    assert sum(n.op_type == "MatMulIntegerToFloat" for n in model.graph) == before - 2 * layers
+    for got, want in zip(_decode_steps(model, feeds), expected):
+        _assert_equal(got, want)
+
+
+def test_max_columns_below_every_group_changes_nothing(tiny_export):
+    assert not MergeInt8LinearsPass(max_columns=2)(_lowered(tiny_export, "llama", "per_token")).modified
+
+
+def test_bad_max_columns_is_a_recipe_error():
+    with pytest.raises(RecipeError, match="max_columns"):
+        MergeInt8LinearsPass(max_columns=1)
