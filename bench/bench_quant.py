@@ -197,10 +197,10 @@ def main() -> None:
                 rows[name].update(speeds[name])
             else:  # its timing failed (in ``failed``): a row of errors, not the end of the run
                 del rows[name]
-    base = rows["onnxruntime fp32"]
+    base = rows.get("onnxruntime fp32")  # None when the FP32 export itself failed: no speed ratios, still a table
     for row in rows.values():
-        row["prefill_speedup"] = base["prefill_ms"] / row["prefill_ms"]
-        row["decode_speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        row["prefill_speedup"] = base["prefill_ms"] / row["prefill_ms"] if base else None
+        row["decode_speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"] if base else None
     if args.json:
         print(json.dumps({"rows": rows, "failed": failed}, indent=2))
         return
@@ -243,11 +243,14 @@ def _table(rows: dict[str, dict[str, Any]], failed: dict[str, str]) -> str:
     for name, r in rows.items():
         quant = "-" if r["quant_seconds"] is None else f"{r['quant_seconds']:.0f}"
         lines.append([name, f"{r['ppl']:.3f}", f"{r['ppl_ratio']:.4f}", f"{r['size_mb']:.0f}", quant,
-                      f"{r['prefill_ms']:.0f}", "{:.0f}-{:.0f}".format(*r["prefill_ms_range"]), f"{r['prefill_speedup']:.2f}",
-                      f"{r['decode_tokens_per_s']:.1f}",
-                      f"{r['decode_speedup']:.2f}"])
+                      f"{r['prefill_ms']:.0f}", "{:.0f}-{:.0f}".format(*r["prefill_ms_range"]), _ratio(r["prefill_speedup"]),
+                      f"{r['decode_tokens_per_s']:.1f}", _ratio(r["decode_speedup"])])
     lines += [[name, f"failed: {error}"] + [""] * (len(header) - 2) for name, error in failed.items()]
     return markdown_table(header, lines, align="l" + "r" * (len(header) - 1))
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 if __name__ == "__main__":
