@@ -61,7 +61,10 @@ def test_output_error_accumulates_and_equals_local_error_at_the_first_linears(cl
     rows = {r["site"]: r for r in cli_report[0]["sites"]}
     for role in ("q", "k", "v"):  # the first quantized linears read the same float input in both graphs
         first = rows[f"layers.0.attn.{role}"]
-        assert abs(first["output_sqnr_db"] - first["local_sqnr_db"]) < 1e-6
+        # equal up to float32 summation order: "output" compares against ORT's MatMul in the FP32 twin, "local"
+        # against numpy's x @ W (measured: 3.6e-6 dB apart on an AMD Zen 5 CPU, below 1e-6 on the earlier one);
+        # upstream error moves it by far more (layers.1, below)
+        assert abs(first["output_sqnr_db"] - first["local_sqnr_db"]) < 1e-4
     later = [rows[s] for s in TINY_SITES if s.startswith("layers.1.")]
     assert all(r["output_sqnr_db"] < r["local_sqnr_db"] for r in later)  # upstream error is in the output figure
 

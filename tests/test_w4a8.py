@@ -224,4 +224,7 @@ def test_w4a8_on_smollm2_passes_the_tensorrt_check_and_meets_its_perplexity_targ
     for entry in lowerings:
         assert entry.build()(model).modified
     lowered = evaluate_quantized(default_export, model, tmp_path / "w4a8-ort")["ppl_ratio"]
-    assert abs(lowered - ratio) < 2e-3 * ratio, f"w4a8-ort: ppl ratio {lowered:.4f} vs w4a8 {ratio:.4f}"
+    # the lowerings are exact up to float rounding (each pass's tiny-model tests), but a rounding difference that
+    # flips a per-tensor static activation code cascades: measured 0.04% apart on one CPU, 0.24% on an AMD Zen 5;
+    # up to about 0.6% between float-rounding-equal graphs on these 4 x 512 tokens (README, issue 4)
+    assert abs(lowered - ratio) < 6e-3 * ratio, f"w4a8-ort: ppl ratio {lowered:.4f} vs w4a8 {ratio:.4f}"
