@@ -43,6 +43,27 @@ PASSES: dict[str, str] = {
 _SCALARS = (bool, int, float, str)
 
 
+RUNTIME_FIELDS = frozenset({"stats", "windows", "reference"})  # supplied by the pipeline, never by a recipe
+
+
+def runtime_fields(klass: type) -> set[str]:
+    """The run-time fields a pass class takes: calibration ``stats``, ``windows``, the float ``reference`` graph."""
+    return {f.name for f in dataclasses.fields(klass)} & RUNTIME_FIELDS
+
+
+def check_settings(klass: type, settings: Mapping[str, Any]) -> None:
+    """Run the pass's own checks of ``settings`` (its ``__post_init__``) now, with the run-time fields left empty,
+    so that a bad value fails when the recipe is read rather than after export and calibration; raises
+    :class:`RecipeError`. A pass that cannot be built without its run-time data is checked when it is built."""
+    empty = {name: None for name in runtime_fields(klass)}
+    try:
+        klass(**settings, **empty)
+    except RecipeError:
+        raise
+    except Exception:  # noqa: BLE001 - needs real run-time data; its settings are checked again when built
+        pass
+
+
 def pass_class(name: str) -> type:
     """The pass class registered as ``name``; raises :class:`RecipeError` for an unknown or missing pass."""
     if name not in PASSES:

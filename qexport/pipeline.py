@@ -15,6 +15,7 @@ from qexport.calibration import collect_stats
 from qexport.errors import QexportError
 from qexport.passes import sites as site_matching
 from qexport.passes.linear_select import linear_names
+from qexport.pass_registry import runtime_fields
 from qexport.recipe import Recipe, RecipeCheck, pass_class
 from qexport.site_difficulty import site_difficulties
 from qexport.site_stats import quantized_site_stats
@@ -42,11 +43,6 @@ def _run_logits(model: ir.Model, ids: np.ndarray, threads: int | None) -> np.nda
     session = session_with_outputs(model, [], threads)
     inputs = {i.name: i for i in session.get_inputs()}
     return session.run(["logits"], prefill_feeds(ids, inputs, model))[0]
-
-
-def _stats_fields(klass: type) -> set[str]:
-    """The run-time fields a pass class takes: calibration ``stats``, ``windows``, the float ``reference`` graph."""
-    return {f.name for f in dataclasses.fields(klass)} & {"stats", "windows", "reference"}
 
 
 def _copy(model: ir.Model) -> ir.Model:
@@ -78,13 +74,13 @@ def apply_recipe(
     expected: np.ndarray | None = None  # logits of the untransformed graph
     pending = "export" if settings.measure_difficulty else None  # a stage whose difficulty is not measured yet
     verify: dict[str, Any] | None = None
-    wants_reference = any("reference" in _stats_fields(pass_class(e.name)) for e in recipe.passes)
+    wants_reference = any("reference" in runtime_fields(pass_class(e.name)) for e in recipe.passes)
     reference: ir.Model | None = None
     names: dict[ir.Node, str] = {}  # role names of the linears, taken on the float graph before quantization
     quantized: dict[str, dict[str, Any]] = {}
     for index, entry in enumerate(tqdm(recipe.passes, desc=f"recipe {recipe.name}", disable=None)):
         klass = pass_class(entry.name)
-        needs, lossless = _stats_fields(klass), getattr(klass, "lossless", True)
+        needs, lossless = runtime_fields(klass), getattr(klass, "lossless", True)
         if pending is not None:  # one run: the stage's difficulty, its logits, and the statistics this pass needs
             observed = _observe(model, windows if "stats" in needs else windows[: settings.difficulty_windows],
                                 verify_ids, settings)

@@ -20,7 +20,8 @@ final graph must pass :func:`qexport.trt_check.require_compatible`, or the expor
       windows: 4
     check: tensorrt
 
-An unknown key, value or type raises :class:`RecipeError` naming the key and what is allowed. The pass names and
+An unknown key, value or type raises :class:`RecipeError` naming the key and what is allowed; so does a value that
+the pass's own checks reject (its ``__post_init__``, run at load time with the run-time fields empty). The pass names and
 the conversion of YAML values to pass fields are in :mod:`qexport.pass_registry`; pass modules are imported only
 when a recipe uses them. Fields whose type cannot be written in YAML (calibration
 statistics) are supplied at run time through :meth:`Recipe.build`.
@@ -43,7 +44,7 @@ import yaml
 
 from qexport.errors import RecipeError
 # PASSES, pass_class and settable_fields are also imported from here (qexport.recipe.PASSES is the registry itself)
-from qexport.pass_registry import PASSES, convert_setting, pass_class, settable_fields
+from qexport.pass_registry import PASSES, check_settings, convert_setting, pass_class, settable_fields
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,10 @@ class PassEntry:
                 allowed = ", ".join(sorted(fields)) or "none"
                 raise RecipeError(f"{where}: unknown setting {key!r} for pass {name!r}; allowed settings: {allowed}")
             settings.append((key, convert_setting(f"{where}.{key}", value, fields[key])))
+        try:
+            check_settings(klass, dict(settings))
+        except RecipeError as exc:
+            raise RecipeError(f"{where}: {exc}") from None
         return cls(name, tuple(settings))
 
     def build(self, **runtime: Any) -> Any:

@@ -103,6 +103,27 @@ def test_run_time_fields_cannot_be_written_in_yaml_and_must_be_supplied():
         recipe.build({"fold-norm": {}})
 
 
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"pass": "ort-attention-chunks", "chunks": 1}, "ort-attention-chunks: chunks must be at least 2, got 1"),
+    ({"pass": "smooth", "alpha": 1.5}, r"smooth alpha must be within \[0, 1\], got 1.5"),  # a run-time field (stats)
+    ({"pass": "ort-merge-linears", "max_columns": 1}, "ort-merge-linears: max_columns must be at least 2"),
+    ({"pass": "quantize", "percentile": 0}, r"quantize percentile must be within \(0, 100\], got 0.0"),
+])
+def test_out_of_range_settings_fail_when_the_recipe_is_read(entry, message):
+    """The pass's own checks run at load time, with its run-time fields empty: not after export and calibration."""
+    with pytest.raises(RecipeError, match=r"passes\[1\]: " + message):
+        rc.Recipe.from_dict(_recipe({"pass": "fold-norm"}, entry))
+
+
+def test_a_bad_recipe_fails_before_the_export(tiny_source, tmp_path, capsys):
+    from qexport.cli import main
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\npasses:\n  - pass: ort-attention-chunks\n    chunks: 1\n")
+    assert main(["export", str(tiny_source("llama")), "--out", str(tmp_path / "out"), "--recipe", str(bad)]) != 0
+    assert "bad.yaml.passes[0]: ort-attention-chunks: chunks must be at least 2" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_pass_module_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(rc.PASSES, "gptq", "qexport.passes.gptq_not_written:GptqPass")
     with pytest.raises(RecipeError, match="pass 'gptq' needs module qexport.passes.gptq_not_written, which cannot"):
