@@ -36,7 +36,7 @@ import qexport
 from qexport.artifact import MODEL_FILE, Artifact
 from qexport.benchmark import BenchSettings, bench
 from qexport.evaluation import EvalSettings, evaluate
-from qexport.text import load_text, parse_source, token_windows
+from qexport.exporter.text import load_text, parse_source, token_windows
 from table import markdown_table  # bench/table.py, beside this script
 
 log = logging.getLogger("bench_quant")

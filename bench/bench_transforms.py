@@ -24,7 +24,7 @@ from qexport.recipe import Recipe, load_recipe
 from qexport.runtimes.causal_lm import CausalLM
 from qexport.runtimes.ort import OrtRunner
 from qexport.site_difficulty import summary_table
-from qexport.text import TextSource, load_text, token_windows
+from qexport.exporter.text import TextSource, load_text, token_windows
 from table import markdown_table  # bench/table.py, beside this script
 
 VARIANTS = {  # smoothing methods that have no preset of their own

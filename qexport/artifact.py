@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from qexport.errors import QexportError
-from qexport.graph_export import GraphSignature
-from qexport.loading import ModelSource
+from qexport.exporter.graph_export import GraphSignature
+from qexport.exporter.loading import ModelSource
 from qexport.outdir import read_manifest
 
 MODEL_FILE = "model.onnx"
@@ -67,7 +67,7 @@ class Artifact:
 
     def reference(self, threads: int | None = None):
         """The PyTorch source model in float32, reloaded from the manifest, as a :class:`CausalLM`."""
-        from qexport.loading import load_model
+        from qexport.exporter.loading import load_model
         from qexport.runtimes.causal_lm import CausalLM
         from qexport.runtimes.torch_runner import TorchRunner
 

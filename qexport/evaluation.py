@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from qexport.artifact import Artifact
 from qexport.runtimes.causal_lm import CausalLM
 from qexport.runtimes.generate import GenerationSettings, generate
-from qexport.text import TextSource, load_text, text_source, token_windows
+from qexport.exporter.text import TextSource, load_text, text_source, token_windows
 
 log = logging.getLogger(__name__)
 

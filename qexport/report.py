@@ -52,7 +52,7 @@ def build_report(folder: str | os.PathLike, text: str | None = None, dataset: st
     from qexport.evaluation import EvalSettings, evaluate
     from qexport.report_reference import pair_linears, reference_model
     from qexport.report_sites import site_errors
-    from qexport.text import load_text, text_source, token_windows
+    from qexport.exporter.text import load_text, text_source, token_windows
 
     start = time.perf_counter()
     artifact = Artifact.open(folder)

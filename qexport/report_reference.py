@@ -70,7 +70,7 @@ def reference_model(artifact: Artifact, reference: str | os.PathLike | None = No
     recorded in the manifest is exported again in memory.
     """
     from qexport.pipeline import PipelineSettings, apply_recipe
-    from qexport.text import TextSource, load_text, token_windows
+    from qexport.exporter.text import TextSource, load_text, token_windows
 
     manifest = artifact.manifest
     report = manifest.get("recipe")
@@ -99,8 +99,8 @@ def _fp32_graph(artifact: Artifact, reference: str | os.PathLike | None) -> ir.M
             raise ReportError(f"--reference {reference} was exported from {ref.manifest.get('source')}, not from "
                               f"{artifact.manifest.get('source')}; pass the FP32 export of the same model")
         return ir.load(Path(reference) / MODEL_FILE)
-    from qexport.graph_export import ExportSettings, export_graph
-    from qexport.loading import load_model
+    from qexport.exporter.graph_export import ExportSettings, export_graph
+    from qexport.exporter.loading import load_model
 
     log.info("exporting the FP32 reference again from %s", artifact.source.location)
     _, family, hf_model, _ = load_model(artifact.source)

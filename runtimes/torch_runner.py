@@ -7,7 +7,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from qexport.graph_export import DTYPES, CausalLMWithCache, GraphSignature
+from qexport.exporter.graph_export import DTYPES, CausalLMWithCache, GraphSignature
 
 
 class TorchRunner:

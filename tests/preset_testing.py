@@ -48,7 +48,7 @@ def quantize_smollm2(fp32_folder: Path, preset: str) -> ir.Model:
     """The FP32 SmolLM2 export with ``preset`` applied, calibrated on 16 x 512 tokens of the calibration text."""
     from qexport.artifact import Artifact
     from qexport.pipeline import PipelineSettings, apply_recipe
-    from qexport.text import load_text, parse_source, token_windows
+    from qexport.exporter.text import load_text, parse_source, token_windows
 
     tokenizer = Artifact.open(fp32_folder).tokenizer()
     windows = token_windows(tokenizer, load_text(parse_source(None), "calibration"), 512, 16)

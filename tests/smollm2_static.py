@@ -21,7 +21,7 @@ def static_smollm2(fp32: Path, folder: Path) -> Path:
     from qexport.outdir import checksums, read_manifest, write_manifest
     from qexport.pipeline import PipelineSettings, apply_recipe
     from qexport.recipe import load_recipe
-    from qexport.text import load_text, parse_source, token_windows
+    from qexport.exporter.text import load_text, parse_source, token_windows
 
     source = parse_source(None)
     windows = token_windows(Artifact.open(fp32).tokenizer(), load_text(source, "calibration"), 512, CALIB_WINDOWS)

@@ -75,7 +75,7 @@ def test_local_error_matches_a_numpy_fake_quant_reference(cli_report, static_lla
     from qexport.calibration import run_values
     from qexport.passes.weight_quant import quantize_weight
     from qexport.report_reference import pair_linears, reference_model
-    from qexport.text import load_text, parse_source, token_windows
+    from qexport.exporter.text import load_text, parse_source, token_windows
 
     artifact = Artifact.open(static_llama)
     reference = reference_model(artifact, tiny_export("llama"), threads=1)
@@ -178,7 +178,7 @@ def test_smoothing_suggestion_for_a_site_that_stands_out_runs_as_a_recipe(cli_re
     from qexport.artifact import Artifact
     from qexport.pipeline import PipelineSettings, apply_recipe
     from qexport.report_suggest import suggest
-    from qexport.text import load_text, parse_source, token_windows
+    from qexport.exporter.text import load_text, parse_source, token_windows
 
     report = copy.deepcopy(cli_report[0])
     row = next(r for r in report["sites"] if r["site"] == "layers.1.attn.o")
@@ -254,7 +254,7 @@ def test_leaving_the_worst_linears_in_float_runs_as_a_recipe(cli_report, static_
     from qexport.passes.linear_select import TAG, linear_names
     from qexport.pipeline import PipelineSettings, apply_recipe
     from qexport.report_suggest import suggest
-    from qexport.text import load_text, parse_source, token_windows
+    from qexport.exporter.text import load_text, parse_source, token_windows
 
     worst = ["layers.1.attn.o", "layers.0.mlp.up"]
     report = _pushed_down(cli_report[0], worst)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qexport.errors import TextSourceError
-from qexport.text import TextSource, load_text, parse_source, pydoc_text, token_windows
+from qexport.exporter.text import TextSource, load_text, parse_source, pydoc_text, token_windows
 
 
 def test_pydoc_halves_are_disjoint_and_cover_the_topics():

@@ -12,7 +12,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 import torch
 
-from qexport.families import Family
+from qexport.exporter.families import Family
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qexport.errors import ModelSourceError
-from qexport.families import Family, family_for
+from qexport.exporter.families import Family, family_for
 
 log = logging.getLogger(__name__)
 
