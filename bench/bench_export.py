@@ -14,7 +14,7 @@ from pathlib import Path
 import qexport
 from qexport.benchmark import BenchSettings, bench
 from qexport.evaluation import EvalSettings
-from qexport.outdir import read_manifest
+from qexport.artifact.outdir import read_manifest
 
 
 def main() -> None:

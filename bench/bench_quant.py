@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import qexport
-from qexport.artifact import MODEL_FILE, Artifact
+from qexport.artifact.folder import MODEL_FILE, Artifact
 from qexport.benchmark import BenchSettings, bench
 from qexport.evaluation import EvalSettings, evaluate
 from qexport.exporter.text import load_text, parse_source, token_windows

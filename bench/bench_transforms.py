@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 import qexport
-from qexport.artifact import Artifact
+from qexport.artifact.folder import Artifact
 from qexport.evaluation import token_nll
 from qexport.pipeline import PipelineSettings, apply_recipe
 from qexport.recipe import Recipe, load_recipe

@@ -13,10 +13,10 @@ from typing import Any
 
 import onnx_ir as ir
 
-from qexport.artifact import MODEL_FILE
+from qexport.artifact.folder import MODEL_FILE
 from qexport.exporter.graph_export import ExportSettings, export_graph
 from qexport.exporter.loading import load_model, resolve_source
-from qexport.outdir import atomic_output_dir, checksums, write_manifest
+from qexport.artifact.outdir import atomic_output_dir, checksums, write_manifest
 from qexport.pipeline import PipelineSettings, apply_recipe
 from qexport.recipe import Recipe, load_recipe
 from qexport.exporter.text import load_text, parse_source, token_windows

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from qexport.artifact import Artifact
+from qexport.artifact.folder import Artifact
 from qexport.runtimes.causal_lm import CausalLM
 
 

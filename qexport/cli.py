@@ -129,7 +129,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from qexport.api import export
-    from qexport.outdir import read_manifest
+    from qexport.artifact.outdir import read_manifest
 
     out = export(args.model, args.out, dtype=args.dtype, kv_cache=not args.no_kv_cache, force=args.force,
                  revision=args.revision, recipe=args.recipe, calib=args.calib, calib_windows=args.calib_windows,
@@ -171,7 +171,7 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
-    from qexport.artifact import Artifact
+    from qexport.artifact.folder import Artifact
     from qexport.runtimes.generate import GenerationSettings, generate
 
     artifact = Artifact.open(args.dir)
@@ -218,7 +218,7 @@ def _cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_check(args: argparse.Namespace) -> dict[str, Any]:
-    from qexport.artifact import Artifact
+    from qexport.artifact.folder import Artifact
     from qexport.trt_check import check_path, errors, format_findings
 
     findings = check_path(Artifact.open(args.dir).model_path)
@@ -256,7 +256,7 @@ def _cmd_report(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_build_engine(args: argparse.Namespace) -> dict[str, Any]:
-    from qexport.artifact import Artifact
+    from qexport.artifact.folder import Artifact
     from qexport.runtimes.tensorrt import ENGINE_FILE, build_engine, settings_path
 
     artifact = Artifact.open(args.dir)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from qexport.artifact import Artifact
+from qexport.artifact.folder import Artifact
 from qexport.runtimes.causal_lm import CausalLM
 from qexport.runtimes.generate import GenerationSettings, generate
 from qexport.exporter.text import TextSource, load_text, text_source, token_windows

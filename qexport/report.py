@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qexport.artifact import Artifact
+from qexport.artifact.folder import Artifact
 from qexport.errors import QexportError
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from qexport.artifact import MODEL_FILE, Artifact
+from qexport.artifact.folder import MODEL_FILE, Artifact
 from qexport.errors import QexportError
 from qexport.passes import sites as site_matching
 from qexport.passes.bias_correction import MARK as BIAS_CORRECTED

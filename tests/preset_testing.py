@@ -46,7 +46,7 @@ def logits_sqnr_db(model: ir.Model, fp32_folder: Path, runner: Runner = run) -> 
 
 def quantize_smollm2(fp32_folder: Path, preset: str) -> ir.Model:
     """The FP32 SmolLM2 export with ``preset`` applied, calibrated on 16 x 512 tokens of the calibration text."""
-    from qexport.artifact import Artifact
+    from qexport.artifact.folder import Artifact
     from qexport.pipeline import PipelineSettings, apply_recipe
     from qexport.exporter.text import load_text, parse_source, token_windows
 

@@ -9,7 +9,7 @@ from typing import Mapping
 import numpy as np
 import pytest
 
-from qexport.artifact import Artifact
+from qexport.artifact.folder import Artifact
 from qexport.compare import Tolerances, compare_arrays, compare_causal_lms, compare_runners
 from qexport.runtimes.causal_lm import CausalLM
 

@@ -20,7 +20,7 @@ def test_default_model_parity(default_export):
 
 
 def test_default_model_manifest(default_export):
-    from qexport.outdir import read_manifest
+    from qexport.artifact.outdir import read_manifest
 
     manifest = read_manifest(default_export)
     assert manifest["source"]["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from qexport.artifact import Artifact
+from qexport.artifact.folder import Artifact
 from qexport.runtimes.generate import GenerationSettings, generate
 
 # FP32 on tiny models: exporter and ONNX Runtime kernels differ only by float rounding.
@@ -75,7 +75,7 @@ def test_export_is_deterministic(tiny_source, tmp_path):
 
 
 def test_manifest_records_source_versions_and_checksums(tiny_export):
-    from qexport.outdir import sha256_file
+    from qexport.artifact.outdir import sha256_file
 
     artifact = Artifact.open(tiny_export("qwen2"))
     manifest = artifact.manifest

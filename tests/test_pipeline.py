@@ -9,7 +9,7 @@ import onnx_ir as ir
 import pytest
 
 import qexport
-from qexport.artifact import Artifact
+from qexport.artifact.folder import Artifact
 from qexport.errors import QexportError, RecipeError
 
 CALIB = dict(calib_windows=2, calib_seq_len=64)

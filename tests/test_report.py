@@ -71,7 +71,7 @@ def test_output_error_accumulates_and_equals_local_error_at_the_first_linears(cl
 
 def test_local_error_matches_a_numpy_fake_quant_reference(cli_report, static_llama, tiny_export):
     """layers.0.attn.q: per-tensor int8 activation (the graph's clip) x int8 per-channel weight, in numpy."""
-    from qexport.artifact import Artifact
+    from qexport.artifact.folder import Artifact
     from qexport.calibration import run_values
     from qexport.passes.weight_quant import quantize_weight
     from qexport.report_reference import pair_linears, reference_model
@@ -175,7 +175,7 @@ def test_smoothing_suggestion_for_a_site_that_stands_out_runs_as_a_recipe(cli_re
 
     import yaml
 
-    from qexport.artifact import Artifact
+    from qexport.artifact.folder import Artifact
     from qexport.pipeline import PipelineSettings, apply_recipe
     from qexport.report_suggest import suggest
     from qexport.exporter.text import load_text, parse_source, token_windows
@@ -250,7 +250,7 @@ def test_leaving_the_worst_linears_in_float_runs_as_a_recipe(cli_report, static_
     (unquantized weights and inputs) and the rest int8."""
     import yaml
 
-    from qexport.artifact import Artifact
+    from qexport.artifact.folder import Artifact
     from qexport.passes.linear_select import TAG, linear_names
     from qexport.pipeline import PipelineSettings, apply_recipe
     from qexport.report_suggest import suggest
@@ -322,7 +322,7 @@ def test_per_token_qdq_is_reported_and_a_lowered_graph_is_refused(tiny_source, t
 def test_bias_corrected_linears_are_compared_after_the_correction(tiny_source, tiny_export, tmp_path):
     import yaml
 
-    from qexport.artifact import Artifact
+    from qexport.artifact.folder import Artifact
     from qexport.report_reference import pair_linears, reference_model
     from qexport.report_sites import site_errors
 

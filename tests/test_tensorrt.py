@@ -12,7 +12,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qexport.artifact import Artifact
+from qexport.artifact.folder import Artifact
 from qexport.compare import Tolerances, compare_causal_lms
 from qexport.errors import QexportError
 from qexport.runtimes.causal_lm import CausalLM

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qexport.artifact import Artifact
+from qexport.artifact.folder import Artifact
 from qexport.trt_check import (
     Rule, Severity, TensorRTIncompatibleError, check_model, check_path, errors, require_compatible,
 )

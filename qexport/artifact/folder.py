@@ -10,7 +10,7 @@ from typing import Any
 from qexport.errors import QexportError
 from qexport.exporter.graph_export import GraphSignature
 from qexport.exporter.loading import ModelSource
-from qexport.outdir import read_manifest
+from qexport.artifact.outdir import read_manifest
 
 MODEL_FILE = "model.onnx"
 RUNTIMES = ("ort-cpu", "ort-cuda", "tensorrt")

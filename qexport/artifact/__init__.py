@@ -1,0 +1,1 @@
+"""The output folder: its files, manifest and graph signature."""
