@@ -101,8 +101,8 @@ def _qexport_preset(fp32: Path, out: Path, preset: str, windows: list) -> float:
     import onnx_ir as ir
 
     from qexport.api import save_model
-    from qexport.pipeline import PipelineSettings, apply_recipe
-    from qexport.recipe import load_recipe
+    from qexport.recipes.pipeline import PipelineSettings, apply_recipe
+    from qexport.recipes.schema import load_recipe
 
     shutil.copytree(fp32, out, ignore=shutil.ignore_patterns(MODEL_FILE))
     start = time.perf_counter()

@@ -19,8 +19,8 @@ import onnx_ir as ir
 import qexport
 from qexport.artifact.folder import Artifact
 from qexport.evaluation import token_nll
-from qexport.pipeline import PipelineSettings, apply_recipe
-from qexport.recipe import Recipe, load_recipe
+from qexport.recipes.pipeline import PipelineSettings, apply_recipe
+from qexport.recipes.schema import Recipe, load_recipe
 from qexport.runtimes.causal_lm import CausalLM
 from qexport.runtimes.ort import OrtRunner
 from qexport.site_difficulty import summary_table

@@ -17,8 +17,8 @@ from qexport.artifact.folder import MODEL_FILE
 from qexport.exporter.graph_export import ExportSettings, export_graph
 from qexport.exporter.loading import load_model, resolve_source
 from qexport.artifact.outdir import atomic_output_dir, checksums, write_manifest
-from qexport.pipeline import PipelineSettings, apply_recipe
-from qexport.recipe import Recipe, load_recipe
+from qexport.recipes.pipeline import PipelineSettings, apply_recipe
+from qexport.recipes.schema import Recipe, load_recipe
 from qexport.exporter.text import load_text, parse_source, token_windows
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from qexport.errors import QexportError
 from qexport.passes import sites as site_matching
 from qexport.passes.bias_correction import MARK as BIAS_CORRECTED
 from qexport.passes.linear_select import TAG, linear_names
-from qexport.recipe import Recipe, pass_class
+from qexport.recipes.schema import Recipe, pass_class
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def reference_model(artifact: Artifact, reference: str | os.PathLike | None = No
     ``reference``: an FP32 qexport folder of the same source (skips re-exporting); else the source model
     recorded in the manifest is exported again in memory.
     """
-    from qexport.pipeline import PipelineSettings, apply_recipe
+    from qexport.recipes.pipeline import PipelineSettings, apply_recipe
     from qexport.exporter.text import TextSource, load_text, token_windows
 
     manifest = artifact.manifest

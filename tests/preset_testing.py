@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 import qexport
 from pass_testing import load, make_feeds, run
-from qexport import recipe as rc
+from qexport.recipes import schema as rc
 
 Runner = Callable[[ir.Model, dict[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -47,7 +47,7 @@ def logits_sqnr_db(model: ir.Model, fp32_folder: Path, runner: Runner = run) -> 
 def quantize_smollm2(fp32_folder: Path, preset: str) -> ir.Model:
     """The FP32 SmolLM2 export with ``preset`` applied, calibrated on 16 x 512 tokens of the calibration text."""
     from qexport.artifact.folder import Artifact
-    from qexport.pipeline import PipelineSettings, apply_recipe
+    from qexport.recipes.pipeline import PipelineSettings, apply_recipe
     from qexport.exporter.text import load_text, parse_source, token_windows
 
     tokenizer = Artifact.open(fp32_folder).tokenizer()

@@ -19,8 +19,8 @@ def static_smollm2(fp32: Path, folder: Path) -> Path:
     from qexport.api import save_model
     from qexport.artifact.folder import Artifact
     from qexport.artifact.outdir import checksums, read_manifest, write_manifest
-    from qexport.pipeline import PipelineSettings, apply_recipe
-    from qexport.recipe import load_recipe
+    from qexport.recipes.pipeline import PipelineSettings, apply_recipe
+    from qexport.recipes.schema import load_recipe
     from qexport.exporter.text import load_text, parse_source, token_windows
 
     source = parse_source(None)

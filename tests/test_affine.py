@@ -16,7 +16,7 @@ from qexport.passes._util import const_f64
 from qexport.passes.affine import MARK, AffinePass, collect_samples, problem_for
 from qexport.passes.affine_fit import FitSettings, band_mask, fit, is_strictly_dominant
 from qexport.passes.smooth import SmoothPass
-from qexport.recipe import load_recipe
+from qexport.recipes.schema import load_recipe
 
 RTOL, ATOL = 1e-4, 1e-5  # FP32 after float64 folding: one rounding per weight, a few ulps through the network
 # 128 sample rows, 2 steps per epoch; the band still reaches full width, and 10x the default lr makes the

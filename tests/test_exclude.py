@@ -14,7 +14,7 @@ from qexport.errors import RecipeError
 from qexport.passes.gptq import GptqPass
 from qexport.passes.insert_qdq import QuantizePass
 from qexport.passes.linear_select import TAG, linear_names
-from qexport.recipe import Recipe
+from qexport.recipes.schema import Recipe
 
 WINDOWS = tuple(np.arange(3 + 60 * i, 67 + 60 * i, dtype=np.int64) for i in range(2))
 # exclude -> the one ``linears`` glob selecting exactly the other (non-lm_head) linears of the tiny 2-layer Llama

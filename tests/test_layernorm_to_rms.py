@@ -7,7 +7,7 @@ import onnx_ir as ir
 import pytest
 
 from pass_testing import give_norms_weights, load, prefill_decode, run, weights_of
-from qexport import recipe as rc
+from qexport.recipes import schema as rc
 from qexport.errors import QexportError
 from qexport.passes import sites
 from qexport.passes._util import const_f64

@@ -71,7 +71,7 @@ class BreakWeightsPass(ir.passes.InPlacePass):
 
 
 def test_non_equivalent_pass_is_an_error_and_writes_nothing(tiny_source, tmp_path, monkeypatch):
-    from qexport import recipe
+    from qexport.recipes import schema as recipe
 
     monkeypatch.setitem(recipe.PASSES, "break-weights", f"{__name__}:BreakWeightsPass")
     bad = tmp_path / "break.yaml"
@@ -94,8 +94,8 @@ def _windows(count: int = 2, length: int = 48) -> list[np.ndarray]:
 def test_stage_difficulty_shares_the_pass_statistics_run(tiny_export):
     from qexport.calibration import collect_stats
     from qexport.passes import sites
-    from qexport.pipeline import PipelineSettings, apply_recipe
-    from qexport.recipe import load_recipe
+    from qexport.recipes.pipeline import PipelineSettings, apply_recipe
+    from qexport.recipes.schema import load_recipe
     from qexport.site_difficulty import site_difficulties
 
     model = ir.load(tiny_export("llama") / "model.onnx")
@@ -112,8 +112,8 @@ def test_stage_difficulty_shares_the_pass_statistics_run(tiny_export):
 
 def test_manifest_sites_record_activation_and_weight_scales(tiny_export):
     from qexport.passes.linear_select import TAG, linear_names
-    from qexport.pipeline import PipelineSettings, apply_recipe
-    from qexport.recipe import load_recipe
+    from qexport.recipes.pipeline import PipelineSettings, apply_recipe
+    from qexport.recipes.schema import load_recipe
 
     model = ir.load(tiny_export("llama") / "model.onnx")
     role_of = {node.name: role for node, role in linear_names(model).items()}
@@ -134,8 +134,8 @@ def test_manifest_sites_record_activation_and_weight_scales(tiny_export):
 
 
 def test_pipeline_gives_bias_correction_the_float_graph(tiny_export):
-    from qexport.pipeline import PipelineSettings, apply_recipe
-    from qexport.recipe import Recipe
+    from qexport.recipes.pipeline import PipelineSettings, apply_recipe
+    from qexport.recipes.schema import Recipe
 
     model = ir.load(tiny_export("llama") / "model.onnx")
     recipe = Recipe.from_dict({"name": "bc", "passes": [{"pass": "quantize", "activations": "per_tensor"},

@@ -9,7 +9,7 @@ import pytest
 
 import qexport
 from preset_testing import evaluate_quantized, export_tiny_preset, logits_sqnr_db, quantize_smollm2
-from qexport import recipe as rc
+from qexport.recipes import schema as rc
 
 QUANT_PRESETS = [name for name in rc.preset_names() if name.startswith("w8a8")]
 

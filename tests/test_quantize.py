@@ -179,7 +179,7 @@ def test_bad_settings_are_recipe_errors(tiny_export):
 
 
 def test_weight_settings_default_to_int8_and_map_from_a_recipe(tiny_export):
-    from qexport.recipe import Recipe
+    from qexport.recipes.schema import Recipe
     from qexport.passes.weight_quant import WeightClip, WeightQuant
 
     default, explicit = load(tiny_export("llama")), load(tiny_export("llama"))

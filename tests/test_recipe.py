@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from pass_testing import give_norms_weights, load, make_feeds, run
-from qexport import recipe as rc
+from qexport.recipes import schema as rc
 from qexport.errors import RecipeError
 from qexport.passes.hadamard import Rotation
 from qexport.passes.online_hadamard import OnlineHadamardPass

@@ -16,7 +16,7 @@ import pytest
 
 import qexport
 from qexport.cli import main
-from qexport.recipe import Recipe
+from qexport.recipes.schema import Recipe
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -176,7 +176,7 @@ def test_smoothing_suggestion_for_a_site_that_stands_out_runs_as_a_recipe(cli_re
     import yaml
 
     from qexport.artifact.folder import Artifact
-    from qexport.pipeline import PipelineSettings, apply_recipe
+    from qexport.recipes.pipeline import PipelineSettings, apply_recipe
     from qexport.report_suggest import suggest
     from qexport.exporter.text import load_text, parse_source, token_windows
 
@@ -252,7 +252,7 @@ def test_leaving_the_worst_linears_in_float_runs_as_a_recipe(cli_report, static_
 
     from qexport.artifact.folder import Artifact
     from qexport.passes.linear_select import TAG, linear_names
-    from qexport.pipeline import PipelineSettings, apply_recipe
+    from qexport.recipes.pipeline import PipelineSettings, apply_recipe
     from qexport.report_suggest import suggest
     from qexport.exporter.text import load_text, parse_source, token_windows
 
@@ -326,7 +326,7 @@ def test_bias_corrected_linears_are_compared_after_the_correction(tiny_source, t
     from qexport.report_reference import pair_linears, reference_model
     from qexport.report_sites import site_errors
 
-    from qexport.recipe import presets_folder
+    from qexport.recipes.schema import presets_folder
 
     recipe = yaml.safe_load((presets_folder() / "w8a8-static.yaml").read_text())
     recipe["passes"].append({"pass": "bias-correct"})

@@ -11,7 +11,7 @@ import pytest
 
 from pass_testing import load, make_feeds
 from preset_testing import evaluate_quantized, export_tiny_preset, logits_sqnr_db, quantize_smollm2
-from qexport import recipe as rc
+from qexport.recipes import schema as rc
 from qexport.errors import RecipeError
 from qexport.passes._util import write_weight
 from qexport.passes.insert_qdq import QuantizePass

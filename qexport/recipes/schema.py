@@ -22,7 +22,7 @@ final graph must pass :func:`qexport.trt_check.require_compatible`, or the expor
 
 An unknown key, value or type raises :class:`RecipeError` naming the key and what is allowed; so does a value that
 the pass's own checks reject (its ``__post_init__``, run at load time with the run-time fields empty). The pass names and
-the conversion of YAML values to pass fields are in :mod:`qexport.pass_registry`; pass modules are imported only
+the conversion of YAML values to pass fields are in :mod:`qexport.recipes.registry`; pass modules are imported only
 when a recipe uses them. Fields whose type cannot be written in YAML (calibration
 statistics) are supplied at run time through :meth:`Recipe.build`.
 
@@ -43,8 +43,8 @@ from typing import Any, Mapping
 import yaml
 
 from qexport.errors import RecipeError
-# PASSES, pass_class and settable_fields are also imported from here (qexport.recipe.PASSES is the registry itself)
-from qexport.pass_registry import PASSES, check_settings, convert_setting, pass_class, settable_fields
+# PASSES, pass_class and settable_fields are also imported from here (qexport.recipes.schema.PASSES is the registry itself)
+from qexport.recipes.registry import PASSES, check_settings, convert_setting, pass_class, settable_fields
 
 log = logging.getLogger(__name__)
 

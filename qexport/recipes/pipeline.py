@@ -15,8 +15,8 @@ from qexport.calibration import collect_stats
 from qexport.errors import QexportError
 from qexport.passes import sites as site_matching
 from qexport.passes.linear_select import linear_names
-from qexport.pass_registry import runtime_fields
-from qexport.recipe import Recipe, RecipeCheck, pass_class
+from qexport.recipes.registry import runtime_fields
+from qexport.recipes.schema import Recipe, RecipeCheck, pass_class
 from qexport.site_difficulty import site_difficulties
 from qexport.site_stats import quantized_site_stats
 

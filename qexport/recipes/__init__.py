@@ -1,0 +1,1 @@
+"""Recipes: their schema, the pass registry and the pipeline that runs them."""
