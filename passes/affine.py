@@ -11,11 +11,11 @@ from typing import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from qexport.calibration import prefill_feeds, session_with_outputs
+from qexport.calibration.stats import prefill_feeds, session_with_outputs
 from qexport.errors import QexportError, RecipeError
 from qexport.passes import sites as site_matching
 from qexport.passes._util import write_bias, write_weight
-from qexport.passes.affine_fit import FitProblem, FitSettings, fit
+from qexport.calibration.affine_fit import FitProblem, FitSettings, fit
 from qexport.passes.smooth import fold_scales
 
 log = logging.getLogger(__name__)

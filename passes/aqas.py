@@ -10,7 +10,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qexport.calibration import CalibrationStats
+from qexport.calibration.stats import CalibrationStats
 from qexport.errors import RecipeError
 from qexport.passes import sites as site_matching
 from qexport.passes.smooth import MARK, SmoothMethod, SmoothPass, site_ranges, smoothquant_scales
@@ -128,7 +128,7 @@ def sample_rows(model: ir.Model, names: list[str], windows, tokens: int, seed: i
                 ) -> dict[str, np.ndarray]:
     """``tokens`` rows (float64) of each value in ``names``, sampled uniformly without replacement (the same rows
     for every value) from the windows run through ``model``."""
-    from qexport.calibration import run_values
+    from qexport.calibration.stats import run_values
 
     rng = np.random.default_rng(seed)
     lengths = [int(np.asarray(w).size) for w in windows]

@@ -122,7 +122,7 @@ def sequential_errors(model: ir.Model, stages: list[list[QuantizedLinear]], corr
                       windows, threads: int | None) -> dict[ir.Node, np.ndarray]:
     """Per linear: mean over all tokens of (output before its correction - x W) in float64 (Gemm: both without
     C), stage after stage, each stage run with the corrections -e of the stages before it fed in."""
-    from qexport.calibration import ValueSession
+    from qexport.calibration.stats import ValueSession
 
     group = [t for stage in stages for t in stage]
     names = sorted({t.x.name for t in group} | {t.node.outputs[0].name for t in group})

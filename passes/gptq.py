@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from qexport.errors import RecipeError
 from qexport.passes import sites as site_matching
-from qexport.passes.layer_sessions import StagedRuns
+from qexport.calibration.layer_sessions import StagedRuns
 from qexport.passes.linear_select import linear_names, selected_linears
 from qexport.passes.weight_quant import WeightClip, WeightFormat, WeightQuant, write_quantized_weight
 
@@ -99,7 +99,7 @@ class GptqPass(ir.passes.InPlacePass):
     (``sequential: true``, methods.md §4 step 8): the linears of layer 0, 1, ... (by role name, then any others)
     in turn, each layer's Hessians from the graph in which all earlier layers' weights are already quantized;
     activations are still float there (their quantizers come with the later ``quantize`` pass). The residual
-    stream entering each layer is cached per window (:class:`~qexport.passes.layer_sessions.StagedRuns`), so
+    stream entering each layer is cached per window (:class:`~qexport.calibration.layer_sessions.StagedRuns`), so
     a layer's Hessians come from a session over that layer and the one before it (quantized), not from the
     embedding up; the values are those of the whole graph. Where the graph cannot be cut there (no residual
     stream found, or a layer reading it other than through the cut), that layer runs the whole graph.

@@ -13,7 +13,7 @@ import onnx_ir as ir
 from qexport.errors import RecipeError
 from qexport.passes import sites as site_matching
 from qexport.passes._util import new_initializer
-from qexport.passes.act_calibration import ActCalibration, static_scales
+from qexport.calibration.activation_scales import ActCalibration, static_scales
 from qexport.passes.linear_select import prequantized_linears, selected_linears
 from qexport.passes.weight_quant import WeightClip, WeightFormat, WeightQuant, tagged, write_quantized_weight
 

@@ -11,7 +11,7 @@ from typing import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from qexport.calibration import CalibrationStats
+from qexport.calibration.stats import CalibrationStats
 from qexport.errors import RecipeError
 from qexport.passes import sites as site_matching
 from qexport.passes._util import const_f64, set_const_input, write_bias, write_weight

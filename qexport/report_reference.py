@@ -214,7 +214,7 @@ def _dequantized_weight(node: ir.Node) -> np.ndarray | None:
 
 def _computed_weights(model: ir.Model, nodes: list[ir.Node], threads: int | None) -> dict[str, np.ndarray]:
     """Weights computed in the graph (a lookup before the scale): read off one ONNX Runtime run of two tokens."""
-    from qexport.calibration import run_values
+    from qexport.calibration.stats import run_values
 
     names = [node.inputs[1].name for node in nodes]
     values = next(run_values(model, names, [np.zeros(2, dtype=np.int64)], threads))

@@ -60,7 +60,7 @@ class _Sums:
 def site_errors(quantized: ir.Model, reference: ir.Model, linears: Sequence[QuantizedLinear],
                 windows: Sequence[np.ndarray], threads: int | None = None) -> list[dict[str, Any]]:
     """One row per quantized linear, worst local SQNR first (see the module docstring for the columns)."""
-    from qexport.calibration import run_values
+    from qexport.calibration.stats import run_values
 
     q_names = sorted({n for lin in linears for n in (lin.activation, lin.dequantized, lin.output)})
     r_names = sorted({lin.ref_output for lin in linears})

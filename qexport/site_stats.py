@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qexport.passes.act_calibration import CALIBRATION_META
+from qexport.calibration.activation_scales import CALIBRATION_META
 from qexport.passes.linear_select import TAG
 
 

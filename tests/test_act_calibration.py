@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from pass_testing import load
-from qexport.calibration import run_values
-from qexport.passes.act_calibration import (
+from qexport.calibration.stats import run_values
+from qexport.calibration.activation_scales import (
     CALIBRATION_META, MSE_CANDIDATES, AbsHistogram, ActCalibration, mse_clip, quantization_mse, static_scales)
 from qexport.passes.insert_qdq import QuantizePass
 from qexport.passes.linear_select import TAG

@@ -8,13 +8,13 @@ import onnx_ir as ir
 import pytest
 
 from pass_testing import give_norms_weights, load, make_feeds, prefill_decode, run
-from qexport.calibration import collect_stats
+from qexport.calibration.stats import collect_stats
 from qexport.difficulty import rtn_rows
 from qexport.errors import QexportError, RecipeError
 from qexport.passes import sites
 from qexport.passes._util import const_f64
 from qexport.passes.affine import MARK, AffinePass, collect_samples, problem_for
-from qexport.passes.affine_fit import FitSettings, band_mask, fit, is_strictly_dominant
+from qexport.calibration.affine_fit import FitSettings, band_mask, fit, is_strictly_dominant
 from qexport.passes.smooth import SmoothPass
 from qexport.recipes.schema import load_recipe
 

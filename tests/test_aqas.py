@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pass_testing import give_norms_weights, load, make_feeds, prefill_decode, run, weights_of
-from qexport.calibration import collect_stats, run_values
+from qexport.calibration.stats import collect_stats, run_values
 from qexport.errors import RecipeError
 from qexport.passes import sites
 from qexport.passes.aqas import ALPHA_MARK, AqasPass

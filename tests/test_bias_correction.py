@@ -7,7 +7,7 @@ import onnx_ir as ir
 import pytest
 
 from pass_testing import load
-from qexport.calibration import run_values
+from qexport.calibration.stats import run_values
 from qexport.errors import RecipeError
 from qexport.passes.bias_correction import BiasCorrectPass
 from qexport.passes.insert_qdq import QuantizePass

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pass_testing import load
-from qexport.calibration import TensorStats, collect_stats
+from qexport.calibration.stats import TensorStats, collect_stats
 from qexport.errors import QexportError
 from qexport.passes import sites
 

@@ -9,10 +9,11 @@ import pytest
 
 from pass_testing import load
 from qexport.errors import PatternNotFoundError, RecipeError
-from qexport.passes import gptq, layer_sessions
+from qexport.passes import gptq
+from qexport.calibration import layer_sessions
 from qexport.passes.gptq import GptqPass, gptq_quantize, inverse_factor
 from qexport.passes.insert_qdq import QuantizePass
-from qexport.passes.layer_sessions import StagedRuns
+from qexport.calibration.layer_sessions import StagedRuns
 from qexport.passes.linear_select import TAG, selected_linears
 from qexport.passes.weight_quant import WeightFormat, quantize_weight
 

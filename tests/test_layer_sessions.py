@@ -7,10 +7,10 @@ import numpy as np
 import onnx_ir as ir
 
 from pass_testing import load
-from qexport.passes import layer_sessions
+from qexport.calibration import layer_sessions
 from qexport.passes._util import new_initializer
 from qexport.passes.gptq import GptqPass
-from qexport.passes.layer_sessions import StagedRuns
+from qexport.calibration.layer_sessions import StagedRuns
 from qexport.passes.linear_select import ROLE, TAG, selected_linears
 from qexport.passes.residual import find_residual_stream
 
@@ -31,7 +31,7 @@ def _site_inputs(model, pattern):
 def test_staged_runs_from_cuts_inside_the_model_follow_weight_changes(tiny_export):
     """Four stages (attention, then MLP inputs of each layer: cuts at each residual add), an earlier weight changed
     between stages: each stage's values equal a whole-graph run of the model as it is at that stage."""
-    from qexport.calibration import run_values
+    from qexport.calibration.stats import run_values
 
     windows = tuple(np.arange(3 + 50 * i, 40 + 50 * i, dtype=np.int64) for i in range(2))
     model = load(tiny_export("llama"))

@@ -5,7 +5,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from qexport.calibration import prefill_feeds, session_with_outputs
+from qexport.calibration.stats import prefill_feeds, session_with_outputs
 from qexport.ort_session import IN_MEMORY, cpu_session, serialize_without_weights
 
 

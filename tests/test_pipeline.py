@@ -92,7 +92,7 @@ def _windows(count: int = 2, length: int = 48) -> list[np.ndarray]:
 
 
 def test_stage_difficulty_shares_the_pass_statistics_run(tiny_export):
-    from qexport.calibration import collect_stats
+    from qexport.calibration.stats import collect_stats
     from qexport.passes import sites
     from qexport.recipes.pipeline import PipelineSettings, apply_recipe
     from qexport.recipes.schema import load_recipe

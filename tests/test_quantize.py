@@ -9,7 +9,7 @@ import onnx_ir as ir
 import pytest
 
 from pass_testing import load, make_feeds, run
-from qexport.calibration import prefill_feeds, session_with_outputs
+from qexport.calibration.stats import prefill_feeds, session_with_outputs
 from qexport.errors import RecipeError
 from qexport.passes.insert_qdq import QuantizePass
 from qexport.passes.linear_select import TAG, linear_names, selected_linears

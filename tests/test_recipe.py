@@ -148,7 +148,7 @@ def test_rotate_preset_runs_losslessly_on_a_tiny_llama(tiny_export):
 
 
 def test_smooth_rotate_preset_runs_losslessly_on_a_tiny_qwen2(tiny_export):
-    from qexport.calibration import collect_stats
+    from qexport.calibration.stats import collect_stats
 
     model = load(tiny_export("qwen2"))
     give_norms_weights(model)

@@ -72,7 +72,7 @@ def test_output_error_accumulates_and_equals_local_error_at_the_first_linears(cl
 def test_local_error_matches_a_numpy_fake_quant_reference(cli_report, static_llama, tiny_export):
     """layers.0.attn.q: per-tensor int8 activation (the graph's clip) x int8 per-channel weight, in numpy."""
     from qexport.artifact.folder import Artifact
-    from qexport.calibration import run_values
+    from qexport.calibration.stats import run_values
     from qexport.passes.weight_quant import quantize_weight
     from qexport.report_reference import pair_linears, reference_model
     from qexport.exporter.text import load_text, parse_source, token_windows

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pass_testing import assert_outputs_close, give_norms_weights, load, make_feeds, run
-from qexport.calibration import collect_stats
+from qexport.calibration.stats import collect_stats
 from qexport.errors import RecipeError
 from qexport.passes import sites
 from qexport.passes.fold_norm import FoldNormPass
@@ -102,7 +102,7 @@ def test_atq_scales_only_outliers(tiny_export):
 @pytest.mark.parametrize("settings, key", [({"alpha": 1.5}, "alpha"), ({"method": "magic"}, "method"),
                                            ({"alphas": {"layers.*": -0.1}}, "alphas"), ({"percentile": 0}, "percentile")])
 def test_bad_settings_name_the_key(settings, key):
-    from qexport.calibration import CalibrationStats
+    from qexport.calibration.stats import CalibrationStats
 
     with pytest.raises(RecipeError, match=key):
         SmoothPass(stats=CalibrationStats({}), **settings)

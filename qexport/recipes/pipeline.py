@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from qexport.calibration import collect_stats
+from qexport.calibration.stats import collect_stats
 from qexport.errors import QexportError
 from qexport.passes import sites as site_matching
 from qexport.passes.linear_select import linear_names
@@ -38,7 +38,7 @@ class PipelineSettings:
 
 def _run_logits(model: ir.Model, ids: np.ndarray, threads: int | None) -> np.ndarray:
     """Logits of ``model`` on one window, with an empty KV cache."""
-    from qexport.calibration import prefill_feeds, session_with_outputs
+    from qexport.calibration.stats import prefill_feeds, session_with_outputs
 
     session = session_with_outputs(model, [], threads)
     inputs = {i.name: i for i in session.get_inputs()}

@@ -85,7 +85,7 @@ def static_scales(model: ir.Model, values: Sequence[ir.Value], windows: Sequence
     """Per-tensor symmetric int8 scale of each value, from ``windows`` run through ``model`` as it is:
     calibration absmax / 127 (``minmax``), the ``percentile`` of the per-token absmax / 127, or the
     MSE-optimal clip / 127 (``mse``). Each value's ``meta[CALIBRATION_META]`` records absmax, clip and scale."""
-    from qexport.calibration import run_values
+    from qexport.calibration.stats import run_values
 
     calibration = ActCalibration(calibration)
     names = [v.name for v in values]

@@ -136,7 +136,7 @@ class StagedRuns:
     def run(self, k: int) -> Iterator[dict[str, np.ndarray]]:
         """For each window, name -> array of stage ``k``'s values (with the weights the model has now); when the
         windows are exhausted, stage k's cut is cached for stage k + 1."""
-        from qexport.calibration import prefill_feeds
+        from qexport.calibration.stats import prefill_feeds
 
         targets, cut = self.stages[k], self.cuts[k]
         wanted = targets + ([cut] if cut is not None and cut is not self._cached and k + 1 < len(self.stages)
