@@ -23,7 +23,7 @@ from qexport.recipes.pipeline import PipelineSettings, apply_recipe
 from qexport.recipes.schema import Recipe, load_recipe
 from qexport.runtimes.causal_lm import CausalLM
 from qexport.runtimes.ort import OrtRunner
-from qexport.site_difficulty import summary_table
+from qexport.analysis.difficulty import summary_table
 from qexport.exporter.text import TextSource, load_text, token_windows
 from table import markdown_table  # bench/table.py, beside this script
 

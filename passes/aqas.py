@@ -14,7 +14,7 @@ from qexport.calibration.stats import CalibrationStats
 from qexport.errors import RecipeError
 from qexport.passes import sites as site_matching
 from qexport.passes.smooth import MARK, SmoothMethod, SmoothPass, site_ranges, smoothquant_scales
-from qexport.site_difficulty import consumer_weight
+from qexport.analysis.difficulty import consumer_weight
 
 log = logging.getLogger(__name__)
 

@@ -146,7 +146,7 @@ def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 def _print_recipe_report(report: dict[str, Any] | None) -> None:
     if not report:
         return
-    from qexport.site_difficulty import summary_table
+    from qexport.analysis.difficulty import summary_table
 
     for step in report["steps"]:
         print(f"pass {step['pass']:<18} {'modified' if step['modified'] else 'no change':<10} {step['seconds']:.2f} s")

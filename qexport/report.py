@@ -115,7 +115,7 @@ def role_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def format_text(report: dict[str, Any], worst: int = 12) -> str:
     """The plain-text summary: evaluation, worst sites first, roles, difficulty, suggestions."""
-    from qexport.site_difficulty import summary_table
+    from qexport.analysis.difficulty import summary_table
 
     ev = report["evaluation"]
     lines = [f"qexport report: {report['model']} (recipe {report['recipe']}, {len(report['sites'])} quantized linears, "

@@ -96,7 +96,7 @@ def test_stage_difficulty_shares_the_pass_statistics_run(tiny_export):
     from qexport.passes import sites
     from qexport.recipes.pipeline import PipelineSettings, apply_recipe
     from qexport.recipes.schema import load_recipe
-    from qexport.site_difficulty import site_difficulties
+    from qexport.analysis.difficulty import site_difficulties
 
     model = ir.load(tiny_export("llama") / "model.onnx")
     windows = _windows(3)

@@ -17,8 +17,8 @@ from qexport.passes import sites as site_matching
 from qexport.passes.linear_select import linear_names
 from qexport.recipes.registry import runtime_fields
 from qexport.recipes.schema import Recipe, RecipeCheck, pass_class
-from qexport.site_difficulty import site_difficulties
-from qexport.site_stats import quantized_site_stats
+from qexport.analysis.difficulty import site_difficulties
+from qexport.analysis.site_stats import quantized_site_stats
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Per-site measurements of quantization difficulty and calibrated statistics."""
