@@ -232,15 +232,15 @@ def _cmd_check(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     from pathlib import Path
 
-    from qexport.report import ReportSettings, build_report, format_text
+    from qexport.report.build import ReportSettings, build_report, format_text
 
     settings = ReportSettings(windows=args.windows, seq_len=args.seq_len, greedy_tokens=args.greedy_tokens,
                               threads=args.threads, reference=args.reference, suggest=args.suggest)
     report = build_report(args.dir, text=args.text, dataset=args.dataset, settings=settings)
     plots_dir = args.plots or (str(Path(args.html).with_suffix("")) + "-plots" if args.html else None)
     if plots_dir or args.html:
-        from qexport.report_html import render_html, write_html
-        from qexport.report_plots import render_plots, write_plots
+        from qexport.report.html import render_html, write_html
+        from qexport.report.plots import render_plots, write_plots
 
         plots = render_plots(report)
         if plots_dir:

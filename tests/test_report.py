@@ -74,7 +74,7 @@ def test_local_error_matches_a_numpy_fake_quant_reference(cli_report, static_lla
     from qexport.artifact.folder import Artifact
     from qexport.calibration.stats import run_values
     from qexport.passes.weight_quant import quantize_weight
-    from qexport.report_reference import pair_linears, reference_model
+    from qexport.report.reference import pair_linears, reference_model
     from qexport.exporter.text import load_text, parse_source, token_windows
 
     artifact = Artifact.open(static_llama)
@@ -142,7 +142,7 @@ def test_html_renders_in_headless_chromium_without_errors(cli_report):
 
 
 def test_text_summary_lists_worst_sites_first(cli_report):
-    from qexport.report import format_text
+    from qexport.report.build import format_text
 
     text = format_text(cli_report[0], worst=3)
     listed = re.findall(r"^(layers\.\d+\.\w+\.\w+)\s+per_tensor\s+(-?[\d.]+)dB", text, re.M)
@@ -177,7 +177,7 @@ def test_smoothing_suggestion_for_a_site_that_stands_out_runs_as_a_recipe(cli_re
 
     from qexport.artifact.folder import Artifact
     from qexport.recipes.pipeline import PipelineSettings, apply_recipe
-    from qexport.report_suggest import suggest
+    from qexport.report.suggest import suggest
     from qexport.exporter.text import load_text, parse_source, token_windows
 
     report = copy.deepcopy(cli_report[0])
@@ -201,7 +201,7 @@ def _pushed_down(report: dict, sites: list[str], db: float = 10.0) -> dict:
     """A copy of ``report`` with ``sites`` ``db`` below its worst site (worst first, roles recomputed)."""
     import copy
 
-    from qexport.report import role_summary
+    from qexport.report.build import role_summary
 
     report = copy.deepcopy(report)
     floor = min(r["local_sqnr_db"] for r in report["sites"])
@@ -220,7 +220,7 @@ def test_role_exclusion_goes_to_every_quantization_pass_and_selects_exactly_the_
     import yaml
 
     from qexport.passes.linear_select import linear_names, selected_linears
-    from qexport.report_suggest import suggest
+    from qexport.report.suggest import suggest
 
     downs = sorted(n for n in TINY_SITES if n.endswith("mlp.down"))
     report = _pushed_down(cli_report[0], downs)
@@ -253,7 +253,7 @@ def test_leaving_the_worst_linears_in_float_runs_as_a_recipe(cli_report, static_
     from qexport.artifact.folder import Artifact
     from qexport.passes.linear_select import TAG, linear_names
     from qexport.recipes.pipeline import PipelineSettings, apply_recipe
-    from qexport.report_suggest import suggest
+    from qexport.report.suggest import suggest
     from qexport.exporter.text import load_text, parse_source, token_windows
 
     worst = ["layers.1.attn.o", "layers.0.mlp.up"]
@@ -284,8 +284,8 @@ def test_leaving_the_worst_linears_in_float_runs_as_a_recipe(cli_report, static_
 
 
 def test_report_refuses_an_unquantized_export_and_a_mismatched_reference(tiny_export, static_llama, tmp_path):
-    from qexport.report import ReportSettings, build_report
-    from qexport.report_reference import ReportError
+    from qexport.report.build import ReportSettings, build_report
+    from qexport.report.reference import ReportError
 
     with pytest.raises(ReportError, match="without a recipe.*--recipe"):
         build_report(tiny_export("llama"), settings=ReportSettings(windows=1, seq_len=16))
@@ -303,8 +303,8 @@ def test_report_refuses_an_unquantized_export_and_a_mismatched_reference(tiny_ex
 
 
 def test_per_token_qdq_is_reported_and_a_lowered_graph_is_refused(tiny_source, tiny_export, tmp_path):
-    from qexport.report import ReportSettings, build_report
-    from qexport.report_reference import ReportError
+    from qexport.report.build import ReportSettings, build_report
+    from qexport.report.reference import ReportError
 
     settings = ReportSettings(windows=1, seq_len=32, greedy_tokens=2, reference=str(tiny_export("llama")), threads=1)
     qdq = qexport.export(str(tiny_source("llama")), tmp_path / "qdq", recipe="w8a8-dynamic-qdq", calib_windows=1,
@@ -323,8 +323,8 @@ def test_bias_corrected_linears_are_compared_after_the_correction(tiny_source, t
     import yaml
 
     from qexport.artifact.folder import Artifact
-    from qexport.report_reference import pair_linears, reference_model
-    from qexport.report_sites import site_errors
+    from qexport.report.reference import pair_linears, reference_model
+    from qexport.report.sites import site_errors
 
     from qexport.recipes.schema import presets_folder
 
@@ -347,7 +347,7 @@ def test_bias_corrected_linears_are_compared_after_the_correction(tiny_source, t
 def test_report_on_smollm2_w8a8_static_names_the_worst_sites(default_export, tmp_path_factory):
     from smollm2_static import static_smollm2  # tests/ is on sys.path (conftest)
 
-    from qexport.report import ReportSettings, build_report, format_text
+    from qexport.report.build import ReportSettings, build_report, format_text
 
     folder = static_smollm2(default_export, tmp_path_factory.mktemp("smollm2-static") / "w8a8-static")
     report = build_report(folder, settings=ReportSettings(windows=1, seq_len=256, greedy_tokens=8, threads=2,

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from qexport.report import layer_of, role_of
+from qexport.report.build import layer_of, role_of
 
 ROLE_MARGIN_DB = 6.0
 SITE_MARGIN_DB = 6.0

@@ -1,4 +1,4 @@
-"""Per-site error of a quantized graph against its FP32 twin (see :mod:`qexport.report_reference`).
+"""Per-site error of a quantized graph against its FP32 twin (see :mod:`qexport.report.reference`).
 
 For each quantized linear, on the same evaluation tokens run through both graphs (prefill, empty cache):
 - ``output``: the quantized graph's linear output against the FP32 twin's output. Everything upstream is
@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from qexport.report_reference import QuantizedLinear
+from qexport.report.reference import QuantizedLinear
 
 log = logging.getLogger(__name__)
 

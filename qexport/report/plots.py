@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from qexport.report import ROLE_ORDER, layer_of, role_of
+from qexport.report.build import ROLE_ORDER, layer_of, role_of
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,12 @@
 """The validation report of a quantized export: where accuracy is lost, and what to change in the recipe.
 
 It gathers, on evaluation text (never the calibration half):
-- per-site error of each quantized linear (:mod:`qexport.report_sites`) against the FP32 export with the
-  recipe's lossless passes applied (:mod:`qexport.report_reference`), worst first;
+- per-site error of each quantized linear (:mod:`qexport.report.sites`) against the FP32 export with the
+  recipe's lossless passes applied (:mod:`qexport.report.reference`), worst first;
 - the quantization-difficulty metric of each stage of the recipe, from the manifest;
 - perplexity, logits and greedy agreement against PyTorch FP32 (:func:`qexport.evaluation.evaluate`);
-- optionally, recipe changes proposed from these figures (:mod:`qexport.report_suggest`).
-Plots and the HTML page are in :mod:`qexport.report_plots` and :mod:`qexport.report_html`.
+- optionally, recipe changes proposed from these figures (:mod:`qexport.report.suggest`).
+Plots and the HTML page are in :mod:`qexport.report.plots` and :mod:`qexport.report.html`.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def build_report(folder: str | os.PathLike, text: str | None = None, dataset: st
                  settings: ReportSettings = ReportSettings()) -> dict[str, Any]:
     """Measure the report of the quantized export in ``folder``; returns a JSON-ready dict."""
     from qexport.evaluation import EvalSettings, evaluate
-    from qexport.report_reference import pair_linears, reference_model
-    from qexport.report_sites import site_errors
+    from qexport.report.reference import pair_linears, reference_model
+    from qexport.report.sites import site_errors
     from qexport.exporter.text import load_text, text_source, token_windows
 
     start = time.perf_counter()
@@ -83,7 +83,7 @@ def build_report(folder: str | os.PathLike, text: str | None = None, dataset: st
         "evaluation": evaluation,
     }
     if settings.suggest:
-        from qexport.report_suggest import suggest
+        from qexport.report.suggest import suggest
 
         report["suggestions"] = suggest(report, recipe_report["recipe"])
     report["seconds"] = round(time.perf_counter() - start, 2)

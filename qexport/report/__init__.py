@@ -1,0 +1,1 @@
+"""The validation report: per-linear errors, reference twin, suggestions, HTML and plots."""
