@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 
 import qexport
-from qexport.benchmark import BenchSettings, bench
-from qexport.evaluation import EvalSettings
+from qexport.evaluation.benchmark import BenchSettings, bench
+from qexport.evaluation.perplexity import EvalSettings
 from qexport.artifact.outdir import read_manifest
 
 

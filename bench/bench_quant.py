@@ -34,8 +34,8 @@ from typing import Any, Callable
 
 import qexport
 from qexport.artifact.folder import MODEL_FILE, Artifact
-from qexport.benchmark import BenchSettings, bench
-from qexport.evaluation import EvalSettings, evaluate
+from qexport.evaluation.benchmark import BenchSettings, bench
+from qexport.evaluation.perplexity import EvalSettings, evaluate
 from qexport.exporter.text import load_text, parse_source, token_windows
 from table import markdown_table  # bench/table.py, beside this script
 

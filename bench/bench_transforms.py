@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 import qexport
 from qexport.artifact.folder import Artifact
-from qexport.evaluation import token_nll
+from qexport.evaluation.perplexity import token_nll
 from qexport.recipes.pipeline import PipelineSettings, apply_recipe
 from qexport.recipes.schema import Recipe, load_recipe
 from qexport.runtimes.causal_lm import CausalLM

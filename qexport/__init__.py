@@ -14,7 +14,7 @@ def __getattr__(name: str):
 
         return export
     if name == "evaluate":
-        from qexport.evaluation import evaluate
+        from qexport.evaluation.perplexity import evaluate
 
         return evaluate
     raise AttributeError(name)

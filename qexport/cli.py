@@ -159,7 +159,7 @@ def _print_recipe_report(report: dict[str, Any] | None) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from qexport.evaluation import EvalSettings, evaluate
+    from qexport.evaluation.perplexity import EvalSettings, evaluate
 
     settings = EvalSettings(windows=args.windows, seq_len=args.seq_len, greedy_tokens=args.greedy_tokens,
                             runtime=args.runtime, threads=args.threads, reference=not args.no_reference)
@@ -204,7 +204,7 @@ def _cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
-    from qexport.benchmark import BenchSettings, bench, format_table
+    from qexport.evaluation.benchmark import BenchSettings, bench, format_table
 
     settings = BenchSettings(seq_len=args.seq_len, decode_tokens=args.decode_tokens, runs=args.runs,
                              threads=args.threads, runtime=args.runtime, reference=not args.no_reference)

@@ -59,8 +59,8 @@ def quantize_smollm2(fp32_folder: Path, preset: str) -> ir.Model:
 
 def evaluate_quantized(fp32_folder: Path, model: ir.Model, out: Path) -> dict:
     """Save ``model`` beside a copy of the FP32 export's other files in ``out`` and evaluate it on 4 x 512 tokens
-    of the evaluation text (never the calibration text); returns `qexport.evaluation.evaluate`'s result."""
-    from qexport.evaluation import EvalSettings, evaluate
+    of the evaluation text (never the calibration text); returns `qexport.evaluation.perplexity.evaluate`'s result."""
+    from qexport.evaluation.perplexity import EvalSettings, evaluate
 
     shutil.copytree(fp32_folder, out, ignore=shutil.ignore_patterns("model.onnx"))
     ir.save(model, out / "model.onnx")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from qexport.artifact.folder import Artifact
-from qexport.compare import Tolerances, compare_arrays, compare_causal_lms, compare_runners
+from qexport.evaluation.compare import Tolerances, compare_arrays, compare_causal_lms, compare_runners
 from qexport.runtimes.causal_lm import CausalLM
 
 # FP32 ONNX Runtime vs FP32 PyTorch on the same weights: the export parity bound used in test_export.py

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import qexport
-from qexport.evaluation import EvalSettings
+from qexport.evaluation.perplexity import EvalSettings
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qexport.artifact.folder import Artifact
-from qexport.compare import Tolerances, compare_causal_lms
+from qexport.evaluation.compare import Tolerances, compare_causal_lms
 from qexport.errors import QexportError
 from qexport.runtimes.causal_lm import CausalLM
 from qexport.runtimes.tensorrt import (

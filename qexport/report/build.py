@@ -4,7 +4,7 @@ It gathers, on evaluation text (never the calibration half):
 - per-site error of each quantized linear (:mod:`qexport.report.sites`) against the FP32 export with the
   recipe's lossless passes applied (:mod:`qexport.report.reference`), worst first;
 - the quantization-difficulty metric of each stage of the recipe, from the manifest;
-- perplexity, logits and greedy agreement against PyTorch FP32 (:func:`qexport.evaluation.evaluate`);
+- perplexity, logits and greedy agreement against PyTorch FP32 (:func:`qexport.evaluation.perplexity.evaluate`);
 - optionally, recipe changes proposed from these figures (:mod:`qexport.report.suggest`).
 Plots and the HTML page are in :mod:`qexport.report.plots` and :mod:`qexport.report.html`.
 """
@@ -49,7 +49,7 @@ class ReportSettings:
 def build_report(folder: str | os.PathLike, text: str | None = None, dataset: str | None = None,
                  settings: ReportSettings = ReportSettings()) -> dict[str, Any]:
     """Measure the report of the quantized export in ``folder``; returns a JSON-ready dict."""
-    from qexport.evaluation import EvalSettings, evaluate
+    from qexport.evaluation.perplexity import EvalSettings, evaluate
     from qexport.report.reference import pair_linears, reference_model
     from qexport.report.sites import site_errors
     from qexport.exporter.text import load_text, text_source, token_windows

@@ -1,0 +1,1 @@
+"""Evaluation against the PyTorch source: perplexity, logits, greedy tokens, and the benchmark."""
