@@ -219,7 +219,7 @@ def _cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_check(args: argparse.Namespace) -> dict[str, Any]:
     from qexport.artifact.folder import Artifact
-    from qexport.trt_check import check_path, errors, format_findings
+    from qexport.runtimes.tensorrt.check import check_path, errors, format_findings
 
     findings = check_path(Artifact.open(args.dir).model_path)
     result = {"target": args.target, "passed": not errors(findings), "findings": [f.to_json() for f in findings]}
@@ -257,7 +257,7 @@ def _cmd_report(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_build_engine(args: argparse.Namespace) -> dict[str, Any]:
     from qexport.artifact.folder import Artifact
-    from qexport.runtimes.tensorrt import ENGINE_FILE, build_engine, settings_path
+    from qexport.runtimes.tensorrt.engine import ENGINE_FILE, build_engine, settings_path
 
     artifact = Artifact.open(args.dir)
     engine = build_engine(artifact.model_path, artifact.folder / ENGINE_FILE, int8=args.int8, fp16=args.fp16,

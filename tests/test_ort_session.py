@@ -1,4 +1,4 @@
-"""In-memory ONNX Runtime sessions (qexport.ort_session): same outputs as a fully serialized model, model untouched."""
+"""In-memory ONNX Runtime sessions (qexport.runtimes.ort_session): same outputs as a fully serialized model, model untouched."""
 
 import numpy as np
 import onnx_ir as ir
@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 
 from qexport.calibration.stats import prefill_feeds, session_with_outputs
-from qexport.ort_session import IN_MEMORY, cpu_session, serialize_without_weights
+from qexport.runtimes.ort_session import IN_MEMORY, cpu_session, serialize_without_weights
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])

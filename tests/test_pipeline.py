@@ -147,7 +147,7 @@ def test_pipeline_gives_bias_correction_the_float_graph(tiny_export):
 
 
 def test_recipe_tensorrt_check_fails_the_export_and_writes_nothing(tiny_source, tmp_path):
-    from qexport.trt_check import TensorRTIncompatibleError
+    from qexport.runtimes.tensorrt.check import TensorRTIncompatibleError
 
     recipe = tmp_path / "dyn.yaml"
     recipe.write_text("name: dyn\ncheck: tensorrt\npasses:\n  - pass: quantize\n    activations: per_token\n")

@@ -16,11 +16,11 @@ from qexport.artifact.folder import Artifact
 from qexport.evaluation.compare import Tolerances, compare_causal_lms
 from qexport.errors import QexportError
 from qexport.runtimes.causal_lm import CausalLM
-from qexport.runtimes.tensorrt import (
+from qexport.runtimes.tensorrt.engine import (
     ENGINE_FILE, INSTALL_HINT, EngineSettings, TensorRTRunner, build_engine, model_input_shapes, profile_shapes,
     settings_path,
 )
-from qexport.trt_check import Rule, TensorRTIncompatibleError
+from qexport.runtimes.tensorrt.check import Rule, TensorRTIncompatibleError
 
 
 @pytest.fixture

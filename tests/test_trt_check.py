@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qexport.artifact.folder import Artifact
-from qexport.trt_check import (
+from qexport.runtimes.tensorrt.check import (
     Rule, Severity, TensorRTIncompatibleError, check_model, check_path, errors, require_compatible,
 )
 

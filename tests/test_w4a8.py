@@ -17,7 +17,7 @@ from qexport.passes._util import write_weight
 from qexport.passes.insert_qdq import QuantizePass
 from qexport.passes.linear_select import TAG, selected_linears
 from qexport.passes.weight_quant import WeightFormat
-from qexport.trt_check import check_model, errors
+from qexport.runtimes.tensorrt.check import check_model, errors
 
 CALIB = (np.arange(3, 67, dtype=np.int64), np.arange(100, 164, dtype=np.int64))
 DINT4_LEVELS = np.array([0.0, 0.5, 1, 2, 3, 4, 5, 6])  # magnitudes of the dINT4 grid, in units of the scale

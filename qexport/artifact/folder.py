@@ -57,7 +57,7 @@ class Artifact:
 
             return CausalLM(OrtRunner(self.model_path, device=runtime.split("-")[1], threads=threads), self.signature)
         if runtime == "tensorrt":
-            from qexport.runtimes.tensorrt import ENGINE_FILE, TensorRTRunner
+            from qexport.runtimes.tensorrt.engine import ENGINE_FILE, TensorRTRunner
 
             engine = self.folder / ENGINE_FILE
             if not engine.is_file():

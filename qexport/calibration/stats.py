@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import QexportError
-from qexport.ort_session import cpu_session
+from qexport.runtimes.ort_session import cpu_session
 from qexport.passes import sites as site_matching
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def session_with_outputs(model: ir.Model, names: list[str], threads: int | None,
     """An ONNX Runtime session on ``model`` that also returns the values ``names``; the initializers named in
     ``inputs`` become overridable inputs (fed at each run, e.g. biases being searched). ``model`` is serialized
     with these extra outputs and inputs (its large initializers handed over in memory, see
-    :mod:`qexport.ort_session`), which are taken off again: it is left as it was."""
+    :mod:`qexport.runtimes.ort_session`), which are taken off again: it is left as it was."""
     graph = model.graph
     values = {v.name: v for node in graph for v in node.outputs}
     added_outputs = [values[n] for n in dict.fromkeys(names) if not values[n].is_graph_output()]

@@ -143,7 +143,7 @@ def _run_checks(model: ir.Model, recipe: Recipe) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for check in recipe.checks:
         if check is RecipeCheck.TENSORRT:
-            from qexport.trt_check import require_compatible
+            from qexport.runtimes.tensorrt.check import require_compatible
 
             warnings = require_compatible(model)
             results[check.value] = {"passed": True, "warnings": [f"{w.rule.value} at {w.node}" for w in warnings]}

@@ -13,7 +13,7 @@ fields of its pass class (a frozen dataclass), with enums given by value::
 
 Two optional top-level keys apply to the whole recipe: ``calibration`` (:class:`CalibrationSettings`: the window
 length and count to calibrate with, e.g. the deployment sequence length, SLAC) and ``check`` (``tensorrt``: the
-final graph must pass :func:`qexport.trt_check.require_compatible`, or the export fails)::
+final graph must pass :func:`qexport.runtimes.tensorrt.check.require_compatible`, or the export fails)::
 
     calibration:
       seq_len: 2048
@@ -104,7 +104,7 @@ class PassEntry:
 
 
 class RecipeCheck(str, enum.Enum):
-    TENSORRT = "tensorrt"  # qexport.trt_check.require_compatible on the final graph
+    TENSORRT = "tensorrt"  # qexport.runtimes.tensorrt.check.require_compatible on the final graph
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ Rules and where TensorRT documents them (TensorRT 10.x):
 
 Placement advice that does not stop a build (one quantized GEMM input only) is reported as a warning. The graph
 facts these rules read (build-time constness, producers, quantized types, weight axes) come from
-:mod:`qexport.qdq_graph`.
+:mod:`qexport.runtimes.tensorrt.qdq_graph`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import QexportError
-from qexport.qdq_graph import (Constness, all_nodes, node_name, producer_op, quantized_type, static_dims,
+from qexport.runtimes.tensorrt.qdq_graph import (Constness, all_nodes, node_name, producer_op, quantized_type, static_dims,
                                weight_axes)
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Facts about a Q/DQ graph that the TensorRT check reads: which values are build-time constants, what produces a
 value (through shape-only ops), static dimensions, the quantized type of a Q/DQ node, and the output-channel and
-reduction axes of the weight a Q/DQ feeds. No rules here: :mod:`qexport.trt_check` judges these facts."""
+reduction axes of the weight a Q/DQ feeds. No rules here: :mod:`qexport.runtimes.tensorrt.check` judges these facts."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import QexportError
-from qexport.trt_check import TensorRTTarget, format_findings, require_compatible
+from qexport.runtimes.tensorrt.check import TensorRTTarget, format_findings, require_compatible
 
 log = logging.getLogger(__name__)
 
