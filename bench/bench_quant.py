@@ -118,10 +118,10 @@ def _fp32_fused(fp32: Path, out: Path) -> float:
     import onnx_ir as ir
 
     from qexport.api import save_model
-    from qexport.passes.attention_chunks_ort import OrtAttentionChunksPass
-    from qexport.passes.attention_ort import OrtAttentionPass
-    from qexport.passes.rms_norm_ort import OrtRmsNormPass
-    from qexport.passes.rotary_ort import OrtRotaryPass
+    from qexport.passes.ort.attention_chunks import OrtAttentionChunksPass
+    from qexport.passes.ort.attention import OrtAttentionPass
+    from qexport.passes.ort.rms_norm import OrtRmsNormPass
+    from qexport.passes.ort.rotary import OrtRotaryPass
 
     shutil.copytree(fp32, out, ignore=shutil.ignore_patterns(MODEL_FILE))
     start = time.perf_counter()

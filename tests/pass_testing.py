@@ -8,10 +8,10 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qexport.passes import sites
-from qexport.passes._util import const_f64, set_const_input
-from qexport.passes.insert_qdq import QuantizePass
-from qexport.passes.lower_ort import LowerOrtPass
+from qexport.passes.discovery import sites
+from qexport.passes._ir import const_f64, set_const_input
+from qexport.passes.quantize.insert_qdq import QuantizePass
+from qexport.passes.ort.int8 import LowerOrtPass
 
 # FP32 equivalence of lossless passes: float64 folding, then one float32 rounding per weight
 RTOL, ATOL = 1e-4, 1e-5

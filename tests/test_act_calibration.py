@@ -9,8 +9,8 @@ from pass_testing import load
 from qexport.calibration.stats import run_values
 from qexport.calibration.activation_scales import (
     CALIBRATION_META, MSE_CANDIDATES, AbsHistogram, ActCalibration, mse_clip, quantization_mse, static_scales)
-from qexport.passes.insert_qdq import QuantizePass
-from qexport.passes.linear_select import TAG
+from qexport.passes.quantize.insert_qdq import QuantizePass
+from qexport.passes.discovery.linear_select import TAG
 
 CALIB = (np.arange(3, 67, dtype=np.int64), np.arange(100, 164, dtype=np.int64))
 

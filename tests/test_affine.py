@@ -11,11 +11,11 @@ from pass_testing import give_norms_weights, load, make_feeds, prefill_decode, r
 from qexport.calibration.stats import collect_stats
 from qexport.difficulty import rtn_rows
 from qexport.errors import QexportError, RecipeError
-from qexport.passes import sites
-from qexport.passes._util import const_f64
-from qexport.passes.affine import MARK, AffinePass, collect_samples, problem_for
+from qexport.passes.discovery import sites
+from qexport.passes._ir import const_f64
+from qexport.passes.transforms.affine import MARK, AffinePass, collect_samples, problem_for
 from qexport.calibration.affine_fit import FitSettings, band_mask, fit, is_strictly_dominant
-from qexport.passes.smooth import SmoothPass
+from qexport.passes.transforms.smooth import SmoothPass
 from qexport.recipes.schema import load_recipe
 
 RTOL, ATOL = 1e-4, 1e-5  # FP32 after float64 folding: one rounding per weight, a few ulps through the network

@@ -8,9 +8,9 @@ import pytest
 from pass_testing import give_norms_weights, load, make_feeds, prefill_decode, run, weights_of
 from qexport.calibration.stats import collect_stats, run_values
 from qexport.errors import RecipeError
-from qexport.passes import sites
-from qexport.passes.aqas import ALPHA_MARK, AqasPass
-from qexport.passes.smooth import SmoothPass
+from qexport.passes.discovery import sites
+from qexport.passes.transforms.aqas import ALPHA_MARK, AqasPass
+from qexport.passes.transforms.smooth import SmoothPass
 
 WINDOWS = tuple(np.random.default_rng(i).integers(3, 250, size=20, dtype=np.int64) for i in range(2))
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -12,8 +12,8 @@ import pytest
 
 from pass_testing import apply_and_check_decode, load, padded_feeds, quantize_and_lower, run
 from qexport.errors import RecipeError
-from qexport.passes.attention_chunks_ort import CHUNKED, OrtAttentionChunksPass
-from qexport.passes.attention_ort import OrtAttentionPass
+from qexport.passes.ort.attention_chunks import CHUNKED, OrtAttentionChunksPass
+from qexport.passes.ort.attention import OrtAttentionPass
 
 # Lossless rewrite: the dropped keys weigh exactly 0; only float summation order changes (logits are O(1) here).
 RTOL, ATOL = 1e-5, 1e-5

@@ -9,8 +9,8 @@ import pytest
 
 from pass_testing import (apply_and_check_decode, assert_same_outputs, decode_steps, load, padded_feeds,
                           quantize_and_lower, run)
-from qexport.passes import attention_ort
-from qexport.passes.attention_ort import ATTENTION_OPSET, FUSED, OrtAttentionPass
+from qexport.passes.ort import attention as attention_ort
+from qexport.passes.ort.attention import ATTENTION_OPSET, FUSED, OrtAttentionPass
 
 # Lossless rewrite: only float summation order changes (logits are O(1) here).
 RTOL, ATOL = 1e-5, 1e-5

@@ -9,10 +9,10 @@ import pytest
 from pass_testing import load
 from qexport.calibration.stats import run_values
 from qexport.errors import RecipeError
-from qexport.passes.bias_correction import BiasCorrectPass
-from qexport.passes.insert_qdq import QuantizePass
-from qexport.passes.linear_select import TAG, linear_names
-from qexport.passes import sites as site_matching
+from qexport.passes.quantize.bias_correction import BiasCorrectPass
+from qexport.passes.quantize.insert_qdq import QuantizePass
+from qexport.passes.discovery.linear_select import TAG, linear_names
+from qexport.passes.discovery import sites as site_matching
 
 CALIB = tuple(np.random.default_rng(i).integers(3, 250, size=48, dtype=np.int64) for i in range(2))  # max_windows: 2
 

@@ -10,7 +10,7 @@ import torch
 from pass_testing import load
 from qexport.calibration.stats import TensorStats, collect_stats
 from qexport.errors import QexportError
-from qexport.passes import sites
+from qexport.passes.discovery import sites
 
 # activations come from two float32 implementations (PyTorch, ONNX Runtime) of the same model
 RTOL, ATOL = 1e-4, 1e-5

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qexport import difficulty as dif
-from qexport.passes.hadamard import hadamard_matrix
+from qexport.passes.transforms.hadamard import hadamard_matrix
 
 # Hand example: X = [[3, 0], [4, 1]], W = [[1, 0], [0, 2]].
 X = np.array([[3.0, 0.0], [4.0, 1.0]])

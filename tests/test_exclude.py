@@ -11,9 +11,9 @@ import pytest
 
 from pass_testing import load, make_feeds, run
 from qexport.errors import RecipeError
-from qexport.passes.gptq import GptqPass
-from qexport.passes.insert_qdq import QuantizePass
-from qexport.passes.linear_select import TAG, linear_names
+from qexport.passes.quantize.gptq import GptqPass
+from qexport.passes.quantize.insert_qdq import QuantizePass
+from qexport.passes.discovery.linear_select import TAG, linear_names
 from qexport.recipes.schema import Recipe
 
 WINDOWS = tuple(np.arange(3 + 60 * i, 67 + 60 * i, dtype=np.int64) for i in range(2))

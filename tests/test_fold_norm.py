@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from pass_testing import assert_outputs_close, give_norms_weights, load, make_feeds, run
-from qexport.passes import sites
-from qexport.passes._util import const_f64
-from qexport.passes.fold_norm import FoldNormPass
-from qexport.passes.untie_embeddings import UntieEmbeddingsPass
+from qexport.passes.discovery import sites
+from qexport.passes._ir import const_f64
+from qexport.passes.transforms.fold_norm import FoldNormPass
+from qexport.passes.transforms.untie_embeddings import UntieEmbeddingsPass
 
 
 @pytest.mark.parametrize("untie_first", [False, True])

@@ -9,13 +9,13 @@ import pytest
 
 from pass_testing import load
 from qexport.errors import PatternNotFoundError, RecipeError
-from qexport.passes import gptq
+from qexport.passes.quantize import gptq
 from qexport.calibration import layer_sessions
-from qexport.passes.gptq import GptqPass, gptq_quantize, inverse_factor
-from qexport.passes.insert_qdq import QuantizePass
+from qexport.passes.quantize.gptq import GptqPass, gptq_quantize, inverse_factor
+from qexport.passes.quantize.insert_qdq import QuantizePass
 from qexport.calibration.layer_sessions import StagedRuns
-from qexport.passes.linear_select import TAG, selected_linears
-from qexport.passes.weight_quant import WeightFormat, quantize_weight
+from qexport.passes.discovery.linear_select import TAG, selected_linears
+from qexport.passes.quantize.weight_quant import WeightFormat, quantize_weight
 
 
 def _layer(seed: int = 0, tokens: int = 1500, n_in: int = 48, n_out: int = 24):

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 
 from qexport.errors import QexportError
-from qexport.passes import hadamard as had
+from qexport.passes.transforms import hadamard as had
 
 
 @pytest.mark.parametrize("k", had.BASE_SIZES)

@@ -8,11 +8,11 @@ import onnx_ir as ir
 
 from pass_testing import load
 from qexport.calibration import layer_sessions
-from qexport.passes._util import new_initializer
-from qexport.passes.gptq import GptqPass
+from qexport.passes._ir import new_initializer
+from qexport.passes.quantize.gptq import GptqPass
 from qexport.calibration.layer_sessions import StagedRuns
-from qexport.passes.linear_select import ROLE, TAG, selected_linears
-from qexport.passes.residual import find_residual_stream
+from qexport.passes.discovery.linear_select import ROLE, TAG, selected_linears
+from qexport.passes.discovery.residual import find_residual_stream
 
 
 def _weight_codes(model) -> dict[str, np.ndarray]:

@@ -9,14 +9,14 @@ import pytest
 from pass_testing import give_norms_weights, load, prefill_decode, run, weights_of
 from qexport.recipes import schema as rc
 from qexport.errors import QexportError
-from qexport.passes import sites
-from qexport.passes._util import const_f64
-from qexport.passes.fold_norm import FoldNormPass
-from qexport.passes.layernorm_to_rms import LayerNormToRmsPass
-from qexport.passes.online_hadamard import OnlineHadamardPass
-from qexport.passes.rotate_heads import RotateHeadsPass
-from qexport.passes.rotate_residual import RotateResidualPass
-from qexport.passes.untie_embeddings import UntieEmbeddingsPass
+from qexport.passes.discovery import sites
+from qexport.passes._ir import const_f64
+from qexport.passes.transforms.fold_norm import FoldNormPass
+from qexport.passes.transforms.layernorm_to_rms import LayerNormToRmsPass
+from qexport.passes.transforms.online_hadamard import OnlineHadamardPass
+from qexport.passes.transforms.rotate_heads import RotateHeadsPass
+from qexport.passes.transforms.rotate_residual import RotateResidualPass
+from qexport.passes.transforms.untie_embeddings import UntieEmbeddingsPass
 
 RTOL, ATOL = 1e-4, 1e-5  # FP32 after float64 rewrites: one rounding per weight, a few ulps through the network
 

@@ -11,8 +11,8 @@ import pytest
 
 from pass_testing import load, make_feeds
 from qexport.errors import RecipeError
-from qexport.passes.insert_qdq import QuantizePass
-from qexport.passes.lower_int4_ort import LOWERED, LowerInt4OrtPass, pack_nibbles
+from qexport.passes.quantize.insert_qdq import QuantizePass
+from qexport.passes.ort.int4 import LOWERED, LowerInt4OrtPass, pack_nibbles
 
 CALIB = (np.arange(3, 67, dtype=np.int64), np.arange(100, 164, dtype=np.int64))
 

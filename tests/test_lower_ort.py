@@ -9,10 +9,10 @@ import onnx_ir as ir
 import pytest
 
 from pass_testing import load, make_feeds, run
-from qexport.passes.insert_qdq import QuantizePass
-from qexport.passes.linear_select import TAG
-from qexport.passes._util import const_array
-from qexport.passes.lower_ort import LOWERED, LowerOrtPass, match_quant_linear
+from qexport.passes.quantize.insert_qdq import QuantizePass
+from qexport.passes.discovery.linear_select import TAG
+from qexport.passes._ir import const_array
+from qexport.passes.ort.int8 import LOWERED, LowerOrtPass, match_quant_linear
 
 # Lowered vs QDQ logits, relative to max |logit|: float accumulation order and rare rounding ties only.
 # The quantization error itself is ~2e-2 here, so a different quantizer (e.g. per-tensor

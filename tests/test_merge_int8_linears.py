@@ -9,10 +9,10 @@ import pytest
 
 from pass_testing import load
 from qexport.errors import RecipeError
-from qexport.passes.attention_ort import OrtAttentionPass
-from qexport.passes.insert_qdq import QuantizePass
-from qexport.passes.lower_ort import LowerOrtPass
-from qexport.passes.merge_int8_linears import MERGED, MergeInt8LinearsPass
+from qexport.passes.ort.attention import OrtAttentionPass
+from qexport.passes.quantize.insert_qdq import QuantizePass
+from qexport.passes.ort.int8 import LowerOrtPass
+from qexport.passes.ort.merge_linears import MERGED, MergeInt8LinearsPass
 from test_attention_ort import _assert_equal, _decode_steps, _padded_feeds
 
 CALIB = (np.arange(3, 67, dtype=np.int64),)

@@ -9,8 +9,8 @@ import pytest
 
 from pass_testing import ATOL, RTOL, load, make_feeds, run
 from qexport.errors import RecipeError
-from qexport.passes.hadamard import hadamard_matrix
-from qexport.passes.online_hadamard import OnlineHadamardPass, _block_hadamard_nodes
+from qexport.passes.transforms.hadamard import hadamard_matrix
+from qexport.passes.transforms.online_hadamard import OnlineHadamardPass, _block_hadamard_nodes
 
 
 def test_block_r4_keeps_the_float_model(tiny_export):

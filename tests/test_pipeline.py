@@ -93,7 +93,7 @@ def _windows(count: int = 2, length: int = 48) -> list[np.ndarray]:
 
 def test_stage_difficulty_shares_the_pass_statistics_run(tiny_export):
     from qexport.calibration.stats import collect_stats
-    from qexport.passes import sites
+    from qexport.passes.discovery import sites
     from qexport.recipes.pipeline import PipelineSettings, apply_recipe
     from qexport.recipes.schema import load_recipe
     from qexport.analysis.difficulty import site_difficulties
@@ -111,7 +111,7 @@ def test_stage_difficulty_shares_the_pass_statistics_run(tiny_export):
 
 
 def test_manifest_sites_record_activation_and_weight_scales(tiny_export):
-    from qexport.passes.linear_select import TAG, linear_names
+    from qexport.passes.discovery.linear_select import TAG, linear_names
     from qexport.recipes.pipeline import PipelineSettings, apply_recipe
     from qexport.recipes.schema import load_recipe
 

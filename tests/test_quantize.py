@@ -11,9 +11,9 @@ import pytest
 from pass_testing import load, make_feeds, run
 from qexport.calibration.stats import prefill_feeds, session_with_outputs
 from qexport.errors import RecipeError
-from qexport.passes.insert_qdq import QuantizePass
-from qexport.passes.linear_select import TAG, linear_names, selected_linears
-from qexport.passes.weight_quant import quantize_weight
+from qexport.passes.quantize.insert_qdq import QuantizePass
+from qexport.passes.discovery.linear_select import TAG, linear_names, selected_linears
+from qexport.passes.quantize.weight_quant import quantize_weight
 
 # One float32 rounding per product and accumulation order: the QDQ graph against the float64 reference.
 LAYER_RTOL = 1e-4
@@ -180,7 +180,7 @@ def test_bad_settings_are_recipe_errors(tiny_export):
 
 def test_weight_settings_default_to_int8_and_map_from_a_recipe(tiny_export):
     from qexport.recipes.schema import Recipe
-    from qexport.passes.weight_quant import WeightClip, WeightQuant
+    from qexport.passes.quantize.weight_quant import WeightClip, WeightQuant
 
     default, explicit = load(tiny_export("llama")), load(tiny_export("llama"))
     QuantizePass()(default)

@@ -9,10 +9,10 @@ import yaml
 from pass_testing import give_norms_weights, load, make_feeds, run
 from qexport.recipes import schema as rc
 from qexport.errors import RecipeError
-from qexport.passes.hadamard import Rotation
-from qexport.passes.online_hadamard import OnlineHadamardPass
-from qexport.passes.rotate_heads import RotateHeadsPass
-from qexport.passes.rotate_residual import RotateResidualPass
+from qexport.passes.transforms.hadamard import Rotation
+from qexport.passes.transforms.online_hadamard import OnlineHadamardPass
+from qexport.passes.transforms.rotate_heads import RotateHeadsPass
+from qexport.passes.transforms.rotate_residual import RotateResidualPass
 
 
 def _recipe(*passes: dict, **top) -> dict:

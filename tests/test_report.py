@@ -73,7 +73,7 @@ def test_local_error_matches_a_numpy_fake_quant_reference(cli_report, static_lla
     """layers.0.attn.q: per-tensor int8 activation (the graph's clip) x int8 per-channel weight, in numpy."""
     from qexport.artifact.folder import Artifact
     from qexport.calibration.stats import run_values
-    from qexport.passes.weight_quant import quantize_weight
+    from qexport.passes.quantize.weight_quant import quantize_weight
     from qexport.report.reference import pair_linears, reference_model
     from qexport.exporter.text import load_text, parse_source, token_windows
 
@@ -219,7 +219,7 @@ def test_role_exclusion_goes_to_every_quantization_pass_and_selects_exactly_the_
     selects exactly the other linears."""
     import yaml
 
-    from qexport.passes.linear_select import linear_names, selected_linears
+    from qexport.passes.discovery.linear_select import linear_names, selected_linears
     from qexport.report.suggest import suggest
 
     downs = sorted(n for n in TINY_SITES if n.endswith("mlp.down"))
@@ -251,7 +251,7 @@ def test_leaving_the_worst_linears_in_float_runs_as_a_recipe(cli_report, static_
     import yaml
 
     from qexport.artifact.folder import Artifact
-    from qexport.passes.linear_select import TAG, linear_names
+    from qexport.passes.discovery.linear_select import TAG, linear_names
     from qexport.recipes.pipeline import PipelineSettings, apply_recipe
     from qexport.report.suggest import suggest
     from qexport.exporter.text import load_text, parse_source, token_windows

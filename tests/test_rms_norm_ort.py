@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 
 from pass_testing import apply_and_check_decode, give_norms_weights, load, padded_feeds, quantize_and_lower
-from qexport.passes.rms_norm_ort import FUSED, RMS_NORM_OPSET, OrtRmsNormPass
+from qexport.passes.ort.rms_norm import FUSED, RMS_NORM_OPSET, OrtRmsNormPass
 
 # Lossless rewrite: only float summation order changes (logits are O(1) here).
 RTOL, ATOL = 1e-5, 1e-5

@@ -8,8 +8,8 @@ import numpy as np
 import onnx_ir as ir
 
 from pass_testing import apply_and_check_decode, load, padded_feeds, quantize_and_lower
-from qexport.passes._util import new_initializer
-from qexport.passes.rotary_ort import FUSED, ROTARY_OPSET, OrtRotaryPass
+from qexport.passes._ir import new_initializer
+from qexport.passes.ort.rotary import FUSED, ROTARY_OPSET, OrtRotaryPass
 
 # Lossless rewrite: only float rounding changes (logits are O(1) here).
 RTOL, ATOL = 1e-5, 1e-5

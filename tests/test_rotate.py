@@ -8,14 +8,14 @@ import pytest
 
 from pass_testing import give_norms_weights, load, make_feeds, prefill_decode, run, weights_of
 from qexport.errors import QexportError
-from qexport.passes import sites
-from qexport.passes._util import const_f64
-from qexport.passes.fold_norm import FoldNormPass
-from qexport.passes.hadamard import Rotation, rotation_matrix
-from qexport.passes.online_hadamard import OnlineHadamardPass
-from qexport.passes.rotate_heads import RotateHeadsPass
-from qexport.passes.rotate_residual import RotateResidualPass
-from qexport.passes.untie_embeddings import UntieEmbeddingsPass
+from qexport.passes.discovery import sites
+from qexport.passes._ir import const_f64
+from qexport.passes.transforms.fold_norm import FoldNormPass
+from qexport.passes.transforms.hadamard import Rotation, rotation_matrix
+from qexport.passes.transforms.online_hadamard import OnlineHadamardPass
+from qexport.passes.transforms.rotate_heads import RotateHeadsPass
+from qexport.passes.transforms.rotate_residual import RotateResidualPass
+from qexport.passes.transforms.untie_embeddings import UntieEmbeddingsPass
 
 RTOL, ATOL = 1e-4, 1e-5  # FP32 after float64 folding: one rounding per weight, a few ulps through the network
 
@@ -59,7 +59,7 @@ def test_rotate_residual_flattens_the_stream(tiny_export):
     stream = sites.find_residual_stream(model)
     table = const_f64(stream.embedding_weight).copy()
     table[:, 5] += 3.0  # an outlier channel in every token
-    from qexport.passes._util import set_const_input
+    from qexport.passes._ir import set_const_input
 
     set_const_input(model.graph, stream.embedding, 0, table)
     RotateResidualPass(rotation=Rotation.RANDOM_HADAMARD)(model)

@@ -9,7 +9,7 @@ import onnx_ir as ir
 import pytest
 
 from qexport.errors import PatternNotFoundError
-from qexport.passes import sites
+from qexport.passes.discovery import sites
 from tiny_models import tiny_config
 
 ALL_KINDS = ("attn_norm", "mlp_norm", "v_o", "up_down", "final_norm")
@@ -89,7 +89,7 @@ def test_missing_site_is_named(tiny_export, caplog):
     model.graph.append(probe)
     model.graph.outputs.append(probe.outputs[0])
     probe.outputs[0].name = "probe"
-    with caplog.at_level(logging.DEBUG, logger="qexport.passes.sites"):
+    with caplog.at_level(logging.DEBUG, logger="qexport.passes.discovery.sites"):
         found = sites.find_sites(model)
     assert [s.name for s in found.v_o] == ["layers.0.v_o"]
     assert "v output has 2 consumers" in caplog.text
@@ -112,7 +112,7 @@ def test_real_default_model_sites(default_export):
 
 def test_online_hadamard_nodes_do_not_rename_sites(tiny_export):
     """A Kronecker online Hadamard (Reshape, MatMul, MatMul, Reshape) before down_proj is not a head split."""
-    from qexport.passes.online_hadamard import OnlineHadamardPass
+    from qexport.passes.transforms.online_hadamard import OnlineHadamardPass
 
     model = load(tiny_export("llama"))
     before = [s.name for s in sites.find_sites(model).all]

@@ -8,9 +8,9 @@ import pytest
 from pass_testing import assert_outputs_close, give_norms_weights, load, make_feeds, run
 from qexport.calibration.stats import collect_stats
 from qexport.errors import RecipeError
-from qexport.passes import sites
-from qexport.passes.fold_norm import FoldNormPass
-from qexport.passes.smooth import SmoothMethod, SmoothPass
+from qexport.passes.discovery import sites
+from qexport.passes.transforms.fold_norm import FoldNormPass
+from qexport.passes.transforms.smooth import SmoothMethod, SmoothPass
 from test_calibration import windows
 
 RTOL, ATOL = 1e-4, 1e-5  # FP32 equivalence, and recollected absmax vs max|X_j| / s_j

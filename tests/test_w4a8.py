@@ -13,10 +13,10 @@ from pass_testing import load, make_feeds
 from preset_testing import evaluate_quantized, export_tiny_preset, logits_sqnr_db, quantize_smollm2
 from qexport.recipes import schema as rc
 from qexport.errors import RecipeError
-from qexport.passes._util import write_weight
-from qexport.passes.insert_qdq import QuantizePass
-from qexport.passes.linear_select import TAG, selected_linears
-from qexport.passes.weight_quant import WeightFormat
+from qexport.passes._ir import write_weight
+from qexport.passes.quantize.insert_qdq import QuantizePass
+from qexport.passes.discovery.linear_select import TAG, selected_linears
+from qexport.passes.quantize.weight_quant import WeightFormat
 from qexport.runtimes.tensorrt.check import check_model, errors
 
 CALIB = (np.arange(3, 67, dtype=np.int64), np.arange(100, 164, dtype=np.int64))

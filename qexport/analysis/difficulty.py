@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from qexport.calibration.stats import CalibrationStats, TensorStats
-from qexport.passes import sites as site_matching
+from qexport.passes.discovery import sites as site_matching
 
 COLUMNS = ("dx", "dw", "norm_product", "outlier_ratio")
 

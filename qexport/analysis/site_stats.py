@@ -8,7 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.calibration.activation_scales import CALIBRATION_META
-from qexport.passes.linear_select import TAG
+from qexport.passes.discovery.linear_select import TAG
 
 
 def _round(x: float) -> float:

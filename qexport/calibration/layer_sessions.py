@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from qexport.errors import PatternNotFoundError
 from qexport.runtimes.ort_session import session_from_bytes
-from qexport.passes.residual import find_residual_stream
+from qexport.passes.discovery.residual import find_residual_stream
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from qexport.errors import QexportError
 from qexport.runtimes.ort_session import cpu_session
-from qexport.passes import sites as site_matching
+from qexport.passes.discovery import sites as site_matching
 
 log = logging.getLogger(__name__)
 

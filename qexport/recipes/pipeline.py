@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 
 from qexport.calibration.stats import collect_stats
 from qexport.errors import QexportError
-from qexport.passes import sites as site_matching
-from qexport.passes.linear_select import linear_names
+from qexport.passes.discovery import sites as site_matching
+from qexport.passes.discovery.linear_select import linear_names
 from qexport.recipes.registry import runtime_fields
 from qexport.recipes.schema import Recipe, RecipeCheck, pass_class
 from qexport.analysis.difficulty import site_difficulties

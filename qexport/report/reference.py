@@ -19,9 +19,9 @@ import onnx_ir as ir
 
 from qexport.artifact.folder import MODEL_FILE, Artifact
 from qexport.errors import QexportError
-from qexport.passes import sites as site_matching
-from qexport.passes.bias_correction import MARK as BIAS_CORRECTED
-from qexport.passes.linear_select import TAG, linear_names
+from qexport.passes.discovery import sites as site_matching
+from qexport.passes.quantize.bias_correction import MARK as BIAS_CORRECTED
+from qexport.passes.discovery.linear_select import TAG, linear_names
 from qexport.recipes.schema import Recipe, pass_class
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import RecipeError
-from qexport.passes._util import const_array, drop_if_unused, new_initializer, set_graph_output
-from qexport.passes.lower_ort import LOWERED, MS_DOMAIN
+from qexport.passes._ir import const_array, drop_if_unused, new_initializer, set_graph_output
+from qexport.passes.ort.int8 import LOWERED, MS_DOMAIN
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def _key(node: ir.Node) -> tuple | None:
 class MergeInt8LinearsPass(ir.passes.InPlacePass):
     """Replace the ``MatMulIntegerToFloat`` nodes that share their uint8 activation by one node and a Split.
 
-    Rewrite, for each group of >= 2 lowered linears (from :class:`~qexport.passes.lower_ort.LowerOrtPass`)
+    Rewrite, for each group of >= 2 lowered linears (from :class:`~qexport.passes.ort.int8.LowerOrtPass`)
     with the same A, A scale and A zero point, constant int8 weights B_i [K, N_i] and per-column scales s_i:
 
     1. B = concat_i B_i along N, s = concat_i s_i (and the fused biases, when every member has one);

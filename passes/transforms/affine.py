@@ -13,10 +13,10 @@ import onnx_ir as ir
 
 from qexport.calibration.stats import prefill_feeds, session_with_outputs
 from qexport.errors import QexportError, RecipeError
-from qexport.passes import sites as site_matching
-from qexport.passes._util import write_bias, write_weight
+from qexport.passes.discovery import sites as site_matching
+from qexport.passes._ir import write_bias, write_weight
 from qexport.calibration.affine_fit import FitProblem, FitSettings, fit
-from qexport.passes.smooth import fold_scales
+from qexport.passes.transforms.smooth import fold_scales
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import RecipeError
-from qexport.passes import sites as site_matching
-from qexport.passes._util import const_f64, new_initializer, set_const_input, set_graph_output
-from qexport.passes.linear_select import TAG, linear_names
+from qexport.passes.discovery import sites as site_matching
+from qexport.passes._ir import const_f64, new_initializer, set_const_input, set_graph_output
+from qexport.passes.discovery.linear_select import TAG, linear_names
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Building blocks of site matching: weight linears and normalizations as the exporter spells them.
 
-Pure functions over an onnx_ir graph; see :mod:`qexport.passes.sites` for the spellings matched.
+Pure functions over an onnx_ir graph; see :mod:`qexport.passes.discovery.sites` for the spellings matched.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qexport.passes._util import DATA_MOVEMENT, const_array, const_f64, is_token_slice, skip_casts_up
+from qexport.passes._ir import DATA_MOVEMENT, const_array, const_f64, is_token_slice, skip_casts_up
 
 log = logging.getLogger(__name__)
 

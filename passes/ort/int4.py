@@ -9,9 +9,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import RecipeError
-from qexport.passes._util import const_array, drop_if_unused, new_initializer, set_graph_output
-from qexport.passes.linear_select import TAG
-from qexport.passes.lower_ort import LOWERED, MS_DOMAIN
+from qexport.passes._ir import const_array, drop_if_unused, new_initializer, set_graph_output
+from qexport.passes.discovery.linear_select import TAG
+from qexport.passes.ort.int8 import LOWERED, MS_DOMAIN
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import RecipeError
-from qexport.passes import sites
-from qexport.passes._util import write_weight
-from qexport.passes.hadamard import hadamard_factors, hadamard_matrix, online_hadamard_nodes
+from qexport.passes.discovery import sites
+from qexport.passes._ir import write_weight
+from qexport.passes.transforms.hadamard import hadamard_factors, hadamard_matrix, online_hadamard_nodes
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
 
     1. n <= ``max_dense``: one ``MatMul(x, H)`` with a shared n x n constant;
     2. larger n (SmolLM2's 1536 = 12 x 128): H = H_a ⊗ H_b applied as Reshape -> MatMul -> MatMul -> Reshape,
-       costing n (a + b) instead of n² multiply-adds (see :func:`~qexport.passes.hadamard.online_hadamard_nodes`);
+       costing n (a + b) instead of n² multiply-adds (see :func:`~qexport.passes.transforms.hadamard.online_hadamard_nodes`);
     3. the down weight W [n, hidden] becomes Hᵀ W (float64), so (x H)(Hᵀ W) = x W.
 
     The inserted nodes carry ``metadata_props["qexport.online_hadamard"]``: the dense MatMul(x, H) looks like

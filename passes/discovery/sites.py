@@ -12,8 +12,8 @@ Spellings matched (read off the dynamo exports of the llama, qwen2, gemma3 and o
 * **Sites**: a norm whose output feeds only linears (q/k/v, gate/up, fc1, lm_head); v -> o through the
   attention (GQA repeat included); up -> down through ``Mul(act(gate), up)`` or a ReLU (OPT fc1 -> fc2).
 
-Linear and norm matching live in :mod:`qexport.passes.graph_match`, the residual stream in
-:mod:`qexport.passes.residual`; their public names are re-exported here. Layer indices count the
+Linear and norm matching live in :mod:`qexport.passes.discovery.graph_match`, the residual stream in
+:mod:`qexport.passes.discovery.residual`; their public names are re-exported here. Layer indices count the
 attention ``Softmax`` nodes before a site. Matches hold node references and go
 stale once a pass rewrites the graph: find them again after each pass.
 """
@@ -29,12 +29,12 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import PatternNotFoundError
-from qexport.passes._util import channel_readers, node_order, reaches
-from qexport.passes.graph_match import (  # noqa: F401  (re-exported: the sites API keeps these names)
+from qexport.passes._ir import channel_readers, node_order, reaches
+from qexport.passes.discovery.graph_match import (  # noqa: F401  (re-exported: the sites API keeps these names)
     ACTIVATIONS, POSITIVE_HOMOGENEOUS, Linear, Norm, NormKind, _trace_up, find_norms, is_online_transform,
     linear_producing, match_linear,
 )
-from qexport.passes.residual import ResidualBlock, ResidualStream, find_residual_stream  # noqa: F401
+from qexport.passes.discovery.residual import ResidualBlock, ResidualStream, find_residual_stream  # noqa: F401
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import RecipeError
-from qexport.passes import sites as site_matching
+from qexport.passes.discovery import sites as site_matching
 from qexport.calibration.layer_sessions import StagedRuns
-from qexport.passes.linear_select import linear_names, selected_linears
-from qexport.passes.weight_quant import WeightClip, WeightFormat, WeightQuant, write_quantized_weight
+from qexport.passes.discovery.linear_select import linear_names, selected_linears
+from qexport.passes.quantize.weight_quant import WeightClip, WeightFormat, WeightQuant, write_quantized_weight
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def gptq_quantize(w_in_out: np.ndarray, hessian: np.ndarray, damp: float = 0.01,
 class GptqPass(ir.passes.InPlacePass):
     """Quantize weight linears' weights with GPTQ; activations are left to a following ``quantize`` pass (recipe name ``quantize-gptq``).
 
-    Rewrite cases, for each linear selected as :class:`~qexport.passes.insert_qdq.QuantizePass` selects them
+    Rewrite cases, for each linear selected as :class:`~qexport.passes.quantize.insert_qdq.QuantizePass` selects them
     (``linears`` glob minus the comma-separated ``exclude`` globs, which stay float; lm_head only with
     ``include_lm_head``):
 

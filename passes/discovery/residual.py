@@ -8,8 +8,8 @@ import logging
 import onnx_ir as ir
 
 from qexport.errors import PatternNotFoundError
-from qexport.passes._util import channel_readers, const_array
-from qexport.passes.graph_match import Linear, Norm, _trace_up, find_norms, linear_producing, match_linear
+from qexport.passes._ir import channel_readers, const_array
+from qexport.passes.discovery.graph_match import Linear, Norm, _trace_up, find_norms, linear_producing, match_linear
 
 log = logging.getLogger(__name__)
 

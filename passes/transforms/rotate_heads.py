@@ -9,9 +9,9 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qexport.passes import sites
-from qexport.passes._util import write_bias, write_weight
-from qexport.passes.hadamard import Rotation, rotation_matrix
+from qexport.passes.discovery import sites
+from qexport.passes._ir import write_bias, write_weight
+from qexport.passes.transforms.hadamard import Rotation, rotation_matrix
 
 log = logging.getLogger(__name__)
 

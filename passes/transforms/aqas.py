@@ -12,8 +12,8 @@ import onnx_ir as ir
 
 from qexport.calibration.stats import CalibrationStats
 from qexport.errors import RecipeError
-from qexport.passes import sites as site_matching
-from qexport.passes.smooth import MARK, SmoothMethod, SmoothPass, site_ranges, smoothquant_scales
+from qexport.passes.discovery import sites as site_matching
+from qexport.passes.transforms.smooth import MARK, SmoothMethod, SmoothPass, site_ranges, smoothquant_scales
 from qexport.analysis.difficulty import consumer_weight
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from qexport.passes._util import const_array, drop_if_unused, new_initializer, set_graph_output
-from qexport.passes.linear_select import TAG
+from qexport.passes._ir import const_array, drop_if_unused, new_initializer, set_graph_output
+from qexport.passes.discovery.linear_select import TAG
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ LOWERED = "qexport.lowered"  # metadata value on the nodes this pass inserts
 
 @dataclasses.dataclass(frozen=True)
 class QuantLinear:
-    """A ``MatMul(DQ(x_q), DQ(w_q))`` made by :class:`~qexport.passes.insert_qdq.QuantizePass`."""
+    """A ``MatMul(DQ(x_q), DQ(w_q))`` made by :class:`~qexport.passes.quantize.insert_qdq.QuantizePass`."""
 
     matmul: ir.Node
     act_q: ir.Node  # the activation QuantizeLinear

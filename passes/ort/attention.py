@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qexport.passes._util import (append_node, const_array, new_initializer, producer_of, raise_default_opset,
+from qexport.passes._ir import (append_node, const_array, new_initializer, producer_of, raise_default_opset,
                                  remove_dead_nodes)
 
 log = logging.getLogger(__name__)

@@ -24,9 +24,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import RecipeError
-from qexport.passes import sites as site_matching
-from qexport.passes._util import drop_if_unused, new_initializer
-from qexport.passes.linear_select import TAG
+from qexport.passes.discovery import sites as site_matching
+from qexport.passes._ir import drop_if_unused, new_initializer
+from qexport.passes.discovery.linear_select import TAG
 
 CLIP_RATIOS = np.linspace(1.0, 0.5, 21)  # grid of the MSE clip search
 DINT4_TABLE = np.array([0, 1, 2, 3, 4, 5, 6, 0.5, 0, -0.5, -6, -5, -4, -3, -2, -1])  # level of code c at [c mod 16]

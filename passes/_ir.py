@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 if TYPE_CHECKING:  # sites imports this module
-    from qexport.passes.sites import Linear
+    from qexport.passes.discovery.sites import Linear
 
 log = logging.getLogger(__name__)
 

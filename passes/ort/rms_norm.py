@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qexport.passes._util import const_array, new_initializer, raise_default_opset
+from qexport.passes._ir import const_array, new_initializer, raise_default_opset
 
 log = logging.getLogger(__name__)
 

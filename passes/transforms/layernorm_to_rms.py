@@ -9,8 +9,8 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import PatternNotFoundError, QexportError
-from qexport.passes import sites
-from qexport.passes._util import const_array, const_f64, drop_if_unused, new_initializer, set_const_input, write_bias, write_weight
+from qexport.passes.discovery import sites
+from qexport.passes._ir import const_array, const_f64, drop_if_unused, new_initializer, set_const_input, write_bias, write_weight
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import RecipeError
-from qexport.passes import sites as site_matching
-from qexport.passes._util import new_initializer
+from qexport.passes.discovery import sites as site_matching
+from qexport.passes._ir import new_initializer
 from qexport.calibration.activation_scales import ActCalibration, static_scales
-from qexport.passes.linear_select import prequantized_linears, selected_linears
-from qexport.passes.weight_quant import WeightClip, WeightFormat, WeightQuant, tagged, write_quantized_weight
+from qexport.passes.discovery.linear_select import prequantized_linears, selected_linears
+from qexport.passes.quantize.weight_quant import WeightClip, WeightFormat, WeightQuant, tagged, write_quantized_weight
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class QuantizePass(ir.passes.InPlacePass):
        feeding ``DequantizeLinear(q, s, axis)`` (axis 1 for MatMul B [in, out], 0 for Gemm transB = 1); a tied
        lm_head's Transpose is bypassed (the embedding Gather keeps the float table); with ``weights: int4``
        an INT4 initializer per ``group_size`` input channels feeding a blocked opset-21 DequantizeLinear along
-       the input axis, with ``dint4`` INT4 codes through a level lookup (:mod:`~qexport.passes.weight_quant`);
+       the input axis, with ``dint4`` INT4 codes through a level lookup (:mod:`~qexport.passes.quantize.weight_quant`);
        ``weight_clip: mse`` searches each scale's clip ratio for the least squared weight error;
     2. ``per_token`` activation: ``Abs -> ReduceMax(-1) -> Div(127) -> Max(eps)`` gives s_t, then blocked
        ``QuantizeLinear(x, s_t, int8, block_size=K) -> DequantizeLinear`` (opset 21): per-token symmetric int8;

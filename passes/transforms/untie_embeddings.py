@@ -8,8 +8,8 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qexport.passes import sites
-from qexport.passes._util import drop_if_unused, new_initializer
+from qexport.passes.discovery import sites
+from qexport.passes._ir import drop_if_unused, new_initializer
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qexport.passes import sites as site_matching
-from qexport.passes._util import const_f64, set_const_input, write_bias, write_weight
+from qexport.passes.discovery import sites as site_matching
+from qexport.passes._ir import const_f64, set_const_input, write_bias, write_weight
 
 log = logging.getLogger(__name__)
 

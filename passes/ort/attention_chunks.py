@@ -24,9 +24,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import RecipeError
-from qexport.passes._util import append_node, const_array, new_initializer, producer_of
-from qexport.passes.attention_ort import FUSED as FUSED_ATTENTION
-from qexport.passes.attention_ort import MASK_MIN
+from qexport.passes._ir import append_node, const_array, new_initializer, producer_of
+from qexport.passes.ort.attention import FUSED as FUSED_ATTENTION
+from qexport.passes.ort.attention import MASK_MIN
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import logging
 import onnx_ir as ir
 
 from qexport.errors import RecipeError
-from qexport.passes import sites as site_matching
+from qexport.passes.discovery import sites as site_matching
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Site discovery: pure pattern matching on the exported graph."""

@@ -1,0 +1,1 @@
+"""Lowerings for ONNX Runtime CPU: integer kernels and fused attention, norms, rotary."""

@@ -1,0 +1,1 @@
+"""Quantization passes: QuantizeLinear/DequantizeLinear insertion, GPTQ, bias correction."""

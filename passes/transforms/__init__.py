@@ -1,0 +1,1 @@
+"""Lossless transforms folded into weights: norms, smoothing, rotations, affine matrices."""
