@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qexport.exporter.graph_export import GraphSignature
+from qexport.runtimes.signature import GraphSignature
 from qexport.runtimes.base import Runner
 
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}

@@ -7,7 +7,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from qexport.exporter.graph_export import DTYPES, CausalLMWithCache, GraphSignature
+from qexport.exporter.graph_export import DTYPES, CausalLMWithCache
+from qexport.runtimes.signature import GraphSignature
 
 
 class TorchRunner:

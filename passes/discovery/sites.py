@@ -267,3 +267,12 @@ def find_sites(model: ir.Model, head_dim: int | None = None) -> SiteMap:
     if duplicates:  # statistics and passes address sites by name: an ambiguous name would mix two sites up
         raise PatternNotFoundError(f"site names are ambiguous in this graph: {', '.join(duplicates)}")
     return found
+
+
+def consumer_weight(site: Site) -> np.ndarray:
+    """The [in, out] weight reading the site's activation (q/k/v or gate/up concatenated)."""
+    if isinstance(site, NormSite):
+        return np.concatenate([linear.weight_in_out() for linear in site.linears], axis=1)
+    if isinstance(site, VOSite):
+        return site.o.weight_in_out()
+    return site.down.weight_in_out()

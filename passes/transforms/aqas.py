@@ -14,7 +14,6 @@ from qexport.calibration.stats import CalibrationStats
 from qexport.errors import RecipeError
 from qexport.passes.discovery import sites as site_matching
 from qexport.passes.transforms.smooth import MARK, SmoothMethod, SmoothPass, site_ranges, smoothquant_scales
-from qexport.analysis.difficulty import consumer_weight
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +91,7 @@ class AqasPass(ir.passes.InPlacePass):
         """The loss for each alpha of the grid, on the sampled rows ``x`` of the site's activation."""
         absmax = self.stats[site.name].absmax
         act, weight_range = site_ranges(site, absmax)
-        w = consumer_weight(site)
+        w = site_matching.consumer_weight(site)
         to_x = site.o_to_v_channel() if isinstance(site, site_matching.VOSite) else np.arange(len(act))
         reference = x.astype(np.float64) @ w
         out = []

@@ -14,17 +14,9 @@ import numpy as np
 
 from qexport.calibration.stats import CalibrationStats, TensorStats
 from qexport.passes.discovery import sites as site_matching
+from qexport.passes.discovery.sites import consumer_weight
 
 COLUMNS = ("dx", "dw", "norm_product", "outlier_ratio")
-
-
-def consumer_weight(site: site_matching.Site) -> np.ndarray:
-    """The [in, out] weight reading the site's activation (q/k/v or gate/up concatenated)."""
-    if isinstance(site, site_matching.NormSite):
-        return np.concatenate([linear.weight_in_out() for linear in site.linears], axis=1)
-    if isinstance(site, site_matching.VOSite):
-        return site.o.weight_in_out()
-    return site.down.weight_in_out()
 
 
 def difficulty(stats: TensorStats, weight_in_out: np.ndarray) -> dict[str, float]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from qexport.errors import QexportError
-from qexport.exporter.graph_export import GraphSignature
+from qexport.runtimes.signature import GraphSignature
 from qexport.exporter.loading import ModelSource
 from qexport.artifact.outdir import read_manifest
 

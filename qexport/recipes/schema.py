@@ -27,7 +27,7 @@ when a recipe uses them. Fields whose type cannot be written in YAML (calibratio
 statistics) are supplied at run time through :meth:`Recipe.build`.
 
 Presets live in ``samples/recipes/*.yaml`` (the one source of truth). An installed wheel ships that same
-folder as the package ``qexport.recipes`` (a ``package-dir`` mapping in pyproject), which is looked up first.
+folder as the package ``qexport.recipes.presets`` (a ``package-dir`` mapping in pyproject), which is looked up first.
 """
 
 from __future__ import annotations
@@ -191,14 +191,14 @@ class Recipe:
 
 
 def presets_folder() -> Path:
-    """The folder of preset recipes: the installed ``qexport.recipes`` package, else the repo's samples/recipes."""
+    """The folder of preset recipes: the installed ``qexport.recipes.presets`` package, else the repo's samples/recipes."""
     try:
-        packaged = Path(str(importlib.resources.files("qexport.recipes")))
+        packaged = Path(str(importlib.resources.files("qexport.recipes.presets")))
         if packaged.is_dir() and any(packaged.glob("*.yaml")):
             return packaged
     except ModuleNotFoundError:
         pass  # not installed as package data: an editable checkout reads samples/recipes directly
-    return Path(__file__).resolve().parent.parent / "samples" / "recipes"
+    return Path(__file__).resolve().parents[2] / "samples" / "recipes"
 
 
 def preset_names() -> list[str]:
