@@ -9,6 +9,7 @@ from typing import Mapping
 import numpy as np
 
 from qexport.errors import QexportError
+from qexport.runtimes.ort_session import new_session, session_options
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +30,8 @@ class OrtRunner:
                 f"ONNX Runtime has no {PROVIDERS[device][0]} here (available: {', '.join(available)}); "
                 "install onnxruntime-gpu on a CUDA machine, or use the CPU runtime"
             )
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
         self.name = f"onnxruntime-{device}"
-        self.session = ort.InferenceSession(os.fspath(model_path), options, providers=PROVIDERS[device])
+        self.session = new_session(os.fspath(model_path), session_options(threads, inter_op_threads=1), PROVIDERS[device])
         self._inputs = [i.name for i in self.session.get_inputs()]
         self._outputs = [o.name for o in self.session.get_outputs()]
 

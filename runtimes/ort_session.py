@@ -49,17 +49,34 @@ def cpu_session(model: ir.Model, threads: int | None = None):
 
 def session_from_bytes(data: bytes, threads: int | None = None, names: Sequence[str] = (),
                        arrays: Sequence[np.ndarray] = ()):
-    """An ONNX Runtime CPU session (default graph optimizations, warnings off) on the serialized model ``data``;
-    the external-data stubs ``names`` are read from ``arrays``."""
+    """An ONNX Runtime CPU session on the serialized model ``data``; the external-data stubs ``names`` are read
+    from ``arrays``."""
+    import onnxruntime as ort
+
+    options = session_options(threads)
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]  # views of the arrays, not copies
+    if names:
+        options.add_external_initializers(list(names), values)
+    session = new_session(data, options)
+    session._qexport_weights = values  # ONNX Runtime may use these buffers for the session's whole life
+    return session
+
+
+def session_options(threads: int | None = None, inter_op_threads: int | None = None):
+    """The options of every qexport session: default graph optimizations, warnings off, ``threads`` intra-op."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]  # views of the arrays, not copies
-    if names:
-        options.add_external_initializers(list(names), values)
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    session._qexport_weights = values  # ONNX Runtime may use these buffers for the session's whole life
-    return session
+        if inter_op_threads:
+            options.inter_op_num_threads = inter_op_threads
+    return options
+
+
+def new_session(model: bytes | str, options, providers: Sequence[str] = ("CPUExecutionProvider",)):
+    """An ONNX Runtime session on a serialized model or a model file: the one place qexport opens one."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model, options, providers=list(providers))
