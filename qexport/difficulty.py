@@ -1,4 +1,4 @@
-"""Quantization difficulty of one linear layer (Czakó et al., methods.md §2.5).
+"""Quantization difficulty of one linear layer (Czakó et al., 2025).
 
 For activations X [tokens, in] and a weight W [out, in] (torch layout, Y = X Wᵀ):
 
@@ -81,7 +81,7 @@ def l2_smoothing_scales(x: np.ndarray, w: np.ndarray, eps: float = 1e-12) -> np.
 
 @dataclasses.dataclass(frozen=True)
 class Difficulty:
-    """The §2.5 metrics of one layer."""
+    """The difficulty metrics of one layer (see the module docstring)."""
 
     activation: float
     weight: float

@@ -1,6 +1,6 @@
 """ONNX Runtime CPU sessions on an in-memory onnx_ir model, without serializing its weights.
 
-Serializing a model to protobuf copies every initializer (about 540 MB for SmolLM2-135M), and the session
+Serializing a model to protobuf copies every initializer, and the session
 then parses and copies them again. Here the large initializers are serialized as external-data stubs and
 handed to ONNX Runtime as OrtValues on the model's own arrays (``SessionOptions.add_external_initializers``),
 so only the graph structure is serialized. The model is left exactly as it was.

@@ -1,4 +1,4 @@
-"""The §2.5 difficulty metrics against hand-computed values, and the smoothing/rotation claims they support."""
+"""qexport.difficulty against hand-computed values, and the smoothing/rotation claims they support."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def test_rotation_flattens_peaky_rows():
 
 
 def test_rotation_cannot_fix_a_massive_token():
-    # §2.5: a token that is almost one huge entry keeps its norm; after rotation its whole row is coarse.
+    # a token that is almost one huge entry keeps its norm; after rotation its whole row is coarse.
     n = 64
     x = np.random.default_rng(1).standard_normal((32, n)) * 0.1
     x[np.arange(32), np.arange(32) % n] = 50.0

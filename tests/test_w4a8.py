@@ -46,7 +46,7 @@ def _int4_reference(w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _dint4_reference(y: np.ndarray) -> np.ndarray:
-    """Nearest dINT4 level to y = w / scale, by brute force over the 15 levels (the [R] rule of methods.md)."""
+    """Nearest dINT4 level to y = w / scale, by brute force over the 15 levels (weight_quant's dINT4 rounding)."""
     levels = np.concatenate([-DINT4_LEVELS[:0:-1], DINT4_LEVELS])
     return levels[np.abs(y[..., None] - levels).argmin(axis=-1)]
 
@@ -226,5 +226,5 @@ def test_w4a8_on_smollm2_passes_the_tensorrt_check_and_meets_its_perplexity_targ
     lowered = evaluate_quantized(default_export, model, tmp_path / "w4a8-ort")["ppl_ratio"]
     # the lowerings are exact up to float rounding (each pass's tiny-model tests), but a rounding difference that
     # flips a per-tensor static activation code cascades: measured 0.04% apart on one CPU, 0.24% on an AMD Zen 5;
-    # up to about 0.6% between float-rounding-equal graphs on these 4 x 512 tokens (README, issue 4)
+    # up to about 0.6% between float-rounding-equal graphs on these 4 x 512 tokens (docs/measurements.md)
     assert abs(lowered - ratio) < 6e-3 * ratio, f"w4a8-ort: ppl ratio {lowered:.4f} vs w4a8 {ratio:.4f}"

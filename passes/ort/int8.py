@@ -79,30 +79,21 @@ def match_quant_linear(node: ir.Node) -> QuantLinear | None:
 class LowerOrtPass(ir.passes.InPlacePass):
     """Rewrite QDQ linears into ``com.microsoft.MatMulIntegerToFloat`` (u8 x s8, the VNNI fast path on CPU).
 
-    Numerics are those of the QDQ graph up to integer rounding ties and float accumulation order:
+    Rewrite cases (the QDQ graph's integers, up to rounding ties and float accumulation order):
 
-    1. ``per_token`` (x_t / s_t rounded, symmetric int8 in [-127, 127]): the same blocked
-       ``QuantizeLinear(x, s_t)`` with a uint8 zero point 128 of s_t's shape stores q + 128, so the integers are
-       unchanged (one pass over x: about 1.7x faster than ``Div(x, s_t)`` then a scalar-scale Q on SmolLM2's rows);
-       ``MatMulIntegerToFloat(q_u8, w_s8, s_t, s_w, 128)`` gives sum_k q_k w_kn * s_w[n] * s_t: the CPU kernel
-       takes a non-scalar a_scale by multiplying its output with it, broadcast (``ScaleOutput`` in ORT's
-       matmul_integer_to_float.cc; the contrib-op schema only documents a scalar, and the test against the
-       QDQ graph guards this); a bias is added after it;
-    2. ``per_tensor`` (static scale s): ``QuantizeLinear(x, s, uint8 128)`` holds the same [-128, 127] integers
-       as the int8 Q; ``MatMulIntegerToFloat(q_u8, w_s8, s, s_w, 128)``.
+    1. ``per_token``: the same blocked ``QuantizeLinear(x, s_t)`` with a uint8 zero point 128 stores q + 128 in
+       one pass over x, then ``MatMulIntegerToFloat(q_u8, w_s8, s_t, s_w, 128)``. The CPU kernel multiplies its
+       output by a non-scalar a_scale (``ScaleOutput`` in ORT's matmul_integer_to_float.cc; the contrib-op schema
+       documents only a scalar, so tests/test_lower_ort.py guards it); a bias is added after it; the
+       s_t chain (Abs, ReduceMax, Div, Max) is kept;
+    2. ``per_tensor`` (static s): ``QuantizeLinear(x, s, uint8 128)``, then ``MatMulIntegerToFloat(q_u8, w_s8, s,
+       s_w, 128)`` with the bias fused;
+    3. Gemm (transB = 1, OPT's fc1/fc2): the int8 weight is transposed to [in, out], its C added after the scales.
 
-    A Gemm (transB = 1, OPT's fc1/fc2) gets its int8 weight transposed to [in, out] and its bias C added after
-    the scales (fused into MatMulIntegerToFloat for per-tensor). One quantized activation is shared by all
-    linears reading it. The s_t chain (Abs, ReduceMax, Div, Max) is kept.
-    Not DynamicQuantizeLinear: that is per-tensor asymmetric, a different (less accurate) quantizer.
-    A graph with nothing left to lower is reported unmodified.
-
-    Fed the same input, each lowered linear gives the QDQ integers exactly and its product closer to float64
-    than the QDQ float MatMul (tests/test_lower_ort.py). End to end the two graphs still drift apart: a float
-    rounding difference flips one rounding tie, which moves a whole output row by a step and flips more ties
-    downstream, so deep layers hold different (equally good) integers. On SmolLM2 w8a8-static the 4 x 512-token
-    ppl ratio moves between 1.0046 and 1.0107 when every activation scale moves by one float32 ulp: differences
-    of that size between the QDQ and lowered graphs (or ORT optimization levels) are this noise, not the lowering.
+    One quantized activation is shared by all linears reading it. Not DynamicQuantizeLinear: that is per-tensor
+    asymmetric, a less accurate quantizer. End to end, a flipped rounding tie moves deep layers onto different,
+    equally good integers (docs/measurements.md gives the size of that noise). A graph with nothing left to lower
+    is reported unmodified.
     """
 
     lossless: ClassVar[bool] = False  # equal to the QDQ graph only up to rounding ties, not to FP32

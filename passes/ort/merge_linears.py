@@ -46,14 +46,12 @@ class MergeInt8LinearsPass(ir.passes.InPlacePass):
 
     Exact: each output column is the same integer dot product scaled by the same two factors, so the merged
     graph equals the unmerged one (up to the kernel's blocking of float accumulation). One pass over A in
-    place of one per linear (SmolLM2: q/k/v and gate/up), and a wider N for the GEMM.
+    place of one per linear (q/k/v, gate/up), and a wider N for the GEMM.
     A graph with no such group is reported unmodified.
 
     ``max_columns``: a group whose merged width (sum of N_i) is larger stays separate (None: no limit). The
-    Split copies the merged output once more, which for wide groups costs more than the merge saves. Measured on
-    SmolLM2-135M, 512-token prefill, ORT profile: q/k/v (960 columns) merged 15.3 ms against 14.9 separate,
-    but one node instead of three per decode step; gate/up (3072 columns) merged 50.4 ms (6.9 of it the
-    Split) against 43.8 separate, and the same node count.
+    Split copies the merged output once more, which for wide groups costs more than the merge saves (the
+    profile behind the presets' limit is in docs/measurements.md).
     """
 
     lossless: ClassVar[bool] = True

@@ -96,7 +96,7 @@ class GptqPass(ir.passes.InPlacePass):
        ``quantize`` writes weights, which then adds only the activation quantizers.
 
     One-shot (``sequential: false``): all Hessians from one run of the float graph. Layer-sequential
-    (``sequential: true``, methods.md §4 step 8): the linears of layer 0, 1, ... (by role name, then any others)
+    (``sequential: true``): the linears of layer 0, 1, ... (by role name, then any others)
     in turn, each layer's Hessians from the graph in which all earlier layers' weights are already quantized;
     activations are still float there (their quantizers come with the later ``quantize`` pass). The residual
     stream entering each layer is cached per window (:class:`~qexport.calibration.layer_sessions.StagedRuns`), so

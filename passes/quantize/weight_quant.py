@@ -5,7 +5,7 @@ Formats (symmetric; Δ the scale, q the integer code):
 * ``int8``: one Δ per output channel, q in [-127, 127], stored int8 -> ``DequantizeLinear(q, Δ, axis)``;
 * ``int4``: one Δ per group of ``group_size`` input channels of each output channel, q in [-7, 7], stored INT4
   -> blocked opset-21 ``DequantizeLinear(q, Δ, axis=input axis, block_size=group_size)`` (TensorRT's INT4 form);
-* ``dint4`` (Lee et al., EMNLP 2023; methods.md §2.3): the int4 grid with the two codes ±7 reassigned to ±Δ/2,
+* ``dint4`` (Lee et al., EMNLP 2023): the int4 grid with the two codes ±7 reassigned to ±Δ/2,
   levels {0, ±1/2, ±1, ..., ±6}; rounding |w/Δ| < 1/4 -> 0, < 3/4 -> ±1/2, else the nearest integer (at most 6).
   DequantizeLinear is uniform-only, so the INT4 codes go ``Cast(int32) -> Gather`` into a 16-entry level table
   (negative codes index from its end) ``-> Mul(Δ per group) -> Reshape``.

@@ -1,4 +1,4 @@
-"""AffineQuant (Ma et al., ICLR 2024; methods.md §2.4): a learned invertible matrix per site, folded offline."""
+"""AffineQuant (Ma et al., ICLR 2024): a learned invertible matrix per site, folded offline."""
 
 from __future__ import annotations
 

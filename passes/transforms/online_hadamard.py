@@ -26,7 +26,7 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
     Rewrite cases, for each up -> down site whose name matches ``sites`` (n = intermediate size):
 
     1. n <= ``max_dense``: one ``MatMul(x, H)`` with a shared n x n constant;
-    2. larger n (SmolLM2's 1536 = 12 x 128): H = H_a ⊗ H_b applied as Reshape -> MatMul -> MatMul -> Reshape,
+    2. larger n (e.g. 1536 = 12 x 128): H = H_a ⊗ H_b applied as Reshape -> MatMul -> MatMul -> Reshape,
        costing n (a + b) instead of n² multiply-adds (see :func:`~qexport.passes.transforms.hadamard.online_hadamard_nodes`);
     3. the down weight W [n, hidden] becomes Hᵀ W (float64), so (x H)(Hᵀ W) = x W.
 

@@ -1,10 +1,11 @@
-"""The quantization-difficulty metric of seed 004, per rewrite site, from streamed calibration statistics.
+"""The quantization-difficulty metric (Czakó et al., 2025), per rewrite site, from streamed calibration statistics.
 
 For the activation X feeding a site and the weight W reading it (all consumer linears, concatenated):
 - ``dx``: std over channels of the channel RMS ‖X[:, j]‖₂ / √tokens (D(X), normalised by the token count);
 - ``dw``: std over input channels of ‖W[:, j]‖₂ (D(W), torch layout);
-- ``norm_product``: (‖X‖_F / √tokens) · ‖W‖_F, the quantity the seed's per-token / per-channel error
-  estimate is proportional to once rows are flat (smoothing lowers it to its Cauchy–Schwarz bound);
+- ``norm_product``: (‖X‖_F / √tokens) · ‖W‖_F, the quantity the per-token / per-channel error
+  estimate of :mod:`qexport.difficulty` is proportional to once rows are flat (smoothing lowers it to its
+  Cauchy–Schwarz bound);
 - ``outlier_ratio``: largest channel absmax over the median channel absmax.
 """
 

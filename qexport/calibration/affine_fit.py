@@ -1,4 +1,4 @@
-"""AffineQuant's optimisation of one site's invertible matrix (methods.md §2.4), in torch on the CPU.
+"""AffineQuant's optimisation of one site's invertible matrix (Ma et al., ICLR 2024), in torch on the CPU.
 
 Layout is the graph's (ONNX): X [tokens, n] is the activation a site's consumers read, B = Wᵀ [n, out] their
 weight (several consumers side by side), Y = X B. The transform X' = X A⁻¹, B' = A B is exact in floating
@@ -140,7 +140,7 @@ def fit(problem: FitProblem, settings: FitSettings) -> FitResult:
 
     If the final loss on all samples is not below the initial one, the initial diagonal is returned (and a
     warning logged): the pass never makes a site worse than SmoothQuant on its calibration samples.
-    Runs on one torch thread: the small batched inverses are 300x slower multi-threaded on busy cores.
+    Runs on one torch thread: the small batched inverses are far slower multi-threaded on busy cores.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -152,8 +152,8 @@ def _quiet_exporter():
 def cleanup(model: ir.Model) -> None:
     """Fold constants, lift them to initializers, drop dead nodes and deduplicate, in place.
 
-    This is the cheap part of the exporter's own optimizer: its pattern-rewrite rules take 30-60 s on a
-    30-layer model and change little that ONNX Runtime does not redo when it loads the graph.
+    This is the cheap part of the exporter's own optimizer: its pattern-rewrite rules are slow on a
+    full-size model and change little that ONNX Runtime does not redo when it loads the graph.
     """
     from onnxscript.optimizer import _constant_folding
 
