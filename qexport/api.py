@@ -18,6 +18,7 @@ from qexport.exporter.graph_export import ExportSettings, export_graph
 from qexport.exporter.loading import load_model, resolve_source
 from qexport.artifact.outdir import atomic_output_dir, checksums, write_manifest
 from qexport.recipes.pipeline import PipelineSettings, apply_recipe
+from qexport.recipes.preflight import check_recipe_applies
 from qexport.recipes.schema import Recipe, load_recipe
 from qexport.exporter.text import load_text, parse_source, token_windows
 
@@ -104,6 +105,7 @@ def export(
         export_s = time.perf_counter() - export_start
         recipe_report, calibration = None, None
         if loaded_recipe is not None:
+            check_recipe_applies(ir_model, loaded_recipe)  # seconds; before the calibration text and statistics
             text = parse_source(calib)
             shape = calibration_shape(loaded_recipe, calib_windows, calib_seq_len)
             windows = token_windows(tokenizer, load_text(text, "calibration"), shape["seq_len"], shape["windows"],
