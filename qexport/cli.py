@@ -9,6 +9,7 @@ import logging
 import sys
 from typing import Any, Sequence
 
+from qexport.artifact.runtime import Runtime
 from qexport.errors import QexportError
 
 log = logging.getLogger("qexport")
@@ -105,7 +106,7 @@ def _evaluation_args(p: argparse.ArgumentParser, *, windows: int, seq_len: int, 
 
 
 def _runtime_args(p: argparse.ArgumentParser, default_threads: int | None = None) -> None:
-    p.add_argument("--runtime", default="ort-cpu", choices=["ort-cpu", "ort-cuda", "tensorrt"])
+    p.add_argument("--runtime", default=Runtime.ORT_CPU.value, choices=[r.value for r in Runtime])
     p.add_argument("--threads", type=int, default=default_threads, help="intra-op threads")
 
 

@@ -8,9 +8,9 @@ import pytest
 from pass_testing import load
 from qexport.calibration.stats import run_values
 from qexport.calibration.activation_scales import (
-    CALIBRATION_META, MSE_CANDIDATES, AbsHistogram, ActCalibration, mse_clip, quantization_mse, static_scales)
+    MSE_CANDIDATES, AbsHistogram, ActCalibration, mse_clip, quantization_mse, static_scales)
 from qexport.passes.quantize.insert_qdq import QuantizePass
-from qexport.passes.discovery.linear_select import TAG
+from qexport.passes.metadata import Meta
 
 CALIB = (np.arange(3, 67, dtype=np.int64), np.arange(100, 164, dtype=np.int64))
 
@@ -74,7 +74,7 @@ def test_static_mse_scales_on_a_graph_match_brute_force(tiny_export):
         x = np.concatenate(raw[value.name])
         _, best_err = _brute_force(x)
         assert _exact_mse(x, scales[value] * 127.0) <= 1.01 * best_err, value.name
-        meta = value.meta[CALIBRATION_META]
+        meta = value.meta[Meta.ACT_CALIBRATION]
         assert meta["method"] == "mse" and meta["absmax"] == pytest.approx(np.abs(x).max(), rel=1e-6)
         assert meta["clip"] == pytest.approx(scales[value] * 127.0) and meta["clip"] <= meta["absmax"]
 
@@ -82,7 +82,7 @@ def test_static_mse_scales_on_a_graph_match_brute_force(tiny_export):
 def test_quantize_pass_uses_the_mse_scales(tiny_export):
     model, reference = load(tiny_export("llama")), load(tiny_export("llama"))
     QuantizePass(activations="per_tensor", calibration="mse", windows=CALIB)(model)
-    q_nodes = [n for n in model.graph if n.op_type == "QuantizeLinear" and n.metadata_props.get(TAG) == "per_tensor"]
+    q_nodes = [n for n in model.graph if n.op_type == "QuantizeLinear" and n.metadata_props.get(Meta.QUANT) == "per_tensor"]
     assert q_nodes
     by_name = {v.name: v for n in reference.graph for v in n.outputs}
     expected = static_scales(reference, [by_name[q.inputs[0].name] for q in q_nodes], CALIB, ActCalibration.MSE)

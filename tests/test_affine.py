@@ -13,7 +13,8 @@ from qexport.difficulty import rtn_rows
 from qexport.errors import QexportError, RecipeError
 from qexport.passes.discovery import sites
 from qexport.passes._ir import const_f64
-from qexport.passes.transforms.affine import MARK, AffinePass, collect_samples, problem_for
+from qexport.passes.metadata import Meta
+from qexport.passes.transforms.affine import AffinePass, collect_samples, problem_for
 from qexport.calibration.affine_fit import FitSettings, band_mask, fit, is_strictly_dominant
 from qexport.passes.transforms.smooth import SmoothPass
 from qexport.recipes.schema import load_recipe
@@ -55,7 +56,7 @@ def test_affine_is_exact_with_kv_cache(tiny_export, family):
     affine = AffinePass(windows=windows(), **FAST)
 
     assert affine(model).modified
-    assert {k[len(MARK):] for k in model.metadata_props if k.startswith(MARK)} == {
+    assert set(Meta.AFFINE.under(model.metadata_props)) == {
         s.name for s in sites.find_sites(model).all if not isinstance(s, sites.UpDownSite) and s.name != "final_norm"}
     first_after, decoded_after = prefill_decode(model)  # the decode step reads the transformed model's own cache
     for name in ("logits", *[k for k in first if ".key" in k]):
@@ -156,8 +157,8 @@ def test_smooth_affine_preset_is_exact(tiny_export):
     assert [type(p) for p in passes] == [SmoothPass, AffinePass]
     for p in passes:
         assert p(model).modified
-    assert {k for k in model.metadata_props if k.startswith(MARK)} == {
-        MARK + f"layers.{i}.{kind}" for i in (0, 1) for kind in ("attn_norm", "mlp_norm", "v_o")}
+    assert {k for k in model.metadata_props if k.startswith(Meta.AFFINE)} == {
+        Meta.AFFINE.key(f"layers.{i}.{kind}") for i in (0, 1) for kind in ("attn_norm", "mlp_norm", "v_o")}
     np.testing.assert_allclose(run(model, feeds)["logits"], expected["logits"], rtol=RTOL, atol=ATOL)
 
 

@@ -9,7 +9,8 @@ from pass_testing import give_norms_weights, load, make_feeds, prefill_decode, r
 from qexport.calibration.stats import collect_stats, run_values
 from qexport.errors import RecipeError
 from qexport.passes.discovery import sites
-from qexport.passes.transforms.aqas import ALPHA_MARK, AqasPass
+from qexport.passes.metadata import Meta
+from qexport.passes.transforms.aqas import AqasPass
 from qexport.passes.transforms.smooth import SmoothPass
 
 WINDOWS = tuple(np.random.default_rng(i).integers(3, 250, size=20, dtype=np.int64) for i in range(2))
@@ -70,7 +71,7 @@ def test_aqas_is_exact_records_alphas_and_runs_once(tiny_export):
     assert aqas(model).modified
     np.testing.assert_allclose(run(model, feeds)["logits"], expected, rtol=1e-4, atol=1e-5)
     prefill_decode(model)  # the smoothed v -> o cache still decodes
-    alphas = {k[len(ALPHA_MARK):]: float(v) for k, v in model.metadata_props.items() if k.startswith(ALPHA_MARK)}
+    alphas = {k: float(v) for k, v in Meta.AQAS_ALPHA.under(model.metadata_props).items()}
     assert set(alphas) == {s.name for s in sites.find_sites(twin).all} - {"final_norm"}
     assert set(alphas.values()) <= set(GRID)
     # the fold is SmoothQuant's with the chosen alpha per site

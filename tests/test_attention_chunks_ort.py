@@ -12,8 +12,9 @@ import pytest
 
 from pass_testing import apply_and_check_decode, load, padded_feeds, quantize_and_lower, run
 from qexport.errors import RecipeError
-from qexport.passes.ort.attention_chunks import CHUNKED, OrtAttentionChunksPass
+from qexport.passes.ort.attention_chunks import OrtAttentionChunksPass
 from qexport.passes.ort.attention import OrtAttentionPass
+from qexport.passes.metadata import Meta
 
 # Lossless rewrite: the dropped keys weigh exactly 0; only float summation order changes (logits are O(1) here).
 RTOL, ATOL = 1e-5, 1e-5
@@ -48,7 +49,7 @@ def test_chunked_equals_fused_with_past_left_padding_and_decode(tiny_export, fam
     rewrite = OrtAttentionChunksPass(chunks=4, min_rows=4)
     assert apply_and_check_decode(model, rewrite, feeds, rtol=RTOL, atol=ATOL).modified
     layers = sum(v.name.startswith("past_key_values.") for v in model.graph.inputs) // 2
-    ifs = [n for n in model.graph if n.op_type == "If" and CHUNKED in n.metadata_props]
+    ifs = [n for n in model.graph if n.op_type == "If" and Meta.ATTENTION_CHUNKS in n.metadata_props]
     assert len(ifs) == layers and not any(n.op_type == "Attention" for n in model.graph)
     ran = _executed_attention_nodes(model, feeds, tmp_path)
     assert sum(".then.y" in name for name in ran) == 4 * layers and not any(".else." in name for name in ran)

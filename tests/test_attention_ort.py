@@ -10,7 +10,8 @@ import pytest
 from pass_testing import (apply_and_check_decode, assert_same_outputs, decode_steps, load, padded_feeds,
                           quantize_and_lower, run)
 from qexport.passes.ort import attention as attention_ort
-from qexport.passes.ort.attention import ATTENTION_OPSET, FUSED, OrtAttentionPass
+from qexport.passes.ort.attention import ATTENTION_OPSET, OrtAttentionPass
+from qexport.passes.metadata import Meta
 
 # Lossless rewrite: only float summation order changes (logits are O(1) here).
 RTOL, ATOL = 1e-5, 1e-5
@@ -31,7 +32,7 @@ def test_fused_equals_decomposed_with_left_padding_and_decode(tiny_export, famil
     layers = sum(v.name.startswith("past_key_values.") for v in model.graph.inputs) // 2
     assert ops["Attention"] == layers and ops["Softmax"] == ops["IsNaN"] == 0  # the NaN guards are gone too
     assert model.graph.opset_imports[""] == ATTENTION_OPSET
-    assert all(FUSED in n.metadata_props for n in model.graph if n.op_type == "Attention")
+    assert all(Meta.ATTENTION in n.metadata_props for n in model.graph if n.op_type == "Attention")
 
 
 def test_the_fully_masked_row_is_restored(tiny_export, monkeypatch):

@@ -11,7 +11,8 @@ from qexport.calibration.stats import run_values
 from qexport.errors import RecipeError
 from qexport.passes.quantize.bias_correction import BiasCorrectPass
 from qexport.passes.quantize.insert_qdq import QuantizePass
-from qexport.passes.discovery.linear_select import TAG, linear_names
+from qexport.passes.discovery.linear_select import linear_names
+from qexport.passes.metadata import Meta
 from qexport.passes.discovery import sites as site_matching
 
 CALIB = tuple(np.random.default_rng(i).integers(3, 250, size=48, dtype=np.int64) for i in range(2))  # max_windows: 2
@@ -32,7 +33,7 @@ def _mean_errors(model: ir.Model, reference: ir.Model) -> dict[str, np.ndarray]:
     ios = {}
     for node in model.graph:
         w = node.inputs[1].producer() if node.name in weights else None
-        if w is not None and w.metadata_props.get(TAG) == "weight":
+        if w is not None and w.metadata_props.get(Meta.QUANT) == "weight":
             x = node.inputs[0].producer().inputs[0].producer().inputs[0]
             y = node.outputs[0]
             add = next((c for c in y.consumers() if c.op_type == "Add"), None)

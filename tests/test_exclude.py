@@ -13,7 +13,8 @@ from pass_testing import load, make_feeds, run
 from qexport.errors import RecipeError
 from qexport.passes.quantize.gptq import GptqPass
 from qexport.passes.quantize.insert_qdq import QuantizePass
-from qexport.passes.discovery.linear_select import TAG, linear_names
+from qexport.passes.discovery.linear_select import linear_names
+from qexport.passes.metadata import Meta
 from qexport.recipes.schema import Recipe
 
 WINDOWS = tuple(np.arange(3 + 60 * i, 67 + 60 * i, dtype=np.int64) for i in range(2))
@@ -38,16 +39,16 @@ def _assert_float(model: ir.Model, roles, weights: dict[str, np.ndarray]) -> Non
         weight, x = node.inputs[1], node.inputs[0].producer()
         assert weight.producer() is None and weight.const_value is not None, role
         assert np.array_equal(weight.const_value.numpy(), weights[role]), role
-        assert x is None or TAG not in x.metadata_props, f"{role} reads a quantized activation"
+        assert x is None or Meta.QUANT not in x.metadata_props, f"{role} reads a quantized activation"
 
 
 def _assert_quantized(model: ir.Model, roles, activations: bool = True) -> None:
     nodes = _by_role(model)
     for role in roles:
         node = nodes[role]
-        assert node.inputs[1].producer().metadata_props.get(TAG) == "weight", role
+        assert node.inputs[1].producer().metadata_props.get(Meta.QUANT) == "weight", role
         x = node.inputs[0].producer()
-        assert (x is not None and x.metadata_props.get(TAG) in ("per_token", "per_tensor")) == activations, role
+        assert (x is not None and x.metadata_props.get(Meta.QUANT) in ("per_token", "per_tensor")) == activations, role
 
 
 def _same_graph(a: ir.Model, b: ir.Model) -> bool:
@@ -121,7 +122,7 @@ def test_an_exclude_glob_that_matches_nothing_is_an_error(tiny_export, make):
         make(exclude="lm_head")(model)
     with pytest.raises(RecipeError, match=r"'layers\.0\.\*' matches none of the 7 linears selected by linears='layers\.1\.\*'"):
         make(linears="layers.1.*", exclude="layers.0.*")(model)
-    assert not any(TAG in node.metadata_props for node in model.graph)  # nothing was quantized
+    assert not any(Meta.QUANT in node.metadata_props for node in model.graph)  # nothing was quantized
 
 
 def test_exclude_lm_head_when_included_and_everything_excluded(tiny_export):

@@ -14,7 +14,8 @@ from qexport.calibration import layer_sessions
 from qexport.passes.quantize.gptq import GptqPass, gptq_quantize, inverse_factor
 from qexport.passes.quantize.insert_qdq import QuantizePass
 from qexport.calibration.layer_sessions import StagedRuns
-from qexport.passes.discovery.linear_select import TAG, selected_linears
+from qexport.passes.discovery.linear_select import selected_linears
+from qexport.passes.metadata import Meta
 from qexport.passes.quantize.weight_quant import WeightFormat, quantize_weight
 
 
@@ -76,12 +77,12 @@ def test_gptq_pass_writes_int8_weights_and_quantize_adds_activations(tiny_export
     model = load(tiny_export("llama"))
     count = len(selected_linears(model, "*", False))
     assert GptqPass(windows=windows)(model).modified
-    weight_dqs = [n for n in model.graph if n.metadata_props.get(TAG) == "weight"]
+    weight_dqs = [n for n in model.graph if n.metadata_props.get(Meta.QUANT) == "weight"]
     assert len(weight_dqs) == count
     assert not GptqPass(windows=windows)(model).modified  # nothing left to quantize
     before = {dq.name: dq.inputs[0].const_value.numpy().copy() for dq in weight_dqs}
     assert QuantizePass()(model).modified
-    after = {n.name: n.inputs[0].const_value.numpy() for n in model.graph if n.metadata_props.get(TAG) == "weight"}
+    after = {n.name: n.inputs[0].const_value.numpy() for n in model.graph if n.metadata_props.get(Meta.QUANT) == "weight"}
     assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph) == 8  # activations of all 14 linears
     assert not QuantizePass()(model).modified
@@ -199,12 +200,12 @@ def test_sequential_gptq_takes_each_layers_hessian_from_the_graph_with_earlier_l
         np.testing.assert_allclose(seen[name], h, rtol=1e-6, atol=1e-9 * np.abs(h).max())
         change = np.abs(seen[name] - float_h[name]).max() / np.abs(float_h[name]).max()
         assert change > 1e-4, f"{name}: layer 1 saw float inputs (relative change {change:.2g})"
-    assert sum(n.metadata_props.get(TAG) == "weight" for n in model.graph) == 14
+    assert sum(n.metadata_props.get(Meta.QUANT) == "weight" for n in model.graph) == 14
 
 
 def _weight_codes(model) -> dict[str, np.ndarray]:
     return {n.name: n.inputs[0].const_value.numpy().astype(np.int8) for n in model.graph
-            if n.metadata_props.get(TAG) == "weight"}
+            if n.metadata_props.get(Meta.QUANT) == "weight"}
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "gemma3"])

@@ -11,17 +11,18 @@ from qexport.calibration import layer_sessions
 from qexport.passes._ir import new_initializer
 from qexport.passes.quantize.gptq import GptqPass
 from qexport.calibration.layer_sessions import StagedRuns
-from qexport.passes.discovery.linear_select import ROLE, TAG, selected_linears
+from qexport.passes.discovery.linear_select import selected_linears
+from qexport.passes.metadata import Meta
 from qexport.passes.discovery.residual import find_residual_stream
 
 
 def _weight_codes(model) -> dict[str, np.ndarray]:
     return {n.name: n.inputs[0].const_value.numpy().astype(np.int8) for n in model.graph
-            if n.metadata_props.get(TAG) == "weight"}
+            if n.metadata_props.get(Meta.QUANT) == "weight"}
 
 
 def linear_role(lin) -> str:
-    return lin.node.metadata_props[ROLE].split(".", 2)[2]
+    return lin.node.metadata_props[Meta.ROLE].split(".", 2)[2]
 
 
 def _site_inputs(model, pattern):

@@ -12,7 +12,8 @@ import pytest
 from pass_testing import load, make_feeds
 from qexport.errors import RecipeError
 from qexport.passes.quantize.insert_qdq import QuantizePass
-from qexport.passes.ort.int4 import LOWERED, LowerInt4OrtPass, pack_nibbles
+from qexport.passes.metadata import Meta
+from qexport.passes.ort.int4 import LowerInt4OrtPass, pack_nibbles
 
 CALIB = (np.arange(3, 67, dtype=np.int64), np.arange(100, 164, dtype=np.int64))
 
@@ -53,7 +54,7 @@ def test_lowered_equals_the_qdq_graph(tiny_export, family):
     dq_before = sum(n.op_type == "DequantizeLinear" for n in model.graph)
     assert LowerInt4OrtPass()(model).modified
     ops = collections.Counter(n.op_type for n in model.graph)
-    assert ops["MatMulNBits"] == 14 and all(n.metadata_props.get(LOWERED) == "int4" for n in model.graph
+    assert ops["MatMulNBits"] == 14 and all(n.metadata_props.get(Meta.LOWERED) == "int4" for n in model.graph
                                             if n.op_type == "MatMulNBits")  # 7 linears x 2 layers
     assert ops["DequantizeLinear"] == dq_before - 14  # the weight DQs are gone, the activation DQs stay
     got = _run(model, feeds, optimize=True)

@@ -10,9 +10,9 @@ import pytest
 
 from pass_testing import load, make_feeds, run
 from qexport.passes.quantize.insert_qdq import QuantizePass
-from qexport.passes.discovery.linear_select import TAG
 from qexport.passes._ir import const_array
-from qexport.passes.ort.int8 import LOWERED, LowerOrtPass, match_quant_linear
+from qexport.passes.metadata import Meta
+from qexport.passes.ort.int8 import LowerOrtPass, match_quant_linear
 
 # Lowered vs QDQ logits, relative to max |logit|: float accumulation order and rare rounding ties only.
 # The quantization error itself is ~2e-2 here, so a different quantizer (e.g. per-tensor
@@ -46,7 +46,7 @@ def test_lowered_equals_qdq_within_rounding(tiny_export, family, activations):
     ops = collections.Counter(n.op_type for n in model.graph)
     assert ops["MatMulIntegerToFloat"] == linears > 0
     assert ops["DequantizeLinear"] == 0  # every QDQ linear was lowered; nothing dangling
-    assert not any(n.metadata_props.get(TAG) == "weight" for n in model.graph)
+    assert not any(n.metadata_props.get(Meta.QUANT) == "weight" for n in model.graph)
 
 
 def test_lowered_graph_uses_uint8_activations_and_int8_weights(tiny_export):
@@ -54,11 +54,11 @@ def test_lowered_graph_uses_uint8_activations_and_int8_weights(tiny_export):
     LowerOrtPass()(model)
     for node in model.graph:
         if node.op_type == "MatMulIntegerToFloat":
-            assert node.domain == "com.microsoft" and LOWERED in node.metadata_props
+            assert node.domain == "com.microsoft" and Meta.LOWERED in node.metadata_props
             a, b, zero_point = node.inputs[0], node.inputs[1], node.inputs[4]
             assert a.dtype.name == "UINT8" and b.const_value.numpy().dtype == np.int8
             assert int(zero_point.const_value.numpy()) == 128
-            assert node.inputs[2].producer().metadata_props.get(TAG) == "per_token"  # s_t scales the output rows
+            assert node.inputs[2].producer().metadata_props.get(Meta.QUANT) == "per_token"  # s_t scales the output rows
     assert model.graph.opset_imports.get("com.microsoft") == 1
 
 
@@ -92,12 +92,12 @@ def _lowered_nodes_alone(model):
     from onnx import TensorProto, helper
 
     proto = ir.to_proto(model)
-    keep = [n for n in proto.graph.node if any(p.key == LOWERED for p in n.metadata_props)]
+    keep = [n for n in proto.graph.node if any(p.key == Meta.LOWERED for p in n.metadata_props)]
     produced = {o for n in keep for o in n.output}
     inits = {i.name: i for i in proto.graph.initializer}
     used = dict.fromkeys(i for n in keep for i in n.input if i)
     outer = [name for name in used if name not in produced and name not in inits]
-    dtypes = {v.name: int(v.dtype) for node in model.graph if LOWERED in node.metadata_props for v in node.outputs}
+    dtypes = {v.name: int(v.dtype) for node in model.graph if Meta.LOWERED in node.metadata_props for v in node.outputs}
     outputs = [helper.make_tensor_value_info(o, dtypes[o], None) for n in keep for o in n.output]
     graph = helper.make_graph(keep, "lowered", [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outer],
                               outputs, [inits[name] for name in used if name in inits])

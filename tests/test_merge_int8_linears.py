@@ -12,7 +12,8 @@ from qexport.errors import RecipeError
 from qexport.passes.ort.attention import OrtAttentionPass
 from qexport.passes.quantize.insert_qdq import QuantizePass
 from qexport.passes.ort.int8 import LowerOrtPass
-from qexport.passes.ort.merge_linears import MERGED, MergeInt8LinearsPass
+from qexport.passes.ort.merge_linears import MergeInt8LinearsPass
+from qexport.passes.metadata import Meta
 from test_attention_ort import _assert_equal, _decode_steps, _padded_feeds
 
 CALIB = (np.arange(3, 67, dtype=np.int64),)
@@ -44,8 +45,8 @@ def _check_merge_is_exact(model) -> None:
     for got, want in zip(_decode_steps(model, feeds), expected):
         _assert_equal(got, want)
     ops = collections.Counter(n.op_type for n in model.graph)
-    merged = [n for n in model.graph if MERGED in n.metadata_props]
-    replaced = sum(len(n.metadata_props[MERGED].split(",")) for n in merged)
+    merged = [n for n in model.graph if Meta.MERGED_LINEARS in n.metadata_props]
+    replaced = sum(len(n.metadata_props[Meta.MERGED_LINEARS].split(",")) for n in merged)
     assert ops["MatMulIntegerToFloat"] == before - replaced + len(merged) < before
     assert ops["Split"] == len(merged)
     assert not MergeInt8LinearsPass()(model).modified  # nothing left to merge
@@ -55,7 +56,7 @@ def test_llama_merges_qkv_and_gate_up_per_layer(tiny_export):
     model = _lowered(tiny_export, "llama", "per_token")
     layers = sum(v.name.startswith("past_key_values.") for v in model.graph.inputs) // 2
     MergeInt8LinearsPass()(model)
-    widths = sorted(len(n.metadata_props[MERGED].split(",")) for n in model.graph if MERGED in n.metadata_props)
+    widths = sorted(len(n.metadata_props[Meta.MERGED_LINEARS].split(",")) for n in model.graph if Meta.MERGED_LINEARS in n.metadata_props)
     assert widths == [2] * layers + [3] * layers  # gate/up and q/k/v
     ops = collections.Counter(n.op_type for n in model.graph)
     assert ops["MatMulIntegerToFloat"] == 4 * layers + 1  # merged qkv, o, merged gate/up, down; lm_head
@@ -78,8 +79,8 @@ def test_float_graph_changes_nothing(tiny_export):
 def test_max_columns_leaves_wider_groups_separate_and_stays_exact(tiny_export):
     full = _lowered(tiny_export, "llama", "per_token")
     MergeInt8LinearsPass()(full)
-    width = {len(n.metadata_props[MERGED].split(",")): int(n.inputs[1].const_value.shape[1])
-             for n in full.graph if MERGED in n.metadata_props}  # members -> merged columns
+    width = {len(n.metadata_props[Meta.MERGED_LINEARS].split(",")): int(n.inputs[1].const_value.shape[1])
+             for n in full.graph if Meta.MERGED_LINEARS in n.metadata_props}  # members -> merged columns
     assert width[3] < width[2]  # q/k/v narrower than gate/up, as in SmolLM2 (960 < 3072)
     model = _lowered(tiny_export, "llama", "per_token")
     layers = sum(v.name.startswith("past_key_values.") for v in model.graph.inputs) // 2
@@ -87,7 +88,7 @@ def test_max_columns_leaves_wider_groups_separate_and_stays_exact(tiny_export):
     feeds = _padded_feeds(model, seed=3)
     expected = _decode_steps(model, feeds)
     assert MergeInt8LinearsPass(max_columns=width[3])(model).modified
-    merged = [n.metadata_props[MERGED].split(",") for n in model.graph if MERGED in n.metadata_props]
+    merged = [n.metadata_props[Meta.MERGED_LINEARS].split(",") for n in model.graph if Meta.MERGED_LINEARS in n.metadata_props]
     assert [len(names) for names in merged] == [3] * layers  # q/k/v only; gate/up left separate
     assert sum(n.op_type == "MatMulIntegerToFloat" for n in model.graph) == before - 2 * layers
     for got, want in zip(_decode_steps(model, feeds), expected):

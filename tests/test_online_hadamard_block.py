@@ -9,6 +9,7 @@ import pytest
 
 from pass_testing import ATOL, RTOL, load, make_feeds, run
 from qexport.errors import RecipeError
+from qexport.passes.metadata import Meta
 from qexport.passes.transforms.hadamard import hadamard_matrix
 from qexport.passes.transforms.online_hadamard import OnlineHadamardPass, _block_hadamard_nodes
 
@@ -21,7 +22,7 @@ def test_block_r4_keeps_the_float_model(tiny_export):
     got = run(model, feeds)
     for name in expected:
         np.testing.assert_allclose(got[name], expected[name], rtol=RTOL, atol=ATOL, err_msg=name)
-    tagged = collections.Counter(n.op_type for n in model.graph if "qexport.online_hadamard" in n.metadata_props)
+    tagged = collections.Counter(n.op_type for n in model.graph if Meta.ONLINE_HADAMARD in n.metadata_props)
     layers = sum(v.name.startswith("past_key_values.") for v in model.graph.inputs) // 2
     assert tagged["MatMul"] == layers  # one MatMul per site, not the full form's two
     assert not OnlineHadamardPass(block=8)(model).modified

@@ -111,7 +111,8 @@ def test_stage_difficulty_shares_the_pass_statistics_run(tiny_export):
 
 
 def test_manifest_sites_record_activation_and_weight_scales(tiny_export):
-    from qexport.passes.discovery.linear_select import TAG, linear_names
+    from qexport.passes.discovery.linear_select import linear_names
+    from qexport.passes.metadata import Meta
     from qexport.recipes.pipeline import PipelineSettings, apply_recipe
     from qexport.recipes.schema import load_recipe
 
@@ -124,7 +125,7 @@ def test_manifest_sites_record_activation_and_weight_scales(tiny_export):
         if role_of.get(node.name) in sites:
             entry = sites[role_of[node.name]]
             a_dq, w_dq = node.inputs[0].producer(), node.inputs[1].producer()
-            assert a_dq.metadata_props[TAG] == entry["act"] == "per_tensor" and entry["method"] == "mse"
+            assert a_dq.metadata_props[Meta.QUANT] == entry["act"] == "per_tensor" and entry["method"] == "mse"
             scale = float(a_dq.inputs[1].const_value.numpy())
             assert entry["scale"] == pytest.approx(scale, rel=1e-3) and entry["clip"] == pytest.approx(127 * scale, rel=1e-3)
             assert 0 < entry["clip"] <= entry["absmax"]  # the MSE clip never exceeds the calibration absmax

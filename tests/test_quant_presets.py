@@ -9,6 +9,7 @@ import pytest
 
 import qexport
 from preset_testing import evaluate_quantized, export_tiny_preset, logits_sqnr_db, quantize_smollm2
+from qexport.passes.metadata import Meta
 from qexport.recipes import schema as rc
 
 QUANT_PRESETS = [name for name in rc.preset_names() if name.startswith("w8a8")]
@@ -55,6 +56,6 @@ def test_quant_preset_meets_its_perplexity_target_on_smollm2(default_export, tmp
     result = evaluate_quantized(default_export, model, tmp_path / preset)
     assert result["ppl_ratio"] <= TARGETS[preset], f"{preset}: ppl ratio {result['ppl_ratio']:.4f}"
     ops = collections.Counter(n.op_type for n in model.graph)
-    merged = sum(len(n.metadata_props.get("qexport.merged_linears", "").split(",")) - 1
+    merged = sum(len(n.metadata_props.get(Meta.MERGED_LINEARS, "").split(",")) - 1
                  for n in model.graph if n.op_type == "MatMulIntegerToFloat")  # linears inside merged nodes
     assert ops["MatMulIntegerToFloat"] + merged + ops["DequantizeLinear"] >= 7 * 30  # quantized for real: every layer linear

@@ -12,7 +12,8 @@ from pass_testing import load, make_feeds, run
 from qexport.calibration.stats import prefill_feeds, session_with_outputs
 from qexport.errors import RecipeError
 from qexport.passes.quantize.insert_qdq import QuantizePass
-from qexport.passes.discovery.linear_select import TAG, linear_names, selected_linears
+from qexport.passes.discovery.linear_select import linear_names, selected_linears
+from qexport.passes.metadata import Meta
 from qexport.passes.quantize.weight_quant import quantize_weight
 
 # One float32 rounding per product and accumulation order: the QDQ graph against the float64 reference.
@@ -42,7 +43,7 @@ def _layer_io(model: ir.Model, weights: dict[str, np.ndarray], feeds) -> dict[st
     for node in model.graph:
         if node.name in weights:
             dq = node.inputs[0].producer()
-            assert dq.op_type == "DequantizeLinear" and dq.metadata_props[TAG] in ("per_token", "per_tensor")
+            assert dq.op_type == "DequantizeLinear" and dq.metadata_props[Meta.QUANT] in ("per_token", "per_tensor")
             names[node.name] = (dq.inputs[0].producer().inputs[0].name, node.outputs[0].name)
     session = session_with_outputs(model, sorted({n for pair in names.values() for n in pair}), None)
     wanted = [o.name for o in session.get_outputs()]
@@ -99,7 +100,7 @@ def test_weights_are_int8_per_output_channel_without_weight_quantizers(tiny_expo
     model = load(tiny_export("llama"))
     weights = _original_weights(model)
     QuantizePass()(model)
-    weight_dqs = [n for n in model.graph if n.metadata_props.get(TAG) == "weight"]
+    weight_dqs = [n for n in model.graph if n.metadata_props.get(Meta.QUANT) == "weight"]
     assert len(weight_dqs) == len(weights)
     for dq in weight_dqs:
         q, scale = dq.inputs[0].const_value.numpy(), dq.inputs[1].const_value.numpy()
@@ -117,19 +118,19 @@ def test_quantizers_sit_only_on_weight_linear_inputs(tiny_export):
     readers = collections.Counter(lin.input for lin in linears)
     lm_head = next(n for n in model.graph if n.outputs[0] is model.graph.outputs[0])
     QuantizePass()(model)
-    counts = collections.Counter((n.op_type, n.metadata_props.get(TAG)) for n in model.graph)
+    counts = collections.Counter((n.op_type, n.metadata_props.get(Meta.QUANT)) for n in model.graph)
     assert counts[("DequantizeLinear", "weight")] == len(linears) == 14  # 2 layers x 7; lm_head left in float
     assert counts[("QuantizeLinear", "per_token")] == counts[("DequantizeLinear", "per_token")] == len(readers) == 8
     for node in model.graph:
-        if node.op_type == "DequantizeLinear" and node.metadata_props[TAG] == "per_token":
+        if node.op_type == "DequantizeLinear" and node.metadata_props[Meta.QUANT] == "per_token":
             assert {c.op_type for c in node.outputs[0].consumers()} == {"MatMul"}
-        if node.op_type in ("MatMul", "Softmax", "Add") and TAG not in node.metadata_props:
+        if node.op_type in ("MatMul", "Softmax", "Add") and Meta.QUANT not in node.metadata_props:
             producers = [i.producer() for i in node.inputs if i is not None and i.producer() is not None]
-            activation_dq = [p for p in producers if p.metadata_props.get(TAG) == "per_token"]
+            activation_dq = [p for p in producers if p.metadata_props.get(Meta.QUANT) == "per_token"]
             if node.op_type != "MatMul":
                 assert not activation_dq, f"{node.op_type} {node.name} reads a quantized activation"
             elif activation_dq:  # a quantized linear: B is an int8 weight's dequantizer
-                assert node.inputs[1].producer().metadata_props.get(TAG) == "weight"
+                assert node.inputs[1].producer().metadata_props.get(Meta.QUANT) == "weight"
             else:  # QK, AV and lm_head stay float
                 assert all(p.op_type != "DequantizeLinear" for p in producers), node.name
     assert lm_head.op_type == "MatMul" and lm_head.inputs[1].producer().op_type == "Transpose"
@@ -139,7 +140,7 @@ def test_lm_head_and_glob_selection_by_role_name(tiny_export):
     model = load(tiny_export("qwen2"))
     QuantizePass(include_lm_head=True)(model)
     head = model.graph.outputs[0].producer()
-    assert head.inputs[1].producer().metadata_props.get(TAG) == "weight"
+    assert head.inputs[1].producer().metadata_props.get(Meta.QUANT) == "weight"
     model = load(tiny_export("qwen2"))
     names = linear_names(model)
     assert sorted(names.values())[:7] == [f"layers.0.{r}" for r in
@@ -147,7 +148,7 @@ def test_lm_head_and_glob_selection_by_role_name(tiny_export):
     downs = {node for node, name in names.items() if name.endswith("mlp.down")}
     assert all(n.inputs[0].producer().op_type == "Mul" for n in downs)  # act(gate) * up feeds down_proj
     QuantizePass(linears="layers.*.mlp.down")(model)
-    quantized = {n.outputs[0].consumers()[0] for n in model.graph if n.metadata_props.get(TAG) == "weight"}
+    quantized = {n.outputs[0].consumers()[0] for n in model.graph if n.metadata_props.get(Meta.QUANT) == "weight"}
     assert quantized == downs and len(downs) == 2
 
 
@@ -185,7 +186,7 @@ def test_weight_settings_default_to_int8_and_map_from_a_recipe(tiny_export):
     default, explicit = load(tiny_export("llama")), load(tiny_export("llama"))
     QuantizePass()(default)
     QuantizePass(weights="int8", group_size=32, weight_clip="none")(explicit)  # group_size is for int4/dint4 only
-    ints = lambda m: {n.name: n.inputs[0].const_value.numpy() for n in m.graph if n.metadata_props.get(TAG) == "weight"}  # noqa: E731
+    ints = lambda m: {n.name: n.inputs[0].const_value.numpy() for n in m.graph if n.metadata_props.get(Meta.QUANT) == "weight"}  # noqa: E731
     assert ints(default).keys() == ints(explicit).keys()
     assert all(np.array_equal(ints(default)[k], ints(explicit)[k]) for k in ints(default))
     built = Recipe.from_dict({"name": "w4", "passes": [{"pass": "quantize", "weights": "dint4", "group_size": 64,

@@ -251,7 +251,8 @@ def test_leaving_the_worst_linears_in_float_runs_as_a_recipe(cli_report, static_
     import yaml
 
     from qexport.artifact.folder import Artifact
-    from qexport.passes.discovery.linear_select import TAG, linear_names
+    from qexport.passes.discovery.linear_select import linear_names
+    from qexport.passes.metadata import Meta
     from qexport.recipes.pipeline import PipelineSettings, apply_recipe
     from qexport.report.suggest import suggest
     from qexport.exporter.text import load_text, parse_source, token_windows
@@ -278,9 +279,9 @@ def test_leaving_the_worst_linears_in_float_runs_as_a_recipe(cli_report, static_
     assert TINY_SITES <= set(names.values())
     for node, role in names.items():
         weight, x = node.inputs[1].producer(), node.inputs[0].producer()
-        quantized = weight is not None and weight.metadata_props.get(TAG) == "weight"
+        quantized = weight is not None and weight.metadata_props.get(Meta.QUANT) == "weight"
         assert quantized == (role in TINY_SITES - set(excluded)), role
-        assert (x is not None and x.metadata_props.get(TAG) == "per_tensor") == quantized, role
+        assert (x is not None and x.metadata_props.get(Meta.QUANT) == "per_tensor") == quantized, role
 
 
 def test_report_refuses_an_unquantized_export_and_a_mismatched_reference(tiny_export, static_llama, tmp_path):

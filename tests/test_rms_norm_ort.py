@@ -5,7 +5,8 @@ from __future__ import annotations
 import collections
 
 from pass_testing import apply_and_check_decode, give_norms_weights, load, padded_feeds, quantize_and_lower
-from qexport.passes.ort.rms_norm import FUSED, RMS_NORM_OPSET, OrtRmsNormPass
+from qexport.passes.metadata import Meta
+from qexport.passes.ort.rms_norm import RMS_NORM_OPSET, OrtRmsNormPass
 
 # Lossless rewrite: only float summation order changes (logits are O(1) here).
 RTOL, ATOL = 1e-5, 1e-5
@@ -27,7 +28,7 @@ def test_fused_equals_decomposed_with_left_padding_and_decode(tiny_export, famil
     ops = collections.Counter(n.op_type for n in model.graph)
     assert ops["RMSNormalization"] == norms > 0 and ops["Pow"] == ops["Sqrt"] == 0
     assert model.graph.opset_imports[""] == RMS_NORM_OPSET
-    assert all(FUSED in n.metadata_props for n in model.graph if n.op_type == "RMSNormalization")
+    assert all(Meta.RMS_NORM in n.metadata_props for n in model.graph if n.op_type == "RMSNormalization")
     assert not OrtRmsNormPass()(model).modified
 
 

@@ -9,7 +9,8 @@ import onnx_ir as ir
 
 from pass_testing import apply_and_check_decode, load, padded_feeds, quantize_and_lower
 from qexport.passes._ir import new_initializer
-from qexport.passes.ort.rotary import FUSED, ROTARY_OPSET, OrtRotaryPass
+from qexport.passes.metadata import Meta
+from qexport.passes.ort.rotary import ROTARY_OPSET, OrtRotaryPass
 
 # Lossless rewrite: only float rounding changes (logits are O(1) here).
 RTOL, ATOL = 1e-5, 1e-5
@@ -28,7 +29,7 @@ def test_fused_equals_decomposed_with_left_padding_and_decode(tiny_export, famil
     assert ops["RotaryEmbedding"] == 2 * layers > 0  # query and key of every layer
     assert ops["Neg"] == negs - 2 * layers  # each decomposed rotate_half is gone
     assert model.graph.opset_imports[""] == ROTARY_OPSET
-    assert all(FUSED in n.metadata_props for n in model.graph if n.op_type == "RotaryEmbedding")
+    assert all(Meta.ROTARY in n.metadata_props for n in model.graph if n.op_type == "RotaryEmbedding")
     halves = {n.inputs[1] for n in model.graph if n.op_type == "RotaryEmbedding"}
     assert len(halves) <= 2  # one half-width cos table shared by the layers (two with local/global rope)
     assert not OrtRotaryPass()(model).modified

@@ -10,6 +10,7 @@ from pass_testing import give_norms_weights, load, make_feeds, prefill_decode, r
 from qexport.errors import QexportError
 from qexport.passes.discovery import sites
 from qexport.passes._ir import const_f64
+from qexport.passes.metadata import Meta
 from qexport.passes.transforms.fold_norm import FoldNormPass
 from qexport.passes.transforms.hadamard import Rotation, rotation_matrix
 from qexport.passes.transforms.online_hadamard import OnlineHadamardPass
@@ -91,7 +92,7 @@ def test_rotate_residual_refuses_unsupported_streams(tiny_export, family, reason
         RotateResidualPass()(model)
     after = weights_of(model)
     assert all(np.array_equal(v, after[k]) for k, v in before.items())
-    assert "qexport.rotate_residual" not in model.metadata_props
+    assert Meta.ROTATE_RESIDUAL not in model.metadata_props
 
 
 def test_rotate_heads_is_exact(tiny_export, family):
@@ -139,7 +140,7 @@ def test_online_hadamard_is_exact(tiny_export, family, max_dense):
         _close(got[name], expected[name], name)
     assert len(list(model.graph)) == nodes + count * (1 if max_dense >= 128 else 5)
     downs = [s.down.node for s in sites.find_up_down_sites(model.graph)]  # only the tagged dense H MatMuls
-    assert all("qexport.online_hadamard" in node.metadata_props for node in downs)
+    assert all(Meta.ONLINE_HADAMARD in node.metadata_props for node in downs)
     assert not OnlineHadamardPass(max_dense=max_dense)(model).modified  # contract: second run is a no-op
     assert len(list(model.graph)) == nodes + count * (1 if max_dense >= 128 else 5)
 

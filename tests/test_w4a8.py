@@ -15,7 +15,8 @@ from qexport.recipes import schema as rc
 from qexport.errors import RecipeError
 from qexport.passes._ir import write_weight
 from qexport.passes.quantize.insert_qdq import QuantizePass
-from qexport.passes.discovery.linear_select import TAG, selected_linears
+from qexport.passes.discovery.linear_select import selected_linears
+from qexport.passes.metadata import Meta
 from qexport.passes.quantize.weight_quant import WeightFormat
 from qexport.runtimes.tensorrt.check import check_model, errors
 
@@ -129,7 +130,7 @@ def test_int4_weights_are_blocked_dequantize_linear_along_the_input_axis(tiny_ex
     model = load(tiny_export("opt"))
     shapes = {lin.node.name: lin.weight_in_out().shape for lin in selected_linears(model, "*", False)}
     QuantizePass(activations="none", weights="int4", group_size=64)(model)
-    dqs = [n for n in model.graph if n.metadata_props.get(TAG) == "weight"]
+    dqs = [n for n in model.graph if n.metadata_props.get(Meta.QUANT) == "weight"]
     assert len(dqs) == len(shapes) and all(n.op_type == "DequantizeLinear" for n in dqs)
     for dq in dqs:
         q, scale = dq.inputs[0].const_value, dq.inputs[1].const_value
@@ -145,7 +146,7 @@ def test_int4_weights_are_blocked_dequantize_linear_along_the_input_axis(tiny_ex
 def test_dint4_weights_are_codes_through_a_lookup_and_a_group_scale(tiny_export):
     model = load(tiny_export("llama"))
     QuantizePass(activations="none", weights="dint4", group_size=32)(model)
-    chains = [n for n in model.graph if n.metadata_props.get(TAG) == "weight" and n.op_type == "Reshape"]
+    chains = [n for n in model.graph if n.metadata_props.get(Meta.QUANT) == "weight" and n.op_type == "Reshape"]
     assert len(chains) == 14
     for reshape in chains:
         mul = reshape.inputs[0].producer()
@@ -161,7 +162,7 @@ def test_group_size_that_does_not_divide_is_a_recipe_error(tiny_export):
     model = load(tiny_export("llama"))
     with pytest.raises(RecipeError, match="group_size 48 does not divide.*64"):
         QuantizePass(weights="int4", group_size=48)(model)
-    assert not any(TAG in n.metadata_props for n in model.graph)  # refused before anything changed
+    assert not any(Meta.QUANT in n.metadata_props for n in model.graph)  # refused before anything changed
     with pytest.raises(RecipeError, match="weights must be one of"):
         QuantizePass(weights="int3")
     with pytest.raises(RecipeError, match="weight_clip must be one of"):
@@ -189,7 +190,7 @@ def test_the_w4a8_preset_exists():
 @pytest.mark.parametrize("preset", W4A8_PRESETS)
 def test_w4a8_preset_end_to_end_on_tiny_llama(tiny_source, tiny_export, tmp_path, preset):
     _, model = export_tiny_preset(tiny_source("llama"), tmp_path / "q", preset)
-    weights = [n for n in model.graph if n.metadata_props.get(TAG) == "weight"]
+    weights = [n for n in model.graph if n.metadata_props.get(Meta.QUANT) == "weight"]
     ops = collections.Counter(n.op_type for n in model.graph)
     if preset.endswith("-ort"):  # the int4 weights live inside MatMulNBits
         assert not weights and ops["MatMulNBits"] == 14

@@ -13,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.passes._ir import DATA_MOVEMENT, const_array, const_f64, is_token_slice, skip_casts_up
+from qexport.passes.metadata import Meta
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +223,7 @@ def _is_square(node: ir.Node) -> bool:
 
 def is_online_transform(node: ir.Node) -> bool:
     """Whether a pass inserted ``node`` as part of an online transform (metadata ``qexport.online_*``)."""
-    return any(key.startswith("qexport.online_") for key in node.metadata_props)
+    return any(key.startswith(Meta.ONLINE) for key in node.metadata_props)
 
 
 def _trace_up(value: ir.Value, depth: int = 12) -> ir.Value:

@@ -9,11 +9,9 @@ import onnx_ir as ir
 
 from qexport.errors import RecipeError
 from qexport.passes.discovery import sites as site_matching
+from qexport.passes.metadata import Meta
 
 log = logging.getLogger(__name__)
-
-TAG = "qexport.quant"  # metadata key on nodes inserted by quantization: "weight", "per_token" or "per_tensor"
-ROLE = "qexport.role"  # metadata key on linear nodes: their role name, recorded before quantization
 
 
 def linear_names(model: ir.Model) -> dict[ir.Node, str]:
@@ -47,7 +45,7 @@ def linear_names(model: ir.Model) -> dict[ir.Node, str]:
             layer = None
         elif layer is not None and site_matching.match_linear(node) is not None:
             mlp.append(node)
-    names.update({node: node.metadata_props[ROLE] for node in model.graph if ROLE in node.metadata_props})
+    names.update({node: node.metadata_props[Meta.ROLE] for node in model.graph if Meta.ROLE in node.metadata_props})
     return names
 
 
@@ -97,7 +95,7 @@ def _dequantized_weight(node: ir.Node) -> ir.Value | None:
     if node.op_type not in ("MatMul", "Gemm") or node.domain != "" or len(node.inputs) < 2 or node.inputs[1] is None:
         return None
     b = node.inputs[1].producer()
-    return b.inputs[0] if b is not None and b.metadata_props.get(TAG) == "weight" else None
+    return b.inputs[0] if b is not None and b.metadata_props.get(Meta.QUANT) == "weight" else None
 
 
 def _check_exclude(model: ir.Model, pattern: str, include_lm_head: bool, globs: list[str], heads: set[ir.Node],
@@ -134,7 +132,7 @@ def selected_linears(model: ir.Model, pattern: str, include_lm_head: bool, exclu
              and not _excluded(node, lin.weight, globs, roles)]
     if found:  # record the role names: once q/k/v or the MLP weights are dequantized, linear_names can no longer
         for node, role in roles.items():  # match them structurally (or names a partly quantized q/k/v wrongly)
-            node.metadata_props[ROLE] = role
+            node.metadata_props[Meta.ROLE] = role
     return found
 
 
@@ -155,7 +153,7 @@ def prequantized_linears(model: ir.Model, pattern: str, include_lm_head: bool, e
     for node in model.graph:
         weight = _dequantized_weight(node)
         a = node.inputs[0].producer() if weight is not None and node.inputs[0] is not None else None
-        if weight is None or (a is not None and TAG in a.metadata_props):
+        if weight is None or (a is not None and Meta.QUANT in a.metadata_props):
             continue
         if _selected(node, weight, pattern, include_lm_head, heads, roles) and not _excluded(node, weight, globs, roles):
             found.append(node)

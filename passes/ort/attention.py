@@ -10,11 +10,11 @@ import onnx_ir as ir
 
 from qexport.passes._ir import (append_node, const_array, new_initializer, producer_of, raise_default_opset,
                                  remove_dead_nodes)
+from qexport.passes.metadata import Meta
 
 log = logging.getLogger(__name__)
 
 ATTENTION_OPSET = 23
-FUSED = "qexport.attention"  # metadata value on the Attention nodes this pass inserts
 MASK_MIN = float(np.finfo(np.float32).min)  # the exporter's "masked" value
 
 
@@ -214,7 +214,7 @@ def _fuse(graph: ir.Graph, match: AttentionMatch, base: str, dead_rows: dict[ir.
     nodes: list[ir.Node] = []
     inputs = [match.query, match.key, match.value] + ([match.mask] if match.mask is not None else [])
     attention = ir.node("Attention", inputs, attributes={"scale": match.scale}, name=base)
-    attention.metadata_props[FUSED] = "1"
+    attention.metadata_props[Meta.ATTENTION] = "1"
     result = attention.outputs[0]
     result.name, result.dtype, result.shape = base, match.output.dtype, match.output.shape
     nodes.append(attention)

@@ -25,12 +25,10 @@ import onnx_ir as ir
 
 from qexport.errors import RecipeError
 from qexport.passes._ir import append_node, const_array, new_initializer, producer_of
-from qexport.passes.ort.attention import FUSED as FUSED_ATTENTION
+from qexport.passes.metadata import Meta
 from qexport.passes.ort.attention import MASK_MIN
 
 log = logging.getLogger(__name__)
-
-CHUNKED = "qexport.attention_chunks"  # metadata on the If nodes this pass inserts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +53,7 @@ def _is_exporter_mask(mask: ir.Value) -> bool:
 
 def match_chunkable(node: ir.Node) -> ChunkMatch | None:
     """The match for ``node`` when it is a fused attention this pass can chunk, else None."""
-    if node.op_type != "Attention" or node.domain != "" or FUSED_ATTENTION not in node.metadata_props:
+    if node.op_type != "Attention" or node.domain != "" or Meta.ATTENTION not in node.metadata_props:
         return None
     if len(node.inputs) != 4 or any(v is None for v in node.inputs) or len(node.outputs) != 1:
         log.debug("%s: not (q, k, v, mask) with one output", node.name)
@@ -157,13 +155,13 @@ class OrtAttentionChunksPass(ir.passes.InPlacePass):
         whole = append_node(otherwise, "Attention", list(node.inputs), f"{base}.else.y", **attrs)
         for inner in then + otherwise:
             if inner.op_type == "Attention":
-                inner.metadata_props[FUSED_ATTENTION] = node.metadata_props[FUSED_ATTENTION]
+                inner.metadata_props[Meta.ATTENTION] = node.metadata_props[Meta.ATTENTION]
         for value in (joined, whole):
             value.dtype, value.shape = node.outputs[0].dtype, node.outputs[0].shape
         choose = ir.node("If", [bounds.cond], name=base, attributes={
             "then_branch": ir.Graph([], [joined], nodes=then, name=f"{base}.then"),
             "else_branch": ir.Graph([], [whole], nodes=otherwise, name=f"{base}.else")})
-        choose.metadata_props[CHUNKED] = str(self.chunks)
+        choose.metadata_props[Meta.ATTENTION_CHUNKS] = str(self.chunks)
         result = choose.outputs[0]
         result.name, result.dtype, result.shape = base, node.outputs[0].dtype, node.outputs[0].shape
         graph.insert_before(node, choose)

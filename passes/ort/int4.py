@@ -10,8 +10,8 @@ import onnx_ir as ir
 
 from qexport.errors import RecipeError
 from qexport.passes._ir import const_array, drop_if_unused, new_initializer, set_graph_output
-from qexport.passes.discovery.linear_select import TAG
-from qexport.passes.ort.int8 import LOWERED, MS_DOMAIN
+from qexport.passes.metadata import Meta
+from qexport.passes.ort.int8 import MS_DOMAIN
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def match_int4_linear(node: ir.Node) -> Int4Linear | None:
     if node.domain != "" or node.op_type != "MatMul" or len(node.inputs) != 2:
         return None
     dq = node.inputs[1].producer() if node.inputs[1] is not None else None
-    if dq is None or dq.op_type != "DequantizeLinear" or dq.domain != "" or dq.metadata_props.get(TAG) != "weight":
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.domain != "" or dq.metadata_props.get(Meta.QUANT) != "weight":
         return None
     weight = dq.inputs[0]
     if weight is None or weight.const_value is None or weight.const_value.dtype != ir.DataType.INT4:
@@ -103,7 +103,7 @@ def _lower(graph: ir.Graph, match: Int4Linear, accuracy_level: int) -> None:
     scales = new_initializer(graph, f"{base}.nbits_scale", np.ascontiguousarray(match.scale.T).reshape(-1))
     node = ir.node("MatMulNBits", [match.matmul.inputs[0], packed, scales], domain=MS_DOMAIN, name=f"{base}.nbits",
                    attributes={"K": k, "N": n, "bits": 4, "block_size": match.block, "accuracy_level": accuracy_level})
-    node.metadata_props[LOWERED] = "int4"
+    node.metadata_props[Meta.LOWERED] = "int4"
     out = node.outputs[0]
     old = match.matmul.outputs[0]
     out.name, out.dtype, out.shape = f"{base}.nbits_out", old.dtype, old.shape

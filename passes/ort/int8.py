@@ -10,12 +10,12 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.passes._ir import const_array, drop_if_unused, new_initializer, set_graph_output
-from qexport.passes.discovery.linear_select import TAG
+from qexport.passes.metadata import Meta
+from qexport.passes.quantize.insert_qdq import ActQuant
 
 log = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
-LOWERED = "qexport.lowered"  # metadata value on the nodes this pass inserts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +26,7 @@ class QuantLinear:
     act_q: ir.Node  # the activation QuantizeLinear
     act_dq: ir.Node
     weight_dq: ir.Node
-    mode: str  # "per_token" or "per_tensor"
+    mode: ActQuant  # PER_TOKEN or PER_TENSOR
     transposed: bool  # Gemm with transB = 1: the int8 weight is stored [out, in]
     bias: ir.Value | None  # Gemm's C
 
@@ -58,11 +58,11 @@ def match_quant_linear(node: ir.Node) -> QuantLinear | None:
     a, b = (v.producer() if v is not None else None for v in node.inputs[:2])
     if a is None or b is None or a.op_type != "DequantizeLinear" or b.op_type != "DequantizeLinear":
         return None
-    mode = a.metadata_props.get(TAG)
+    mode = a.metadata_props.get(Meta.QUANT)
     if a.outputs[0].dtype != ir.DataType.FLOAT:
         log.debug("%s: MatMulIntegerToFloat lowering is for float32 graphs", node.name)
         return None
-    if mode not in ("per_token", "per_tensor") or b.metadata_props.get(TAG) != "weight":
+    if mode not in (ActQuant.PER_TOKEN, ActQuant.PER_TENSOR) or b.metadata_props.get(Meta.QUANT) != "weight":
         log.debug("%s: inputs are not tagged activation/weight dequantizers", node.name)
         return None
     q = a.inputs[0].producer()
@@ -72,7 +72,7 @@ def match_quant_linear(node: ir.Node) -> QuantLinear | None:
             or axis != (0 if transposed else 1):
         log.debug("%s: not an int8 weight with per-output-channel scales", node.name)
         return None
-    return QuantLinear(node, q, a, b, mode, transposed, bias)
+    return QuantLinear(node, q, a, b, ActQuant(mode), transposed, bias)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +123,7 @@ class LowerOrtPass(ir.passes.InPlacePass):
 
 
 def _mark(node: ir.Node) -> ir.Node:
-    node.metadata_props[LOWERED] = "1"
+    node.metadata_props[Meta.LOWERED] = "1"
     return node
 
 
@@ -134,7 +134,7 @@ def _uint8_activation(graph: ir.Graph, match: QuantLinear, zero_point: ir.Value,
     x, scale = q.inputs[0], q.inputs[1]
     base = f"{q.name}.u8"
     nodes = []
-    if match.mode == "per_token":  # the Q's own blocked form (one scale per row), with a blocked uint8 zero point
+    if match.mode is ActQuant.PER_TOKEN:  # the Q's own blocked form (one scale per row), with a blocked uint8 zero point
         attrs = {name: q.attributes[name].value for name in ("axis", "block_size")}
         zero_points = _blocked_zero_points(x, scale, base, nodes, blocked_zero_points)
         quant = _mark(ir.node("QuantizeLinear", [x, scale, zero_points], attributes=attrs, name=base))
@@ -169,7 +169,7 @@ def _blocked_zero_points(x: ir.Value, scale: ir.Value, base: str, nodes: list[ir
 def _lower_matmul(graph: ir.Graph, match: QuantLinear, q_u8: ir.Value, zero_point: ir.Value) -> None:
     """Replace the MatMul (Gemm) by MatMulIntegerToFloat (then the bias Add for per-token scales)."""
     out = match.output
-    per_token = match.mode == "per_token"
+    per_token = match.mode is ActQuant.PER_TOKEN
     a_scale = match.act_q.inputs[1]  # per-token [..., 1] or per-tensor scalar
     base = match.matmul.name or out.name
     weight = match.weight_int8

@@ -11,17 +11,16 @@ import onnx_ir as ir
 
 from qexport.errors import RecipeError
 from qexport.passes._ir import const_array, drop_if_unused, new_initializer, set_graph_output
-from qexport.passes.ort.int8 import LOWERED, MS_DOMAIN
+from qexport.passes.metadata import Meta
+from qexport.passes.ort.int8 import MS_DOMAIN
 
 log = logging.getLogger(__name__)
-
-MERGED = "qexport.merged_linears"  # metadata on the merged MatMulIntegerToFloat: the names it replaced
 
 
 def _key(node: ir.Node) -> tuple | None:
     """What the linears that may merge share (A, its scale, its zero point), or None if ``node`` cannot merge:
     a lowered MatMulIntegerToFloat with a constant 2-D int8 B, 1-D per-column B scales, no B zero point."""
-    if node.domain != MS_DOMAIN or node.op_type != "MatMulIntegerToFloat" or LOWERED not in node.metadata_props:
+    if node.domain != MS_DOMAIN or node.op_type != "MatMulIntegerToFloat" or Meta.LOWERED not in node.metadata_props:
         return None
     inputs = list(node.inputs) + [None] * (7 - len(node.inputs))
     a, b, a_scale, b_scale, a_zp, b_zp, bias = inputs
@@ -94,8 +93,8 @@ def _merge(graph: ir.Graph, nodes: list[ir.Node]) -> None:
     if len(first.inputs) > 6 and first.inputs[6] is not None:
         inputs += [None, new_initializer(graph, f"{base}.bias", np.concatenate([const_array(n.inputs[6]) for n in nodes]))]
     matmul = ir.node("MatMulIntegerToFloat", inputs, domain=MS_DOMAIN, version=1, name=base)
-    matmul.metadata_props[LOWERED] = "1"
-    matmul.metadata_props[MERGED] = ",".join(n.name or "" for n in nodes)
+    matmul.metadata_props[Meta.LOWERED] = "1"
+    matmul.metadata_props[Meta.MERGED_LINEARS] = ",".join(n.name or "" for n in nodes)
     out = matmul.outputs[0]
     out.name, out.dtype = base, first.outputs[0].dtype
     split_sizes = new_initializer(graph, f"{base}.split", np.array(widths, np.int64))

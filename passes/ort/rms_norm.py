@@ -9,11 +9,11 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.passes._ir import const_array, new_initializer, raise_default_opset
+from qexport.passes.metadata import Meta
 
 log = logging.getLogger(__name__)
 
 RMS_NORM_OPSET = 23
-FUSED = "qexport.rms_norm"  # metadata on the RMSNormalization nodes this pass inserts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +116,7 @@ def _fuse(graph: ir.Graph, match: RmsNormMatch, base: str) -> None:
     gamma = match.gamma if match.gamma is not None else np.ones(width, np.float32)
     scale = new_initializer(graph, f"{base}.scale", gamma)
     node = ir.node("RMSNormalization", [match.x, scale], attributes={"axis": -1, "epsilon": match.epsilon}, name=base)
-    node.metadata_props[FUSED] = "1"
+    node.metadata_props[Meta.RMS_NORM] = "1"
     out = node.outputs[0]
     out.dtype, out.shape = match.output.dtype, match.output.shape
     graph.insert_before(match.nodes[0], [node])

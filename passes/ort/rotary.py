@@ -10,11 +10,11 @@ import onnx_ir as ir
 
 from qexport.passes._ir import (const_array, new_initializer, producer_of, raise_default_opset,
                                  remove_dead_nodes)
+from qexport.passes.metadata import Meta
 
 log = logging.getLogger(__name__)
 
 ROTARY_OPSET = 23
-FUSED = "qexport.rotary"  # metadata on the RotaryEmbedding nodes this pass inserts
 _ELEMENTWISE = ("Cos", "Sin", "Mul", "Cast")  # what may lie between Concat(f, f) and the cos / sin tables
 
 
@@ -156,7 +156,7 @@ def _fuse(graph: ir.Graph, match: RotaryMatch, base: str, halves: dict[ir.Value,
     width = match.x.shape[3]
     cos, sin = _half(graph, match.cos, width, halves), _half(graph, match.sin, width, halves)
     node = ir.node("RotaryEmbedding", [match.x, cos, sin], attributes={"interleaved": 0}, name=base)
-    node.metadata_props[FUSED] = "1"
+    node.metadata_props[Meta.ROTARY] = "1"
     out = node.outputs[0]
     out.name, out.dtype, out.shape = base, match.output.dtype, match.output.shape
     graph.insert_before(match.output.producer(), node)

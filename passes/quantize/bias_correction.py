@@ -15,11 +15,10 @@ import onnx_ir as ir
 from qexport.errors import RecipeError
 from qexport.passes.discovery import sites as site_matching
 from qexport.passes._ir import const_f64, new_initializer, set_const_input, set_graph_output
-from qexport.passes.discovery.linear_select import TAG, linear_names
+from qexport.passes.discovery.linear_select import linear_names
+from qexport.passes.metadata import Meta
 
 log = logging.getLogger(__name__)
-
-MARK = "qexport.bias_corrected"  # node metadata: the correction is in; a second run leaves the node alone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +89,7 @@ class BiasCorrectPass(ir.passes.InPlacePass):
         errors = sequential_errors(model, list(stages.values()), corrections, windows, self.threads)
         for t in targets:
             _write_correction(model.graph, t.node, corrections[t.node], errors[t.node])
-            t.node.metadata_props[MARK] = "1"
+            t.node.metadata_props[Meta.BIAS_CORRECTED] = "1"
         log.info("bias correction on %d quantized linears in %d stages from %d windows; max |e| %.3g", len(targets),
                  len(stages), len(windows), max(float(np.abs(e).max()) for e in errors.values()))
         return ir.passes.PassResult(model, True)
@@ -102,16 +101,16 @@ def quantized_linears(model: ir.Model, reference: ir.Model, pattern: str = "*") 
     floats = {node.name: lin for node in reference.graph if (lin := site_matching.match_linear(node)) is not None}
     found = []
     for node in model.graph:
-        if node.op_type not in ("MatMul", "Gemm") or node.domain != "" or MARK in node.metadata_props:
+        if node.op_type not in ("MatMul", "Gemm") or node.domain != "" or Meta.BIAS_CORRECTED in node.metadata_props:
             continue
         w = node.inputs[1].producer() if len(node.inputs) > 1 and node.inputs[1] is not None else None
-        if w is None or w.metadata_props.get(TAG) != "weight" or node.name not in floats:
+        if w is None or w.metadata_props.get(Meta.QUANT) != "weight" or node.name not in floats:
             continue
         role = roles.get(node.name, node.name)
         if not any(fnmatch.fnmatchcase(n, pattern) for n in (role, node.name)):
             continue
         a = node.inputs[0].producer()
-        quantized_x = a is not None and a.op_type == "DequantizeLinear" and a.metadata_props.get(TAG) in ("per_token", "per_tensor")
+        quantized_x = a is not None and a.op_type == "DequantizeLinear" and a.metadata_props.get(Meta.QUANT) in ("per_token", "per_tensor")
         x = a.inputs[0].producer().inputs[0] if quantized_x else node.inputs[0]
         match = re.match(r"layers\.(\d+)\.", role)
         found.append(QuantizedLinear(node, role, x, floats[node.name].weight_in_out(), int(match[1]) if match else None))

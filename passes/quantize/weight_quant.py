@@ -26,7 +26,7 @@ import onnx_ir as ir
 from qexport.errors import RecipeError
 from qexport.passes.discovery import sites as site_matching
 from qexport.passes._ir import drop_if_unused, new_initializer
-from qexport.passes.discovery.linear_select import TAG
+from qexport.passes.metadata import Meta
 
 CLIP_RATIOS = np.linspace(1.0, 0.5, 21)  # grid of the MSE clip search
 DINT4_TABLE = np.array([0, 1, 2, 3, 4, 5, 6, 0.5, 0, -0.5, -6, -5, -4, -3, -2, -1])  # level of code c at [c mod 16]
@@ -192,5 +192,5 @@ def _lookup_nodes(graph: ir.Graph, base: str, stored: np.ndarray, scale: np.ndar
 
 def tagged(node: ir.Node, kind: str) -> ir.Node:
     """Mark ``node`` as inserted by quantization (``kind``: "weight", "per_token", "per_tensor")."""
-    node.metadata_props[TAG] = kind
+    node.metadata_props[Meta.QUANT] = kind
     return node

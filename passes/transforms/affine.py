@@ -15,12 +15,11 @@ from qexport.calibration.stats import prefill_feeds, session_with_outputs
 from qexport.errors import QexportError, RecipeError
 from qexport.passes.discovery import sites as site_matching
 from qexport.passes._ir import write_bias, write_weight
+from qexport.passes.metadata import Meta
 from qexport.calibration.affine_fit import FitProblem, FitSettings, fit
 from qexport.passes.transforms.smooth import fold_scales
 
 log = logging.getLogger(__name__)
-
-MARK = "qexport.affine."  # model metadata key prefix: site name -> fingerprint of the windows it was fitted on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +92,7 @@ class AffinePass(ir.passes.InPlacePass):
                 continue
             if isinstance(site, site_matching.NormSite) and (site.role == "lm_head" or site.norm.gamma is None):
                 log.warning("%s cannot absorb a scale (lm_head norm or no gamma); skipped", site.name)
-            elif model.metadata_props.get(MARK + site.name) == mark:
+            elif model.metadata_props.get(Meta.AFFINE.key(site.name)) == mark:
                 log.debug("%s already fitted on these windows; skipped", site.name)
             else:
                 result.append(site)
@@ -119,7 +118,7 @@ class AffinePass(ir.passes.InPlacePass):
                 if np.array_equal(result.matrix, np.broadcast_to(np.eye(result.matrix.shape[-1]), result.matrix.shape)):
                     continue
                 apply_site(model.graph, site, result.matrix)
-                model.metadata_props[MARK + site.name] = mark
+                model.metadata_props[Meta.AFFINE.key(site.name)] = mark
                 modified = True
         return ir.passes.PassResult(model, modified)
 

@@ -13,11 +13,11 @@ import onnx_ir as ir
 from qexport.calibration.stats import CalibrationStats
 from qexport.errors import RecipeError
 from qexport.passes.discovery import sites as site_matching
-from qexport.passes.transforms.smooth import MARK, SmoothMethod, SmoothPass, site_ranges, smoothquant_scales
+from qexport.passes.metadata import Meta
+from qexport.passes.transforms.smooth import SmoothMethod, SmoothPass, site_ranges, smoothquant_scales
 
 log = logging.getLogger(__name__)
 
-ALPHA_MARK = "qexport.aqas."  # model metadata: site name -> the alpha chosen for it
 QMAX = 127.0
 
 
@@ -69,7 +69,7 @@ class AqasPass(ir.passes.InPlacePass):
             raise RecipeError("aqas needs calibration windows (run it through a recipe, or pass windows=)")
         found = site_matching.find_sites(model, head_dim=self.head_dim)
         selected = [site for site in found.all if _eligible(site, self.sites)
-                    and model.metadata_props.get(MARK + site.name) != self.stats.fingerprint]
+                    and model.metadata_props.get(Meta.SMOOTHED.key(site.name)) != self.stats.fingerprint]
         if not selected:
             return ir.passes.PassResult(model, False)
         rows = sample_rows(model, [site.activation.name for site in selected], self.windows, self.tokens, self.seed,
@@ -83,7 +83,7 @@ class AqasPass(ir.passes.InPlacePass):
         result = SmoothPass(stats=self.stats, method=SmoothMethod.SMOOTHQUANT, alphas=chosen,
                             sites=self.sites, head_dim=self.head_dim)(model)
         for name, alpha in chosen.items():
-            model.metadata_props[ALPHA_MARK + name] = f"{alpha:g}"
+            model.metadata_props[Meta.AQAS_ALPHA.key(name)] = f"{alpha:g}"
         log.info("aqas alphas: %s", ", ".join(f"{k} {v:g}" for k, v in chosen.items()))
         return ir.passes.PassResult(model, result.modified)
 

@@ -24,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import QexportError
+from qexport.passes.metadata import Meta
 
 log = logging.getLogger(__name__)
 
@@ -254,5 +255,5 @@ def _named(nodes: list[ir.Node]) -> list[ir.Node]:
     """Name each output after its node, and tag the nodes so passes can recognise them."""
     for node in nodes:
         node.outputs[0].name = f"{node.name}:0"
-        node.metadata_props["qexport.online_hadamard"] = str(node.op_type)
+        node.metadata_props[Meta.ONLINE_HADAMARD] = str(node.op_type)
     return nodes

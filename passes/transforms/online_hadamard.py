@@ -12,11 +12,10 @@ import onnx_ir as ir
 from qexport.errors import RecipeError
 from qexport.passes.discovery import sites
 from qexport.passes._ir import write_weight
+from qexport.passes.metadata import Meta
 from qexport.passes.transforms.hadamard import hadamard_factors, hadamard_matrix, online_hadamard_nodes
 
 log = logging.getLogger(__name__)
-
-TAG = "qexport.online_hadamard"  # set on the inserted nodes by online_hadamard_nodes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +49,7 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
         graph = model.graph
         chosen = [
             s for s in sites.find_up_down_sites(graph)
-            if fnmatch.fnmatchcase(s.name, self.sites) and TAG not in s.down.node.metadata_props
+            if fnmatch.fnmatchcase(s.name, self.sites) and Meta.ONLINE_HADAMARD not in s.down.node.metadata_props
         ]
         if self.block and (self.block < 2 or self.block & (self.block - 1)):
             raise RecipeError(f"online-hadamard block {self.block} is not a power of two >= 2; use e.g. 32, or 0 (full)")
@@ -93,7 +92,7 @@ def _block_hadamard_nodes(graph: ir.Graph, x: ir.Value, n: int, block: int, dtyp
     nodes = [shape, reshape, matmul, merge]
     for node in nodes:
         node.outputs[0].name = f"{node.name}:0"
-        node.metadata_props[TAG] = str(node.op_type)
+        node.metadata_props[Meta.ONLINE_HADAMARD] = str(node.op_type)
     return nodes, merge.outputs[0]
 
 

@@ -11,11 +11,10 @@ import onnx_ir as ir
 
 from qexport.passes.discovery import sites
 from qexport.passes._ir import write_bias, write_weight
+from qexport.passes.metadata import Meta
 from qexport.passes.transforms.hadamard import Rotation, rotation_matrix
 
 log = logging.getLogger(__name__)
-
-MARK = "qexport.rotate_heads"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +42,11 @@ class RotateHeadsPass(ir.passes.InPlacePass):
         for site in sites.find_v_o_sites(graph):
             if not fnmatch.fnmatchcase(site.name, self.sites):
                 continue
-            if MARK in site.o.node.metadata_props:
+            if Meta.ROTATE_HEADS in site.o.node.metadata_props:
                 log.debug("%s already rotated", site.name)
                 continue
             rotate_site(graph, site, rotation_matrix(self.rotation, site.head_dim, self.seed))
-            site.o.node.metadata_props[MARK] = f"{self.rotation.value}:{self.seed}"
+            site.o.node.metadata_props[Meta.ROTATE_HEADS] = f"{self.rotation.value}:{self.seed}"
             modified = True
         return ir.passes.PassResult(model, modified)
 

@@ -11,11 +11,11 @@ import onnx_ir as ir
 from qexport.errors import PatternNotFoundError, QexportError
 from qexport.passes.discovery import sites
 from qexport.passes._ir import channel_readers, const_array, const_f64, set_const_input, write_bias, write_weight
+from qexport.passes.metadata import Meta
 from qexport.passes.transforms.hadamard import Rotation, rotation_matrix
 
 log = logging.getLogger(__name__)
 
-MARK = "qexport.rotate_residual"
 _RMS_KINDS = (sites.NormKind.RMS_DECOMPOSED, sites.NormKind.SIMPLIFIED_LAYER_NORM, sites.NormKind.RMS_NORMALIZATION)
 
 
@@ -41,8 +41,8 @@ class RotateResidualPass(ir.passes.InPlacePass):
     seed: int = 0
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if MARK in model.metadata_props:
-            log.info("residual stream already rotated (%s); nothing to do", model.metadata_props[MARK])
+        if Meta.ROTATE_RESIDUAL in model.metadata_props:
+            log.info("residual stream already rotated (%s); nothing to do", model.metadata_props[Meta.ROTATE_RESIDUAL])
             return ir.passes.PassResult(model, False)
         graph = model.graph
         stream = sites.find_residual_stream(model)
@@ -61,7 +61,7 @@ class RotateResidualPass(ir.passes.InPlacePass):
             bias = linear.bias_array()
             if bias is not None:
                 write_bias(graph, linear, bias @ q)
-        model.metadata_props[MARK] = f"{self.rotation.value}:{self.seed}"
+        model.metadata_props[Meta.ROTATE_RESIDUAL] = f"{self.rotation.value}:{self.seed}"
         log.info("rotated the residual stream (%s, hidden %d): %d readers, %d writers",
                  self.rotation.value, hidden, len(readers), len(stream.writers))
         return ir.passes.PassResult(model, True)

@@ -15,10 +15,9 @@ from qexport.calibration.stats import CalibrationStats
 from qexport.errors import RecipeError
 from qexport.passes.discovery import sites as site_matching
 from qexport.passes._ir import const_f64, set_const_input, write_bias, write_weight
+from qexport.passes.metadata import Meta
 
 log = logging.getLogger(__name__)
-
-MARK = "qexport.smoothed."  # model metadata key prefix: site name -> fingerprint of the stats it used
 
 
 class SmoothMethod(str, enum.Enum):
@@ -74,7 +73,7 @@ class SmoothPass(ir.passes.InPlacePass):
             if np.all(scales == 1.0):
                 continue
             fold_scales(model.graph, site, scales)
-            model.metadata_props[MARK + site.name] = self.stats.fingerprint
+            model.metadata_props[Meta.SMOOTHED.key(site.name)] = self.stats.fingerprint
             modified = True
             log.debug("smoothed %s: scales in [%.3g, %.3g]", site.name, scales.min(), scales.max())
         return ir.passes.PassResult(model, modified)
@@ -86,7 +85,7 @@ class SmoothPass(ir.passes.InPlacePass):
         for site in found.all:
             if not fnmatch.fnmatchcase(site.name, self.sites) or isinstance(site, site_matching.NormSite) and site.role == "lm_head":
                 continue
-            if model.metadata_props.get(MARK + site.name) == self.stats.fingerprint:
+            if model.metadata_props.get(Meta.SMOOTHED.key(site.name)) == self.stats.fingerprint:
                 log.debug("%s already smoothed with these statistics; skipped", site.name)
                 continue
             if isinstance(site, site_matching.NormSite) and site.norm.gamma is None:

@@ -7,8 +7,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qexport.calibration.activation_scales import CALIBRATION_META
-from qexport.passes.discovery.linear_select import TAG
+from qexport.passes.metadata import Meta
 
 
 def _round(x: float) -> float:
@@ -28,13 +27,13 @@ def quantized_site_stats(model: ir.Model, names: dict[ir.Node, str]) -> dict[str
         if node not in names or len(node.inputs) < 2 or node.inputs[1] is None:
             continue
         w = node.inputs[1].producer()
-        if w is None or w.metadata_props.get(TAG) != "weight":
+        if w is None or w.metadata_props.get(Meta.QUANT) != "weight":
             continue
         entry: dict[str, Any] = {"act": "float"}
         a = node.inputs[0].producer()
-        if a is not None and a.op_type == "DequantizeLinear" and a.metadata_props.get(TAG) in ("per_token", "per_tensor"):
-            entry["act"] = a.metadata_props[TAG]
-            meta = a.inputs[0].producer().inputs[0].meta.get(CALIBRATION_META)
+        if a is not None and a.op_type == "DequantizeLinear" and a.metadata_props.get(Meta.QUANT) in ("per_token", "per_tensor"):
+            entry["act"] = a.metadata_props[Meta.QUANT]
+            meta = a.inputs[0].producer().inputs[0].meta.get(Meta.ACT_CALIBRATION)
             if meta is not None:
                 entry.update({"method": meta["method"], "absmax": _round(meta["absmax"]), "clip": _round(meta["clip"]),
                               "scale": _round(meta["scale"])})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["Artifact", "MODEL_FILE"]
+__all__ = ["Artifact", "MODEL_FILE", "Runtime"]
 
 
 def __getattr__(name: str):

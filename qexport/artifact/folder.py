@@ -11,9 +11,9 @@ from qexport.errors import QexportError
 from qexport.runtimes.signature import GraphSignature
 from qexport.exporter.loading import ModelSource
 from qexport.artifact.outdir import read_manifest
+from qexport.artifact.runtime import Runtime
 
 MODEL_FILE = "model.onnx"
-RUNTIMES = ("ort-cpu", "ort-cuda", "tensorrt")
 
 
 @dataclasses.dataclass
@@ -48,22 +48,22 @@ class Artifact:
 
         return AutoTokenizer.from_pretrained(self.folder)
 
-    def causal_lm(self, runtime: str = "ort-cpu", threads: int | None = None):
-        """The exported graph as a :class:`CausalLM` on the chosen runtime."""
+    def causal_lm(self, runtime: Runtime | str = Runtime.ORT_CPU, threads: int | None = None):
+        """The exported graph as a :class:`CausalLM` on the chosen runtime (a :class:`Runtime` or its name)."""
         from qexport.runtimes.causal_lm import CausalLM
 
-        if runtime in ("ort-cpu", "ort-cuda"):
-            from qexport.runtimes.ort import OrtRunner
-
-            return CausalLM(OrtRunner(self.model_path, device=runtime.split("-")[1], threads=threads), self.signature)
-        if runtime == "tensorrt":
+        runtime = Runtime.parse(runtime)
+        if runtime is Runtime.TENSORRT:
             from qexport.runtimes.tensorrt.engine import ENGINE_FILE, TensorRTRunner
 
             engine = self.folder / ENGINE_FILE
             if not engine.is_file():
                 raise QexportError(f"{self.folder} has no {ENGINE_FILE}; build it with: qexport build-engine {self.folder}")
             return CausalLM(TensorRTRunner(engine), self.signature)
-        raise QexportError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+        from qexport.runtimes.ort import OrtRunner
+
+        device = "cuda" if runtime is Runtime.ORT_CUDA else "cpu"
+        return CausalLM(OrtRunner(self.model_path, device=device, threads=threads), self.signature)
 
     def reference(self, threads: int | None = None):
         """The PyTorch source model in float32, reloaded from the manifest, as a :class:`CausalLM`."""

@@ -1,6 +1,6 @@
 """Calibrated per-tensor activation scales for static quantization.
 
-Each calibrated value is annotated in memory (``value.meta[CALIBRATION_META]``, not saved with the model) with
+Each calibrated value is annotated in memory (``value.meta[Meta.ACT_CALIBRATION]``, not saved with the model) with
 what its scale was chosen from: the calibration absmax, the clip and the scale. The pipeline reports these
 per quantized site in the manifest.
 """
@@ -15,10 +15,11 @@ from typing import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from qexport.passes.metadata import Meta
+
 log = logging.getLogger(__name__)
 
 QMAX = 127  # int8 symmetric: codes -127..127
-CALIBRATION_META = "qexport.act_calibration"  # value.meta key: {"absmax", "clip", "scale", "method"}
 HIST_BINS = 8192  # |x| histogram bins for MSE clipping; the range doubles (bins merge pairwise) as absmax grows
 MSE_CANDIDATES = 200  # clips searched: absmax * k / MSE_CANDIDATES, k = 1..MSE_CANDIDATES
 
@@ -84,7 +85,7 @@ def static_scales(model: ir.Model, values: Sequence[ir.Value], windows: Sequence
                   threads: int | None = None) -> dict[ir.Value, float]:
     """Per-tensor symmetric int8 scale of each value, from ``windows`` run through ``model`` as it is:
     calibration absmax / 127 (``minmax``), the ``percentile`` of the per-token absmax / 127, or the
-    MSE-optimal clip / 127 (``mse``). Each value's ``meta[CALIBRATION_META]`` records absmax, clip and scale."""
+    MSE-optimal clip / 127 (``mse``). Each value's ``meta[Meta.ACT_CALIBRATION]`` records absmax, clip and scale."""
     from qexport.calibration.stats import run_values
 
     calibration = ActCalibration(calibration)
@@ -108,7 +109,7 @@ def static_scales(model: ir.Model, values: Sequence[ir.Value], windows: Sequence
         else:
             clip = mse_clip(hists[value.name], absmax)
         result[value] = clip / QMAX if clip > 0 else 1.0
-        value.meta[CALIBRATION_META] = {"method": calibration.value, "absmax": absmax, "clip": clip,
-                                        "scale": result[value]}
+        value.meta[Meta.ACT_CALIBRATION] = {"method": calibration.value, "absmax": absmax, "clip": clip,
+                                            "scale": result[value]}
         log.debug("%s: absmax %.4g, clip %.4g", value.name, absmax, clip)
     return result

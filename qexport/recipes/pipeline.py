@@ -15,14 +15,13 @@ from qexport.calibration.stats import collect_stats
 from qexport.errors import QexportError
 from qexport.passes.discovery import sites as site_matching
 from qexport.passes.discovery.linear_select import linear_names
+from qexport.passes.metadata import Meta
 from qexport.recipes.registry import runtime_fields
 from qexport.recipes.schema import Recipe, RecipeCheck, pass_class
 from qexport.analysis.difficulty import site_difficulties
 from qexport.analysis.site_stats import quantized_site_stats
 
 log = logging.getLogger(__name__)
-
-AQAS_MARK = "qexport.aqas."  # model metadata written by the aqas pass: site name -> chosen alpha
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +122,7 @@ def apply_recipe(
         verify = _verify(expected, got, len(verify_ids), recipe.name, settings)
     report = {"name": recipe.name, "recipe": recipe.to_dict(), "steps": steps, "verify": verify, "difficulty": difficulty,
               "sites": quantized, "checks": _run_checks(model, recipe)}
-    alphas = {k[len(AQAS_MARK):]: float(v) for k, v in model.metadata_props.items() if k.startswith(AQAS_MARK)}
+    alphas = {k: float(v) for k, v in Meta.AQAS_ALPHA.under(model.metadata_props).items()}
     if alphas:
         report["aqas_alphas"] = alphas  # the smoothing exponent AQAS chose per site
     return report

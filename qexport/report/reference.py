@@ -20,8 +20,9 @@ import onnx_ir as ir
 from qexport.artifact.folder import MODEL_FILE, Artifact
 from qexport.errors import QexportError
 from qexport.passes.discovery import sites as site_matching
-from qexport.passes.quantize.bias_correction import MARK as BIAS_CORRECTED
-from qexport.passes.discovery.linear_select import TAG, linear_names
+from qexport.passes.discovery.linear_select import linear_names
+from qexport.passes.metadata import Meta
+from qexport.passes.quantize.insert_qdq import ActQuant
 from qexport.recipes.schema import Recipe, pass_class
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class QuantizedLinear:
     dequantized: str  # the MatMul's input 0 (after Q/DQ)
     output: str  # the linear's output after its bias in the quantized graph (and after a bias correction)
     ref_output: str  # the twin's output after its bias
-    act_quant: str  # per_tensor, per_token or none
+    act_quant: ActQuant  # how the activation is quantized (NONE: it stays float)
     clip: float | None  # per_tensor: the largest representable |x| (scale * 127)
     weight: np.ndarray  # reference weight [in, out], float64
     bias: np.ndarray | None  # reference bias when the Gemm itself adds it
@@ -141,21 +142,20 @@ def pair_linears(quantized: ir.Model, reference: ir.Model, threads: int | None =
 def _weight_dq(value: ir.Value) -> bool:
     """Whether ``value`` is a weight the quantize passes wrote (DequantizeLinear, or dINT4's lookup chain)."""
     node = value.producer()
-    return node is not None and node.metadata_props.get(TAG) == "weight"
+    return node is not None and node.metadata_props.get(Meta.QUANT) == "weight"
 
 
 def _pair(node: ir.Node, w_q: np.ndarray, linear: site_matching.Linear, name: str) -> QuantizedLinear:
     a = node.inputs[0]
     act_dq = a.producer()
-    kind = act_dq.metadata_props.get(TAG, "none") if act_dq is not None else "none"
-    activation, clip = a, None
-    if act_dq is not None and act_dq.op_type == "DequantizeLinear" and kind in ("per_tensor", "per_token"):
+    tag = act_dq.metadata_props.get(Meta.QUANT) if act_dq is not None else None
+    activation, clip, kind = a, None, ActQuant.NONE
+    if act_dq is not None and act_dq.op_type == "DequantizeLinear" and tag in (ActQuant.PER_TENSOR, ActQuant.PER_TOKEN):
+        kind = ActQuant(tag)
         q = act_dq.inputs[0].producer()
         activation = q.inputs[0]
-        if kind == "per_tensor":
+        if kind is ActQuant.PER_TENSOR:
             clip = float(q.inputs[1].const_value.numpy()) * 127.0
-    else:
-        kind = "none"
     w_ref = linear.weight_in_out()
     if w_q.shape != w_ref.shape:
         raise ReportError(f"{name}: quantized weight {w_q.shape} and reference weight {w_ref.shape} differ in shape; "
@@ -175,7 +175,7 @@ def _after_bias(node: ir.Node, linear: site_matching.Linear) -> ir.Value:
     """The linear's output after the constant Adds that follow it: its bias (as in the twin), and a correction
     added by ``bias-correct`` (case 3 of that pass; its other cases change the existing bias)."""
     adds = int(linear.bias_node is not None and linear.bias_node is not linear.node)
-    adds += int(BIAS_CORRECTED in node.metadata_props and node.op_type == "MatMul" and not adds)
+    adds += int(Meta.BIAS_CORRECTED in node.metadata_props and node.op_type == "MatMul" and not adds)
     value = node.outputs[0]
     for _ in range(adds):
         if len(value.uses()) != 1:

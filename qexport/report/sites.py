@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from qexport.passes.quantize.insert_qdq import ActQuant
 from qexport.report.reference import QuantizedLinear
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def site_errors(quantized: ir.Model, reference: ir.Model, linears: Sequence[Quan
             local_ref = x @ lin.weight + (lin.bias if lin.bias is not None else 0.0)
             s["local"].add(y, local_ref)
             s["activation"].add(q_out[lin.dequantized], x)
-            if lin.act_quant == "per_tensor":
+            if lin.act_quant is ActQuant.PER_TENSOR:
                 s["per_token_sim"].add(_per_token_fake_quant(x.astype(np.float64)), x)
             flat = np.abs(x.reshape(-1, x.shape[-1]))
             np.maximum(absmax[lin.name], flat.max(axis=0), out=absmax[lin.name])
@@ -93,14 +94,14 @@ def site_errors(quantized: ir.Model, reference: ir.Model, linears: Sequence[Quan
         rows.append({
             "site": lin.name,
             "node": lin.node,
-            "act_quant": lin.act_quant,
+            "act_quant": lin.act_quant.value,
             "output_sqnr_db": s["output"].sqnr_db,
             "output_cosine": s["output"].cosine,
             "local_sqnr_db": s["local"].sqnr_db,
             "local_cosine": s["local"].cosine,
             "activation_sqnr_db": s["activation"].sqnr_db,
             "weight_sqnr_db": lin.weight_sqnr_db,
-            "per_token_act_sqnr_db": s["per_token_sim"].sqnr_db if lin.act_quant == "per_tensor" else None,
+            "per_token_act_sqnr_db": s["per_token_sim"].sqnr_db if lin.act_quant is ActQuant.PER_TENSOR else None,
             "clip": lin.clip,
             "clipped_fraction": clipped[lin.name] / max(entries[lin.name], 1) if lin.clip is not None else None,
             "channel_absmax": absmax[lin.name].tolist(),

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from qexport.passes.quantize.insert_qdq import ActQuant
 from qexport.report.build import layer_of, role_of
 
 ROLE_MARGIN_DB = 6.0
@@ -114,14 +115,14 @@ def _exclude_roles(report: dict[str, Any], recipe: dict[str, Any], median: float
 
 def _per_token(rows: list[dict[str, Any]], recipe: dict[str, Any]) -> list[dict[str, str]]:
     index = _quantize_index(recipe)
-    static = [r for r in rows if r["act_quant"] == "per_tensor" and r["per_token_act_sqnr_db"] is not None]
+    static = [r for r in rows if r["act_quant"] == ActQuant.PER_TENSOR and r["per_token_act_sqnr_db"] is not None]
     if index is None or not static:
         return []
     worst = sorted(static, key=lambda r: r["activation_sqnr_db"])[:MAX_SITES]
     gains = [r["per_token_act_sqnr_db"] - r["activation_sqnr_db"] for r in worst]
     if min(gains) < PER_TOKEN_GAIN_DB:
         return []
-    new, entry = _with_quantize(recipe, activations="per_token")
+    new, entry = _with_quantize(recipe, activations=ActQuant.PER_TOKEN.value)
     entry.pop("calibration", None)
     entry.pop("percentile", None)
     detail = ", ".join(f"{r['site']} {r['activation_sqnr_db']:.1f} -> {r['per_token_act_sqnr_db']:.1f} dB" for r in worst)
