@@ -20,7 +20,7 @@ from qexport.artifact.outdir import atomic_output_dir, checksums, write_manifest
 from qexport.recipes.pipeline import PipelineSettings, apply_recipe
 from qexport.recipes.preflight import check_recipe_applies
 from qexport.recipes.schema import Recipe, load_recipe
-from qexport.exporter.text import load_text, parse_source, token_windows
+from qexport.exporter.text import default_bos, load_text, parse_source, token_windows
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,8 @@ def export(
             windows = token_windows(tokenizer, load_text(text, "calibration"), shape["seq_len"], shape["windows"],
                                     text.describe())
             calibration = {"source": text.to_json(), "windows": len(windows), "seq_len": shape["seq_len"],
-                           "tokens": int(sum(len(w) for w in windows)), "settings_from": shape["from"]}
+                           "tokens": int(sum(len(w) for w in windows)), "settings_from": shape["from"],
+                           "bos_prefixed": default_bos(tokenizer) is not None}
             recipe_report = apply_recipe(ir_model, loaded_recipe, windows, PipelineSettings(measure_difficulty=measure_difficulty))
         files = save_model(ir_model, tmp)
         tokenizer.save_pretrained(tmp)

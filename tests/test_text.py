@@ -43,3 +43,28 @@ def test_dataset_source_fails_clearly_offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(TextSourceError, match="--text FILE"):
         load_text(TextSource("dataset", "qexport-test-org/no-such-dataset"), "evaluation")
+
+
+def _bos_tokenizer(adds_bos: bool):
+    """The tiny models' byte tokenizer, with a post-processor that puts <s> first when ``adds_bos`` (as Gemma's)."""
+    from tokenizers import processors
+
+    from tiny_models import _byte_tokenizer
+
+    tok = _byte_tokenizer()
+    if adds_bos:
+        tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return tok
+
+
+def test_windows_start_with_bos_where_the_tokenizer_adds_it_by_default():
+    from qexport.exporter.text import default_bos
+
+    text = "the quick brown fox jumps over the lazy dog " * 4
+    plain = token_windows(_bos_tokenizer(False), text, seq_len=16, count=3)
+    with_bos = token_windows(_bos_tokenizer(True), text, seq_len=16, count=3)
+    assert default_bos(_bos_tokenizer(False)) is None and default_bos(_bos_tokenizer(True)) == 1
+    assert all(w[0] != 1 for w in plain) and all(len(w) == 16 for w in plain + with_bos)
+    assert all(w[0] == 1 for w in with_bos)  # BOS, then 15 text tokens
+    ids = _bos_tokenizer(True)(text, add_special_tokens=False)["input_ids"]
+    assert np.concatenate([w[1:] for w in with_bos]).tolist() == ids[: 3 * 15]  # contiguous, nothing skipped

@@ -123,12 +123,27 @@ def load_text(source: TextSource, purpose: str) -> str:
     return text
 
 
+def default_bos(tokenizer) -> int | None:
+    """The BOS id the tokenizer puts before a text by default (Gemma, Llama 3), or None if it adds none."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    with_special = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return int(bos) if with_special[:1] == [bos] and plain[:1] != [bos] else None
+
+
 def token_windows(tokenizer, text: str, seq_len: int, count: int, source: str = "the text") -> list[np.ndarray]:
-    """Up to ``count`` non-overlapping windows of ``seq_len`` tokens; errors if not even one fits."""
+    """Up to ``count`` non-overlapping windows of ``seq_len`` tokens; errors if not even one fits.
+
+    Where the tokenizer adds a BOS token by default, each window starts with it, as the model saw every sequence
+    in training (then ``seq_len - 1`` text tokens follow, and BOS itself is never a scored token)."""
     if seq_len < 2:
         raise TextSourceError("--seq-len must be at least 2")
+    bos = default_bos(tokenizer)
+    span = seq_len - (bos is not None)
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
-    available = len(ids) // seq_len
+    available = len(ids) // span
     if available == 0:
         raise TextSourceError(
             f"{source} has {len(ids)} tokens, fewer than one window of {seq_len}; "
@@ -136,4 +151,7 @@ def token_windows(tokenizer, text: str, seq_len: int, count: int, source: str = 
         )
     if available < count:
         log.warning("%s has only %d windows of %d tokens (asked for %d)", source, available, seq_len, count)
-    return [ids[i * seq_len : (i + 1) * seq_len] for i in range(min(count, available))]
+    windows = [ids[i * span : (i + 1) * span] for i in range(min(count, available))]
+    if bos is not None:
+        windows = [np.concatenate([np.array([bos], dtype=np.int64), w]) for w in windows]
+    return windows
