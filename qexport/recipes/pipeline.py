@@ -11,7 +11,8 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from qexport.calibration.stats import collect_stats
+from qexport import numerics
+from qexport.calibration.stats import CalibrationStats, collect_stats
 from qexport.errors import QexportError
 from qexport.passes.discovery import sites as site_matching
 from qexport.passes.discovery.linear_select import linear_names
@@ -48,6 +49,88 @@ def _copy(model: ir.Model) -> ir.Model:
     return ir.from_proto(ir.to_proto(model))
 
 
+class _Graph:
+    """The graph under the recipe and what has been measured on it since it last changed (statistics on the
+    calibration windows, logits on the verification tokens): each is computed at most once per graph state."""
+
+    def __init__(self, model: ir.Model, windows: list[np.ndarray], settings: PipelineSettings) -> None:
+        self.model, self.windows, self.settings = model, windows, settings
+        self.verify_ids = windows[0][: settings.verify_tokens]
+        self.stats: CalibrationStats | None = None
+        self._logits: np.ndarray | None = None
+
+    def changed(self) -> None:
+        self.stats, self._logits = None, None
+
+    def logits(self) -> np.ndarray:
+        if self._logits is None:
+            self._logits = _run_logits(self.model, self.verify_ids, self.settings.threads)
+        return self._logits
+
+    def observe(self, full_stats: bool) -> dict[str, dict[str, float]]:
+        """One session: statistics (on all windows if ``full_stats``, else the difficulty sample), the per-site
+        difficulty metric on the first ``difficulty_windows`` windows, and the logits. Returns the metric."""
+        windows = self.windows if full_stats else self.windows[: self.settings.difficulty_windows]
+        observed = _observe(self.model, windows, self.verify_ids, self.settings)
+        self.stats = observed["stats"] if full_stats else None
+        self._logits = observed["logits"]
+        return observed["difficulty"]
+
+    def calibration_stats(self) -> CalibrationStats:
+        if self.stats is None:
+            self.stats = collect_stats(self.model, self.windows, threads=self.settings.threads)
+        return self.stats
+
+
+class _Difficulty:
+    """Observer: the difficulty metric at the export and after each lossless pass that changed the graph."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.stages: list[dict[str, Any]] = []
+        self.pending = "export" if enabled else None  # a stage not measured yet
+        self.enabled = enabled
+
+    def measure(self, graph: _Graph, full_stats: bool) -> None:
+        if self.pending is not None:
+            self.stages.append({"stage": self.pending, "sites": graph.observe(full_stats)})
+            self.pending = None
+
+    def changed(self, stage: str) -> None:
+        if self.enabled:
+            self.pending = stage
+
+
+class _Equivalence:
+    """Observer: the lossless prefix ends with the graph's FP32 logits compared with the untransformed export's."""
+
+    def __init__(self, recipe: str, settings: PipelineSettings) -> None:
+        self.recipe, self.settings = recipe, settings
+        self.expected: np.ndarray | None = None
+        self.result: dict[str, Any] | None = None
+
+    def start(self, graph: _Graph) -> None:
+        if self.expected is None:
+            self.expected = graph.logits()
+
+    def check(self, graph: _Graph) -> None:
+        self.result = _verify(self.expected, graph.logits(), len(graph.verify_ids), self.recipe, self.settings)
+
+
+class _SiteStats:
+    """Observer: per quantized linear (by the role names of the float graph), its activation and weight scales."""
+
+    def __init__(self) -> None:
+        self.names: dict[ir.Node, str] = {}
+        self.sites: dict[str, dict[str, Any]] = {}
+
+    def start(self, model: ir.Model) -> None:
+        self.names = linear_names(model)
+
+    def changed(self, model: ir.Model) -> None:
+        if self.names:
+            self.sites.update(quantized_site_stats(model, self.names))
+
+
 def apply_recipe(
     model: ir.Model,
     recipe: Recipe,
@@ -56,72 +139,48 @@ def apply_recipe(
 ) -> dict[str, Any]:
     """Apply ``recipe`` to ``model`` in place; returns the report stored in the manifest.
 
-    Passes that take calibration statistics get them collected on the graph as it is when they run.
-    Passes are lossless unless their class says ``lossless = False`` (quantization). Once the lossless
-    passes have run (before the first lossy one, or at the end), the graph's FP32 logits are compared with
-    the untransformed graph's on ``verify_tokens`` calibration tokens; a difference over the tolerance is
-    an error, not a warning. Passes with a ``reference`` field (bias correction) get a copy of the graph as it
-    was before the first lossy pass. The report lists, per quantized linear (by role name), its activation and
-    weight scales (``sites``), and the result of the recipe's ``check`` (TensorRT compatibility; an error fails).
+    The passes run in two segments: the lossless prefix (ending before the first pass whose class says
+    ``lossless = False``), then quantization and lowering. Observers watch each step: the difficulty metric
+    after each lossless change, the equivalence check at the end of the prefix (FP32 logits against the
+    untransformed graph's; past the tolerance it is an error), and the scales of each quantized linear.
+    Passes get their run-time inputs from the graph as it is when they run: calibration ``stats``, the
+    ``windows``, and the ``reference`` graph (a copy of the graph at the end of the prefix).
     """
     if not windows:
         raise QexportError("the recipe needs calibration text, but no calibration windows were given")
-    verify_ids = windows[0][: settings.verify_tokens]
-    steps: list[dict[str, Any]] = []
-    difficulty: list[dict[str, Any]] = []  # one entry per stage: before the recipe, after each modifying pass
-    stats, logits = None, None  # of the graph as it is now: statistics on all windows, logits on verify_ids
-    expected: np.ndarray | None = None  # logits of the untransformed graph
-    pending = "export" if settings.measure_difficulty else None  # a stage whose difficulty is not measured yet
-    verify: dict[str, Any] | None = None
+    graph = _Graph(model, windows, settings)
+    difficulty = _Difficulty(settings.measure_difficulty)
+    equivalence = _Equivalence(recipe.name, settings)
+    sites = _SiteStats()
     wants_reference = any("reference" in runtime_fields(pass_class(e.name)) for e in recipe.passes)
     reference: ir.Model | None = None
-    names: dict[ir.Node, str] = {}  # role names of the linears, taken on the float graph before quantization
-    quantized: dict[str, dict[str, Any]] = {}
+    steps: list[dict[str, Any]] = []
     for index, entry in enumerate(tqdm(recipe.passes, desc=f"recipe {recipe.name}", disable=None)):
         klass = pass_class(entry.name)
         needs, lossless = runtime_fields(klass), getattr(klass, "lossless", True)
-        if pending is not None:  # one run: the stage's difficulty, its logits, and the statistics this pass needs
-            observed = _observe(model, windows if "stats" in needs else windows[: settings.difficulty_windows],
-                                verify_ids, settings)
-            difficulty.append({"stage": pending, "sites": observed["difficulty"]})
-            logits, pending = observed["logits"], None
-            stats = observed["stats"] if "stats" in needs else None
-        if expected is None:
-            expected = logits if logits is not None else _run_logits(model, verify_ids, settings.threads)
-        if verify is None and not lossless:  # the lossless prefix ends here
-            got = logits if logits is not None else _run_logits(model, verify_ids, settings.threads)
-            verify = _verify(expected, got, len(verify_ids), recipe.name, settings)
-            names = linear_names(model)
+        difficulty.measure(graph, full_stats="stats" in needs)
+        equivalence.start(graph)
+        if equivalence.result is None and not lossless:  # the lossless prefix ends here
+            equivalence.check(graph)
+            sites.start(model)
             reference = _copy(model) if wants_reference else None
-        runtime: dict[str, Any] = {}
-        if "stats" in needs:
-            stats = stats if stats is not None else collect_stats(model, windows, threads=settings.threads)
-            runtime["stats"] = stats
-        if "windows" in needs:
-            runtime["windows"] = tuple(windows)
-        if "reference" in needs:
-            runtime["reference"] = reference
+        inputs = {"stats": graph.calibration_stats, "windows": lambda: tuple(windows), "reference": lambda: reference}
         start = time.perf_counter()
-        result = entry.build(**runtime)(model)
+        result = entry.build(**{name: inputs[name]() for name in needs})(model)
         seconds = time.perf_counter() - start
         steps.append({"pass": entry.name, "settings": entry.to_dict(), "modified": bool(result.modified),
                       "lossless": bool(lossless), "seconds": round(seconds, 3)})
         log.info("pass %s: %s in %.2f s", entry.name, "modified" if result.modified else "no change", seconds)
-        if names and result.modified:
-            quantized.update(quantized_site_stats(model, names))
         if result.modified:
-            stats, logits = None, None  # the graph changed: they no longer describe it
-            if settings.measure_difficulty and verify is None:  # lossless stages only: quantized linears are no sites
-                pending = f"{index}:{entry.name}"
-    if pending is not None:
-        observed = _observe(model, windows[: settings.difficulty_windows], verify_ids, settings)
-        difficulty.append({"stage": pending, "sites": observed["difficulty"]})
-        logits = observed["logits"]
-    if verify is None:
-        got = logits if logits is not None else _run_logits(model, verify_ids, settings.threads)
-        verify = _verify(expected, got, len(verify_ids), recipe.name, settings)
-    report = {"name": recipe.name, "recipe": recipe.to_dict(), "steps": steps, "verify": verify, "difficulty": difficulty,
-              "sites": quantized, "checks": _run_checks(model, recipe)}
+            graph.changed()
+            sites.changed(model)
+            if equivalence.result is None:  # lossless stages only: quantized linears are no sites
+                difficulty.changed(f"{index}:{entry.name}")
+    difficulty.measure(graph, full_stats=False)
+    if equivalence.result is None:
+        equivalence.check(graph)
+    report = {"name": recipe.name, "recipe": recipe.to_dict(), "steps": steps, "verify": equivalence.result,
+              "difficulty": difficulty.stages, "sites": sites.sites, "checks": _run_checks(model, recipe)}
     alphas = {k: float(v) for k, v in Meta.AQAS_ALPHA.under(model.metadata_props).items()}
     if alphas:
         report["aqas_alphas"] = alphas  # the smoothing exponent AQAS chose per site
@@ -151,7 +210,7 @@ def _run_checks(model: ir.Model, recipe: Recipe) -> dict[str, Any]:
 
 def _verify(expected: np.ndarray, got: np.ndarray, tokens: int, name: str, settings: PipelineSettings) -> dict[str, Any]:
     """Compare the graph's FP32 logits with the untransformed export's; an error past the tolerance."""
-    diff = float(np.abs(got - expected).max())
+    diff = numerics.max_abs_diff(got, expected)
     log.info("recipe %s: max |logit difference| of the lossless passes vs the untransformed export %.3g", name, diff)
     if not diff <= settings.max_abs_logit_diff:
         raise QexportError(
