@@ -56,5 +56,3 @@ class CausalLM:
         present = [outputs[name] for name in self.signature.present_names]
         return outputs["logits"].astype(np.float32, copy=False), present
 
-
-OnnxCausalLM = CausalLM

@@ -3,9 +3,9 @@
 For the activation X feeding a site and the weight W reading it (all consumer linears, concatenated):
 - ``dx``: std over channels of the channel RMS ‖X[:, j]‖₂ / √tokens (D(X), normalised by the token count);
 - ``dw``: std over input channels of ‖W[:, j]‖₂ (D(W), torch layout);
-- ``norm_product``: (‖X‖_F / √tokens) · ‖W‖_F, the quantity the per-token / per-channel error
-  estimate of :mod:`qexport.difficulty` is proportional to once rows are flat (smoothing lowers it to its
-  Cauchy–Schwarz bound);
+- ``norm_product``: (‖X‖_F / √tokens) · ‖W‖_F, the quantity the rounding-noise estimate of the per-token /
+  per-channel layer error, (1/12)(‖W‖²_F Σ_t Δ_t² + ‖X‖²_F Σ_o Δ_o²) with Δ the row steps, is proportional to
+  once rows are flat (smoothing lowers it to its Cauchy–Schwarz bound);
 - ``outlier_ratio``: largest channel absmax over the median channel absmax.
 """
 
@@ -16,8 +16,6 @@ import numpy as np
 from qexport.calibration.stats import CalibrationStats, TensorStats
 from qexport.passes.discovery import sites as site_matching
 from qexport.passes.discovery.sites import consumer_weight
-
-COLUMNS = ("dx", "dw", "norm_product", "outlier_ratio")
 
 
 def difficulty(stats: TensorStats, weight_in_out: np.ndarray) -> dict[str, float]:
@@ -40,19 +38,6 @@ def site_difficulties(site_map: site_matching.SiteMap, stats: CalibrationStats) 
         for site in site_map.all
         if site.name in stats
     }
-
-
-def format_table(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], title: str) -> str:
-    """A before/after table, one row per site present in both."""
-    head = f"{'site':<20}" + "".join(f"{c + ' before':>22}{'after':>10}" for c in COLUMNS)
-    lines = [title, head]
-    for name in before:
-        if name in after:
-            lines.append(f"{name:<20}" + "".join(f"{before[name][c]:>22.4g}{after[name][c]:>10.4g}" for c in COLUMNS))
-    missing = [name for name in before if name not in after]
-    if missing:
-        lines.append(f"(no longer matched as sites after the pass: {', '.join(missing)})")
-    return "\n".join(lines)
 
 
 def _kind(site_name: str) -> str:

@@ -15,11 +15,11 @@ from typing import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from qexport import numerics
 from qexport.passes.metadata import Meta
 
 log = logging.getLogger(__name__)
 
-QMAX = 127  # int8 symmetric: codes -127..127
 HIST_BINS = 8192  # |x| histogram bins for MSE clipping; the range doubles (bins merge pairwise) as absmax grows
 MSE_CANDIDATES = 200  # clips searched: absmax * k / MSE_CANDIDATES, k = 1..MSE_CANDIDATES
 
@@ -65,8 +65,7 @@ class AbsHistogram:
 
 def quantization_mse(values: np.ndarray, weights: np.ndarray, clips: np.ndarray) -> np.ndarray:
     """Weighted mean of (x - Q_c(x))^2 over ``values`` for each clip c (int8 symmetric, scale c / 127)."""
-    scale = clips[:, None] / QMAX
-    quantized = np.clip(np.round(values[None, :] / scale), -QMAX, QMAX) * scale
+    quantized = numerics.fake_quant(values[None, :], scale=numerics.absmax_scale(clips[:, None]))
     return ((values[None, :] - quantized) ** 2 * weights[None, :]).sum(axis=1) / max(weights.sum(), 1)
 
 
@@ -108,7 +107,7 @@ def static_scales(model: ir.Model, values: Sequence[ir.Value], windows: Sequence
             clip = float(np.percentile(per_token, percentile))
         else:
             clip = mse_clip(hists[value.name], absmax)
-        result[value] = clip / QMAX if clip > 0 else 1.0
+        result[value] = float(numerics.absmax_scale(clip))
         value.meta[Meta.ACT_CALIBRATION] = {"method": calibration.value, "absmax": absmax, "clip": clip,
                                             "scale": result[value]}
         log.debug("%s: absmax %.4g, clip %.4g", value.name, absmax, clip)

@@ -14,6 +14,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from qexport import numerics
 from qexport.runtimes.base import Runner
 from qexport.runtimes.causal_lm import CausalLM
 
@@ -85,15 +86,9 @@ def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, tole
         return OutputComparison(name, math.inf, -1.0, -math.inf, (f"shape {cand.shape} != reference {ref.shape}",))
     if not (np.all(np.isfinite(ref)) and np.all(np.isfinite(cand))):
         return OutputComparison(name, math.inf, -1.0, -math.inf, ("non-finite values",))
-    diff = cand - ref
-    max_abs = float(np.max(np.abs(diff))) if diff.size else 0.0
-    ref_norm, cand_norm = float(np.linalg.norm(ref)), float(np.linalg.norm(cand))
-    if ref_norm == 0 or cand_norm == 0:
-        cosine = 1.0 if ref_norm == cand_norm else 0.0
-    else:
-        cosine = float(np.dot(ref.ravel(), cand.ravel()) / (ref_norm * cand_norm))
-    noise = float(np.sum(diff * diff))
-    snr_db = math.inf if noise == 0 else (10 * math.log10(float(np.sum(ref * ref)) / noise) if ref_norm else -math.inf)
+    max_abs = numerics.max_abs_diff(cand, ref)
+    cosine = numerics.cosine(ref, cand)
+    snr_db = numerics.sqnr_db(ref, cand)
     failures = []
     if max_abs > tolerances.max_abs:
         failures.append(f"max|d| {max_abs:.3g} > {tolerances.max_abs:g}")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from qexport import numerics
 from qexport.artifact.folder import MODEL_FILE, Artifact
 from qexport.errors import QexportError
 from qexport.passes.discovery import sites as site_matching
@@ -155,13 +156,12 @@ def _pair(node: ir.Node, w_q: np.ndarray, linear: site_matching.Linear, name: st
         q = act_dq.inputs[0].producer()
         activation = q.inputs[0]
         if kind is ActQuant.PER_TENSOR:
-            clip = float(q.inputs[1].const_value.numpy()) * 127.0
+            clip = float(q.inputs[1].const_value.numpy()) * numerics.INT8_QMAX
     w_ref = linear.weight_in_out()
     if w_q.shape != w_ref.shape:
         raise ReportError(f"{name}: quantized weight {w_q.shape} and reference weight {w_ref.shape} differ in shape; "
                           "pass --reference with the FP32 export this model was quantized from")
-    noise = float(((w_q - w_ref) ** 2).sum())
-    sqnr = 10.0 * float(np.log10(float((w_ref**2).sum()) / noise)) if noise > 0 else float("inf")
+    sqnr = numerics.sqnr_db(w_ref, w_q)
     if sqnr < MIN_WEIGHT_SQNR_DB:
         raise ReportError(f"{name}: the quantized weight is not a quantization of the rebuilt reference weight (SQNR "
                           f"{sqnr:.1f} dB < {MIN_WEIGHT_SQNR_DB} dB): the reference is in another basis; pass --reference "

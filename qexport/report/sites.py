@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from qexport import numerics
 from qexport.passes.quantize.insert_qdq import ActQuant
 from qexport.report.reference import QuantizedLinear
 
@@ -41,17 +42,15 @@ class _Sums:
 
     def add(self, got: np.ndarray, ref: np.ndarray) -> None:
         got, ref = got.reshape(-1, got.shape[-1]).astype(np.float64), ref.reshape(-1, ref.shape[-1]).astype(np.float64)
-        self.signal += float((ref**2).sum())
-        self.noise += float(((got - ref) ** 2).sum())
-        norms = np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1)
-        self.cos_sum += float(((got * ref).sum(axis=1) / np.maximum(norms, 1e-30)).sum())
+        signal, noise = numerics.signal_noise(ref, got)
+        self.signal += signal
+        self.noise += noise
+        self.cos_sum += float(numerics.row_cosines(got, ref, floor="max").sum())
         self.tokens += got.shape[0]
 
     @property
     def sqnr_db(self) -> float:
-        if self.noise == 0.0:
-            return float("inf")
-        return 10.0 * float(np.log10(self.signal / self.noise)) if self.signal > 0 else float("-inf")
+        return numerics.sqnr_db_from_sums(self.signal, self.noise)
 
     @property
     def cosine(self) -> float:
@@ -81,7 +80,7 @@ def site_errors(quantized: ir.Model, reference: ir.Model, linears: Sequence[Quan
             s["local"].add(y, local_ref)
             s["activation"].add(q_out[lin.dequantized], x)
             if lin.act_quant is ActQuant.PER_TENSOR:
-                s["per_token_sim"].add(_per_token_fake_quant(x.astype(np.float64)), x)
+                s["per_token_sim"].add(numerics.fake_quant(x.astype(np.float64), eps=numerics.SCALE_EPS), x)
             flat = np.abs(x.reshape(-1, x.shape[-1]))
             np.maximum(absmax[lin.name], flat.max(axis=0), out=absmax[lin.name])
             if lin.clip is not None:
@@ -109,9 +108,3 @@ def site_errors(quantized: ir.Model, reference: ir.Model, linears: Sequence[Quan
         })
     rows.sort(key=lambda r: r["local_sqnr_db"])
     return rows
-
-
-def _per_token_fake_quant(x: np.ndarray) -> np.ndarray:
-    """Symmetric int8 per row: round(x / s) * s with s = row absmax / 127 (as the per_token quantizer)."""
-    scale = np.maximum(np.abs(x).max(axis=-1, keepdims=True) / 127.0, 1e-12)
-    return np.clip(np.round(x / scale), -127, 127) * scale
