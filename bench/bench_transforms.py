@@ -28,8 +28,8 @@ from qexport.exporter.text import TextSource, load_text, token_windows
 from table import markdown_table  # bench/table.py, beside this script
 
 VARIANTS = {  # smoothing methods that have no preset of their own
-    "aweq": {"name": "aweq", "passes": [{"pass": "smooth", "method": "aweq", "sites": "layers.*"}]},
-    "atq": {"name": "atq", "passes": [{"pass": "smooth", "method": "atq", "percentile": 90.0, "sites": "layers.*"}]},
+    "aweq": {"name": "aweq", "passes": [{"pass": "smooth", "method": "aweq", "sites": ["layers.*"]}]},
+    "atq": {"name": "atq", "passes": [{"pass": "smooth", "method": "atq", "percentile": 90.0, "sites": ["layers.*"]}]},
 }
 DEFAULT = "fold-norm,smoothquant,aweq,atq,rotate,smooth-rotate,smooth-affine"
 

@@ -67,7 +67,7 @@ def test_aqas_is_exact_records_alphas_and_runs_once(tiny_export):
     stats = collect_stats(model, WINDOWS)
     feeds = make_feeds(model, past=0)
     expected = run(model, feeds)["logits"]
-    aqas = AqasPass(stats=stats, windows=WINDOWS, sites="layers.*", alphas_grid=GRID)
+    aqas = AqasPass(stats=stats, windows=WINDOWS, sites=("layers.*",), alphas_grid=GRID)
     assert aqas(model).modified
     np.testing.assert_allclose(run(model, feeds)["logits"], expected, rtol=1e-4, atol=1e-5)
     prefill_decode(model)  # the smoothed v -> o cache still decodes

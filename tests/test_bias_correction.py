@@ -86,7 +86,7 @@ def test_bias_correction_leaves_unselected_linears_alone_and_runs_once(tiny_expo
     model, reference, roles = _quantized("llama", tiny_export, activations="per_token")
     before = _mean_errors(model, reference)
     outputs_before = {n.name: [c.name for c in n.outputs[0].consumers()] for n in model.graph if n.name in roles}
-    assert BiasCorrectPass(reference=reference, windows=CALIB, linears="layers.1.*")(model).modified
+    assert BiasCorrectPass(reference=reference, windows=CALIB, linears=("layers.1.*",))(model).modified
     after = _mean_errors(model, reference)
     for name, role in roles.items():
         if role.startswith("layers.0.") or role == "lm_head":
@@ -95,7 +95,7 @@ def test_bias_correction_leaves_unselected_linears_alone_and_runs_once(tiny_expo
                 np.testing.assert_array_equal(after[name], before[name])  # same graph upstream: same values
         elif role.startswith("layers.1.attn.") and role[-1] in "qkv":
             assert np.abs(after[name]).max() <= 1e-3 * np.abs(before[name]).max() + 1e-6
-    assert not BiasCorrectPass(reference=reference, windows=CALIB, linears="layers.1.*")(model).modified
+    assert not BiasCorrectPass(reference=reference, windows=CALIB, linears=("layers.1.*",))(model).modified
 
 
 def test_bias_correction_needs_its_run_time_inputs(tiny_export):

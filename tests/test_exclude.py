@@ -8,6 +8,7 @@ import fnmatch
 import numpy as np
 import onnx_ir as ir
 import pytest
+import yaml
 
 from pass_testing import load, make_feeds, run
 from qexport.errors import RecipeError
@@ -63,8 +64,8 @@ def test_quantize_exclude_equals_the_complement_glob(tiny_export, exclude, compl
     settings = dict(activations=activations, windows=WINDOWS if activations == "per_tensor" else (), threads=1)
     model, reference = load(tiny_export("llama")), load(tiny_export("llama"))
     weights = _float_weights(model)
-    assert QuantizePass(**settings, exclude=exclude)(model).modified
-    assert QuantizePass(**settings, linears=complement)(reference).modified
+    assert QuantizePass(**settings, exclude=(exclude,))(model).modified
+    assert QuantizePass(**settings, linears=(complement,))(reference).modified
     excluded = [r for r in ROLES if fnmatch.fnmatchcase(r, exclude)]
     assert 0 < len(excluded) < len(ROLES)
     _assert_float(model, excluded, weights)
@@ -80,14 +81,14 @@ def test_quantize_exclude_equals_the_complement_glob(tiny_export, exclude, compl
             assert q.inputs[0] is v.inputs[0]  # one shared activation quantizer
             quantize = q.inputs[0].producer().inputs[0].producer()  # DequantizeLinear(QuantizeLinear(x, s))
             assert quantize.op_type == "QuantizeLinear" and k.inputs[0] is quantize.inputs[0]  # k reads that x
-    assert not QuantizePass(**settings, exclude=exclude)(model).modified  # a rerun finds nothing, raises nothing
+    assert not QuantizePass(**settings, exclude=(exclude,))(model).modified  # a rerun finds nothing, raises nothing
 
 
 def test_gptq_exclude_leaves_the_weight_untouched_and_equals_the_complement_glob(tiny_export):
     model, reference = load(tiny_export("llama")), load(tiny_export("llama"))
     weights = _float_weights(model)
-    assert GptqPass(windows=WINDOWS, exclude="layers.*.attn.k", threads=1)(model).modified
-    assert GptqPass(windows=WINDOWS, linears="layers.*[!k]", threads=1)(reference).modified
+    assert GptqPass(windows=WINDOWS, exclude=("layers.*.attn.k",), threads=1)(model).modified
+    assert GptqPass(windows=WINDOWS, linears=("layers.*[!k]",), threads=1)(reference).modified
     _assert_float(model, ["layers.0.attn.k", "layers.1.attn.k"], weights)
     _assert_quantized(model, [r for r in ROLES if not r.endswith("attn.k")], activations=False)
     assert _same_graph(model, reference)
@@ -99,7 +100,7 @@ def test_gptq_then_quantize_with_the_same_exclude_leaves_the_linears_float(tiny_
     model = load(tiny_export("llama"))
     weights = _float_weights(model)
     before = {node.name: role for node, role in linear_names(model).items()}
-    exclude = "layers.0.mlp.down, layers.1.attn.k"
+    exclude = ("layers.0.mlp.down", "layers.1.attn.k")
     assert GptqPass(windows=WINDOWS, exclude=exclude, threads=1)(model).modified
     assert {node.name: role for node, role in linear_names(model).items()} == before
     assert QuantizePass(activations="per_tensor", windows=WINDOWS, exclude=exclude, threads=1)(model).modified
@@ -108,7 +109,7 @@ def test_gptq_then_quantize_with_the_same_exclude_leaves_the_linears_float(tiny_
     _assert_quantized(model, [r for r in ROLES if r not in excluded])
     assert not QuantizePass(exclude=exclude)(model).modified
     # without the exclude, quantize would round the two float linears to nearest: they are still selectable
-    assert QuantizePass(exclude="layers.0.mlp.down")(model).modified
+    assert QuantizePass(exclude=("layers.0.mlp.down",))(model).modified
     _assert_float(model, ["layers.0.mlp.down"], weights)
     _assert_quantized(model, ["layers.1.attn.k"])
 
@@ -117,31 +118,49 @@ def test_gptq_then_quantize_with_the_same_exclude_leaves_the_linears_float(tiny_
 def test_an_exclude_glob_that_matches_nothing_is_an_error(tiny_export, make):
     model = load(tiny_export("llama"))
     with pytest.raises(RecipeError, match=r"exclude glob 'layers\.0\.mlp\.dwn' matches none .*layers\.0\.attn\.q"):
-        make(exclude="layers.0.mlp.down,layers.0.mlp.dwn")(model)
+        make(exclude=("layers.0.mlp.down", "layers.0.mlp.dwn"))(model)
     with pytest.raises(RecipeError, match="include_lm_head"):
-        make(exclude="lm_head")(model)
-    with pytest.raises(RecipeError, match=r"'layers\.0\.\*' matches none of the 7 linears selected by linears='layers\.1\.\*'"):
-        make(linears="layers.1.*", exclude="layers.0.*")(model)
+        make(exclude=("lm_head",))(model)
+    with pytest.raises(RecipeError, match=r"'layers\.0\.\*' matches none of the 7 linears selected by linears=\['layers\.1\.\*'\]"):
+        make(linears=("layers.1.*",), exclude=("layers.0.*",))(model)
     assert not any(Meta.QUANT in node.metadata_props for node in model.graph)  # nothing was quantized
 
 
 def test_exclude_lm_head_when_included_and_everything_excluded(tiny_export):
     model = load(tiny_export("qwen2"))
     weights = _float_weights(model)
-    assert QuantizePass(include_lm_head=True, exclude="lm_head")(model).modified
+    assert QuantizePass(include_lm_head=True, exclude=("lm_head",))(model).modified
     head = model.graph.outputs[0].producer()
     assert head.inputs[1].producer() is None  # lm_head keeps its float weight
     _assert_quantized(model, ROLES)
     untouched = load(tiny_export("qwen2"))
-    assert not QuantizePass(exclude="layers.*")(untouched).modified
+    assert not QuantizePass(exclude=("layers.*",))(untouched).modified
     _assert_float(untouched, ROLES, weights)
 
 
 def test_recipe_exclude_maps_onto_both_passes():
-    recipe = Recipe.from_dict({"name": "x", "passes": [
-        {"pass": "quantize-gptq", "exclude": "layers.0.mlp.down,layers.29.*"},
-        {"pass": "quantize", "exclude": "layers.0.mlp.down,layers.29.*"}]})
+    recipe = Recipe.from_dict(yaml.safe_load("""
+        name: x
+        passes:
+          - {pass: quantize-gptq, exclude: [layers.0.mlp.down, "layers.29.*"]}
+          - {pass: quantize, exclude: [layers.0.mlp.down, "layers.29.*"]}
+    """))
     built = recipe.build({"quantize-gptq": {"windows": WINDOWS}})
-    assert [p.exclude for p in built] == ["layers.0.mlp.down,layers.29.*"] * 2
-    with pytest.raises(RecipeError):
-        Recipe.from_dict({"name": "x", "passes": [{"pass": "quantize", "exclude": ["layers.0.*"]}]})
+    assert [p.exclude for p in built] == [("layers.0.mlp.down", "layers.29.*")] * 2
+    assert [p.linears for p in built] == [("*",)] * 2
+    assert Recipe.from_dict(yaml.safe_load(recipe.to_yaml())) == recipe
+
+
+@pytest.mark.parametrize("key", ["exclude", "linears"])
+@pytest.mark.parametrize("name", ["quantize", "quantize-gptq"])
+def test_a_comma_separated_string_is_an_error_showing_the_list(name, key):
+    """A string is never split at commas (nor taken as one glob): the error names the key and shows the list."""
+    with pytest.raises(RecipeError, match=rf"passes\[0\]\.{key}: 'layers\.0\.mlp\.down,layers\.29\.\*' is one string; "
+                                          rf"globs are not separated by commas but given as a list: "
+                                          rf'{key}: \["layers\.0\.mlp\.down", "layers\.29\.\*"\]'):
+        Recipe.from_dict({"name": "x", "passes": [{"pass": name, key: "layers.0.mlp.down,layers.29.*"}]})
+    with pytest.raises(RecipeError, match=rf'passes\[0\]\.{key}: \'layers\.0\.\*\' is a string; .*{key}: \["layers\.0\.\*"\]'):
+        Recipe.from_dict({"name": "x", "passes": [{"pass": name, key: "layers.0.*"}]})
+    make = QuantizePass if name == "quantize" else GptqPass
+    with pytest.raises(RecipeError, match=rf"{name} {key}: 'a, b' is one string"):  # from Python too
+        make(**{key: "a, b"})

@@ -47,7 +47,7 @@ def test_fold_norm_selects_sites_by_glob(tiny_export):
     give_norms_weights(model)
     feeds = make_feeds(model)
     expected = run(model, feeds)
-    assert FoldNormPass(sites="layers.*.mlp_norm")(model).modified
+    assert FoldNormPass(sites=("layers.*.mlp_norm",))(model).modified
     assert_outputs_close(run(model, feeds), expected)
     gammas = {s.name: const_f64(s.norm.gamma) for s in sites.find_norm_sites(model.graph)}
     assert np.all(gammas["layers.0.mlp_norm"] == 1.0) and np.all(gammas["layers.1.mlp_norm"] == 1.0)

@@ -16,6 +16,7 @@ from qexport.passes.quantize.insert_qdq import QuantizePass
 from qexport.calibration.layer_sessions import StagedRuns
 from qexport.passes.discovery.linear_select import selected_linears
 from qexport.passes.metadata import Meta
+from qexport.passes.discovery.names import NameFilter
 from qexport.passes.quantize.weight_quant import WeightFormat, quantize_weight
 
 
@@ -75,7 +76,7 @@ def test_gptq_beats_round_to_nearest_on_the_layer_output():
 def test_gptq_pass_writes_int8_weights_and_quantize_adds_activations(tiny_export):
     windows = tuple(np.arange(3 + 60 * i, 67 + 60 * i, dtype=np.int64) for i in range(3))
     model = load(tiny_export("llama"))
-    count = len(selected_linears(model, "*", False))
+    count = len(selected_linears(model, NameFilter(), False))
     assert GptqPass(windows=windows)(model).modified
     weight_dqs = [n for n in model.graph if n.metadata_props.get(Meta.QUANT) == "weight"]
     assert len(weight_dqs) == count
@@ -165,7 +166,7 @@ def test_grouped_gptq_beats_round_to_nearest_on_the_layer_output(kind):
 
 def _layer_hessians(model, pattern, settings):
     """One-shot Hessians of the inputs of the linears matching ``pattern``, from the whole graph as it is."""
-    inputs = list(dict.fromkeys(lin.input for lin in selected_linears(model, pattern, False)))
+    inputs = list(dict.fromkeys(lin.input for lin in selected_linears(model, NameFilter((pattern,)), False)))
     return {v.name: h for v, h in gptq._hessians(inputs, StagedRuns(model, [inputs], settings["windows"]).run(0)).items()}
 
 
@@ -185,7 +186,7 @@ def _spy_hessians(monkeypatch) -> dict[str, np.ndarray]:
 def test_sequential_gptq_takes_each_layers_hessian_from_the_graph_with_earlier_layers_quantized(tiny_export, monkeypatch):
     windows = tuple(np.arange(3 + 60 * i, 67 + 60 * i, dtype=np.int64) for i in range(3))
     model = load(tiny_export("llama"))
-    layer1 = {lin.input.name for lin in selected_linears(model, "layers.1.*", False)}
+    layer1 = {lin.input.name for lin in selected_linears(model, NameFilter(("layers.1.*",)), False)}
     settings = dict(windows=windows, weights="int4", group_size=32)
     float_h = _layer_hessians(model, "layers.1.*", settings)
     seen = _spy_hessians(monkeypatch)
@@ -193,7 +194,7 @@ def test_sequential_gptq_takes_each_layers_hessian_from_the_graph_with_earlier_l
     monkeypatch.undo()
     # the same Hessians from a graph in which only layer 0 is quantized (one-shot: its Hessians are float's)
     reference = load(tiny_export("llama"))
-    GptqPass(**settings, linears="layers.0.*")(reference)
+    GptqPass(**settings, linears=("layers.0.*",))(reference)
     expected = _layer_hessians(reference, "layers.1.*", settings)
     assert len(expected) == len(layer1) == 4  # the inputs of q/k/v, o, gate/up and down
     for name, h in expected.items():

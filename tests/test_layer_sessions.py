@@ -13,6 +13,7 @@ from qexport.passes.quantize.gptq import GptqPass
 from qexport.calibration.layer_sessions import StagedRuns
 from qexport.passes.discovery.linear_select import selected_linears
 from qexport.passes.metadata import Meta
+from qexport.passes.discovery.names import NameFilter
 from qexport.passes.discovery.residual import find_residual_stream
 
 
@@ -26,7 +27,7 @@ def linear_role(lin) -> str:
 
 
 def _site_inputs(model, pattern):
-    return list(dict.fromkeys(lin.input for lin in selected_linears(model, pattern, False)))
+    return list(dict.fromkeys(lin.input for lin in selected_linears(model, NameFilter((pattern,)), False)))
 
 
 def test_staged_runs_from_cuts_inside_the_model_follow_weight_changes(tiny_export):
@@ -37,7 +38,7 @@ def test_staged_runs_from_cuts_inside_the_model_follow_weight_changes(tiny_expor
     windows = tuple(np.arange(3 + 50 * i, 40 + 50 * i, dtype=np.int64) for i in range(2))
     model = load(tiny_export("llama"))
     stages = [_site_inputs(model, f"layers.{i}.{part}") for i in (0, 1) for part in ("attn.[qkv]", "mlp.[gu]*")]
-    writers = [lin.weight for lin in selected_linears(model, "*", False) if linear_role(lin) in ("attn.o", "mlp.down")]
+    writers = [lin.weight for lin in selected_linears(model, NameFilter(), False) if linear_role(lin) in ("attn.o", "mlp.down")]
     runs = StagedRuns(model, stages, windows)
     stream = layer_sessions.stream_values(model)
     assert runs.cuts == stream[:4]

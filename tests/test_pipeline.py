@@ -140,7 +140,7 @@ def test_pipeline_gives_bias_correction_the_float_graph(tiny_export):
 
     model = ir.load(tiny_export("llama") / "model.onnx")
     recipe = Recipe.from_dict({"name": "bc", "passes": [{"pass": "quantize", "activations": "per_tensor"},
-                                                        {"pass": "bias-correct", "linears": "layers.0.attn.*"}]})
+                                                        {"pass": "bias-correct", "linears": ["layers.0.attn.*"]}]})
     adds = sum(n.op_type == "Add" for n in model.graph)
     report = apply_recipe(model, recipe, _windows(), PipelineSettings(measure_difficulty=False))
     assert [s["modified"] for s in report["steps"]] == [True, True]

@@ -14,6 +14,7 @@ from qexport.errors import RecipeError
 from qexport.passes.quantize.insert_qdq import QuantizePass
 from qexport.passes.discovery.linear_select import linear_names, selected_linears
 from qexport.passes.metadata import Meta
+from qexport.passes.discovery.names import NameFilter
 from qexport.passes.quantize.weight_quant import quantize_weight
 
 # One float32 rounding per product and accumulation order: the QDQ graph against the float64 reference.
@@ -52,7 +53,7 @@ def _layer_io(model: ir.Model, weights: dict[str, np.ndarray], feeds) -> dict[st
 
 
 def _original_weights(model: ir.Model, include_lm_head: bool = False) -> dict[str, np.ndarray]:
-    return {lin.node.name: lin.weight_in_out() for lin in selected_linears(model, "*", include_lm_head)}
+    return {lin.node.name: lin.weight_in_out() for lin in selected_linears(model, NameFilter(), include_lm_head)}
 
 
 def _assert_layers_match(layers, weights, fake_quant_x) -> None:
@@ -79,7 +80,7 @@ def test_per_tensor_layers_equal_numpy_fake_quant_with_calibrated_scales(tiny_ex
     weights = _original_weights(model)
     QuantizePass(activations="per_tensor", calibration=calibration, percentile=90.0, windows=CALIB)(model)
     # reference scales: the same activations of the float graph on the calibration windows
-    inputs = {lin.node.name: lin.input.name for lin in selected_linears(fp32, "*", False)}
+    inputs = {lin.node.name: lin.input.name for lin in selected_linears(fp32, NameFilter(), False)}
     session = session_with_outputs(fp32, sorted(set(inputs.values())), None)
     graph_inputs = {i.name: i for i in session.get_inputs()}
     per_token: dict[str, list[np.ndarray]] = collections.defaultdict(list)
@@ -114,7 +115,7 @@ def test_weights_are_int8_per_output_channel_without_weight_quantizers(tiny_expo
 
 def test_quantizers_sit_only_on_weight_linear_inputs(tiny_export):
     model = load(tiny_export("llama"))
-    linears = selected_linears(model, "*", False)
+    linears = selected_linears(model, NameFilter(), False)
     readers = collections.Counter(lin.input for lin in linears)
     lm_head = next(n for n in model.graph if n.outputs[0] is model.graph.outputs[0])
     QuantizePass()(model)
@@ -147,7 +148,7 @@ def test_lm_head_and_glob_selection_by_role_name(tiny_export):
                                           ("attn.k", "attn.o", "attn.q", "attn.v", "mlp.down", "mlp.gate", "mlp.up")]
     downs = {node for node, name in names.items() if name.endswith("mlp.down")}
     assert all(n.inputs[0].producer().op_type == "Mul" for n in downs)  # act(gate) * up feeds down_proj
-    QuantizePass(linears="layers.*.mlp.down")(model)
+    QuantizePass(linears=("layers.*.mlp.down",))(model)
     quantized = {n.outputs[0].consumers()[0] for n in model.graph if n.metadata_props.get(Meta.QUANT) == "weight"}
     assert quantized == downs and len(downs) == 2
 

@@ -188,7 +188,7 @@ def test_smoothing_suggestion_for_a_site_that_stands_out_runs_as_a_recipe(cli_re
     smooth = [s for s in suggest(report, recipe) if s["title"].startswith("smooth")]
     assert len(smooth) == 1 and "layers.1.attn.o" in smooth[0]["reason"]
     entries = yaml.safe_load(smooth[0]["yaml"])["passes"]
-    assert entries[0] == {"pass": "smooth", "method": "smoothquant", "alpha": 0.5, "sites": "layers.1.v_o"}  # worst first
+    assert entries[0] == {"pass": "smooth", "method": "smoothquant", "alpha": 0.5, "sites": ["layers.1.v_o"]}  # worst first
     proposed = Recipe.from_dict(yaml.safe_load(smooth[0]["recipe"]))
     assert [e.name for e in proposed.passes][:2] == ["smooth", "smooth"]  # after the preset's own smoothing
     fp32 = tiny_export("llama")
@@ -214,19 +214,20 @@ def _pushed_down(report: dict, sites: list[str], db: float = 10.0) -> dict:
 
 
 def test_role_exclusion_goes_to_every_quantization_pass_and_selects_exactly_the_other_linears(cli_report, tiny_export):
-    """All mlp.down sites 10 dB down: --suggest proposes ``exclude: layers.*.mlp.down`` on quantize-gptq and quantize
+    """All mlp.down sites 10 dB down: --suggest proposes ``exclude: [layers.*.mlp.down]`` on quantize-gptq and quantize
     (on one alone the other would quantize them), only where that pass selects them, and the quantize pass then
     selects exactly the other linears."""
     import yaml
 
     from qexport.passes.discovery.linear_select import linear_names, selected_linears
+    from qexport.passes.discovery.names import NameFilter
     from qexport.report.suggest import suggest
 
     downs = sorted(n for n in TINY_SITES if n.endswith("mlp.down"))
     report = _pushed_down(cli_report[0], downs)
     recipe = {"name": "w4", "passes": [{"pass": "quantize-gptq", "weights": "int4", "group_size": 32},
-                                       {"pass": "quantize", "activations": "per_tensor", "exclude": "layers.9.*"},
-                                       {"pass": "quantize", "linears": "layers.*.attn.*"}]}
+                                       {"pass": "quantize", "activations": "per_tensor", "exclude": ["layers.9.*"]},
+                                       {"pass": "quantize", "linears": ["layers.*.attn.*"]}]}
     suggestions = suggest(report, recipe)
     per_token = next(s for s in suggestions if "per-token" in s["title"])  # on quantize: gptq has no activations
     assert [dict(e.settings).get("activations") for e in Recipe.from_dict(yaml.safe_load(per_token["recipe"])).passes
@@ -235,12 +236,12 @@ def test_role_exclusion_goes_to_every_quantization_pass_and_selects_exactly_the_
     assert len(found) == 1 and re.search(r"mlp\.down: median local SQNR -?\d+\.\d dB over 2 sites", found[0]["reason"])
     proposed = Recipe.from_dict(yaml.safe_load(found[0]["recipe"]))
     assert [dict(e.settings).get("exclude") for e in proposed.passes] == [
-        "layers.*.mlp.down", "layers.9.*,layers.*.mlp.down", None]  # the attn-only pass does not select mlp.down
+        ("layers.*.mlp.down",), ("layers.9.*", "layers.*.mlp.down"), None]  # the attn-only pass does not select mlp.down
     snippet = yaml.safe_load(found[0]["yaml"])["passes"]
-    assert [(e["pass"], e["exclude"]) for e in snippet] == [(e.name, dict(e.settings)["exclude"]) for e in proposed.passes[:2]]
+    assert [(e["pass"], tuple(e["exclude"])) for e in snippet] == [(e.name, dict(e.settings)["exclude"]) for e in proposed.passes[:2]]
     model = ir.load(tiny_export("llama") / "model.onnx")
     names = linear_names(model)
-    chosen = {names[lin.node] for lin in selected_linears(model, "*", False, "layers.*.mlp.down")}
+    chosen = {names[lin.node] for lin in selected_linears(model, NameFilter(exclude=("layers.*.mlp.down",)), False)}
     assert chosen == TINY_SITES - set(downs)
 
 
@@ -262,7 +263,7 @@ def test_leaving_the_worst_linears_in_float_runs_as_a_recipe(cli_report, static_
     recipe = json.loads((static_llama / "qexport.json").read_text())["recipe"]["recipe"]
     found = [s for s in suggest(report, recipe) if s["title"].startswith(f"leave {', '.join(worst)}")]
     assert len(found) == 1
-    excluded = yaml.safe_load(found[0]["yaml"])["passes"][0]["exclude"].split(",")
+    excluded = yaml.safe_load(found[0]["yaml"])["passes"][0]["exclude"]
     median = float(np.median([r["local_sqnr_db"] for r in report["sites"]]))
     rows = {r["site"]: r for r in report["sites"]}
     assert excluded[:2] == worst and len(excluded) <= 3  # worst first; the tiny model's own outlier may follow

@@ -119,7 +119,7 @@ def test_rotate_heads_is_exact(tiny_export, family):
 def test_rotate_heads_selects_sites_by_glob(tiny_export):
     model = load(tiny_export("llama"))
     v_weights = [const_f64(s.v.weight).copy() for s in sites.find_v_o_sites(model.graph)]
-    assert RotateHeadsPass(sites="layers.1.*")(model).modified
+    assert RotateHeadsPass(sites=("layers.1.*",))(model).modified
     after = [const_f64(s.v.weight) for s in sites.find_v_o_sites(model.graph)]
     np.testing.assert_array_equal(after[0], v_weights[0])
     assert np.abs(after[1] - v_weights[1]).max() > 1e-3

@@ -10,6 +10,7 @@ import pytest
 
 from qexport.errors import PatternNotFoundError
 from qexport.passes.discovery import sites
+from qexport.passes.discovery.names import NameFilter
 from tiny_models import tiny_config
 
 ALL_KINDS = ("attn_norm", "mlp_norm", "v_o", "up_down", "final_norm")
@@ -44,7 +45,7 @@ def test_finds_every_site_with_the_expected_shape(tiny_export, family):
     for site in found.up_down:
         assert (site.gate is None) == (family == "opt")
         assert site.up.out_features == site.down.in_features == (config.ffn_dim if family == "opt" else config.intermediate_size)
-    assert found.select("layers.*.up_down") == list(found.up_down)
+    assert found.select(NameFilter(("layers.*.up_down",))) == list(found.up_down)
 
 
 def test_residual_stream(tiny_export, family):

@@ -77,7 +77,7 @@ def test_smoothquant_formula_and_per_site_alpha(tiny_export):
     model = load(tiny_export("llama"))
     give_norms_weights(model)
     stats = collect_stats(model, windows())
-    smooth = SmoothPass(stats=stats, alpha=0.5, alphas={"layers.1.*": 0.85}, sites="layers.*.up_down")
+    smooth = SmoothPass(stats=stats, alpha=0.5, alphas={"layers.1.*": 0.85}, sites=("layers.*.up_down",))
     scales = {site.name: (site, s) for site, s in smooth.scales_for(model).items()}
     assert set(scales) == {"layers.0.up_down", "layers.1.up_down"}
     for name, alpha in (("layers.0.up_down", 0.5), ("layers.1.up_down", 0.85)):

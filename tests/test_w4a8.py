@@ -17,6 +17,7 @@ from qexport.passes._ir import write_weight
 from qexport.passes.quantize.insert_qdq import QuantizePass
 from qexport.passes.discovery.linear_select import selected_linears
 from qexport.passes.metadata import Meta
+from qexport.passes.discovery.names import NameFilter
 from qexport.passes.quantize.weight_quant import WeightFormat
 from qexport.runtimes.tensorrt.check import check_model, errors
 
@@ -98,7 +99,7 @@ def test_mse_clip_never_loses_to_absmax_and_helps_on_heavy_tails(kind):
 
 def _fake_quant_float_model(model: ir.Model, fmt: WeightFormat, include_lm_head: bool) -> None:
     """Reference graph: each selected weight replaced by its numpy fake-quantized float values."""
-    for linear in selected_linears(model, "*", include_lm_head):
+    for linear in selected_linears(model, NameFilter(), include_lm_head):
         write_weight(model.graph, linear, fmt.dequantize(*_reference_codes(linear.weight_in_out(), fmt)))
 
 
@@ -128,7 +129,7 @@ def test_weight_only_graph_equals_the_numpy_fake_quant_model(tiny_export, family
 
 def test_int4_weights_are_blocked_dequantize_linear_along_the_input_axis(tiny_export):
     model = load(tiny_export("opt"))
-    shapes = {lin.node.name: lin.weight_in_out().shape for lin in selected_linears(model, "*", False)}
+    shapes = {lin.node.name: lin.weight_in_out().shape for lin in selected_linears(model, NameFilter(), False)}
     QuantizePass(activations="none", weights="int4", group_size=64)(model)
     dqs = [n for n in model.graph if n.metadata_props.get(Meta.QUANT) == "weight"]
     assert len(dqs) == len(shapes) and all(n.op_type == "DequantizeLinear" for n in dqs)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 
 import onnx_ir as ir
 
-from qexport.errors import RecipeError
 from qexport.passes.discovery import sites as site_matching
+from qexport.passes.discovery.names import NameFilter
 from qexport.passes.metadata import Meta
 
 log = logging.getLogger(__name__)
@@ -67,22 +66,16 @@ def _lm_heads(model: ir.Model) -> set[ir.Node]:
     return heads | {v.producer() for v in model.graph.outputs if v.producer() is not None}
 
 
-def _globs(exclude: str) -> list[str]:
-    return [g.strip() for g in exclude.split(",") if g.strip()]
-
-
-def _matches(names: list[str], globs: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, glob) for name in names for glob in globs)
-
-
 def _names(node: ir.Node, weight: ir.Value | None, roles: dict[ir.Node, str]) -> list[str]:
+    """The names a linear is selected by: role name (first: the one shown in messages), node name, weight name."""
     return [roles.get(node, ""), node.name or ""] + ([weight.name or ""] if weight is not None else [])
 
 
-def _selected(node: ir.Node, weight: ir.Value | None, pattern: str, include_lm_head: bool, heads: set[ir.Node],
+def _selected(node: ir.Node, weight: ir.Value | None, names: NameFilter, include_lm_head: bool, heads: set[ir.Node],
               roles: dict[ir.Node, str]) -> bool:
-    if not _matches(_names(node, weight, roles), [pattern]):
-        log.debug("%s not selected by %r", node.name, pattern)
+    """Whether ``names.include`` selects the linear (exclusion is applied apart, see :func:`_excluded`)."""
+    if not names.included(*_names(node, weight, roles)):
+        log.debug("%s not selected by %r", node.name, list(names.include))
         return False
     if not include_lm_head and node in heads:
         log.debug("%s is lm_head: left in float", node.name)
@@ -98,63 +91,57 @@ def _dequantized_weight(node: ir.Node) -> ir.Value | None:
     return b.inputs[0] if b is not None and b.metadata_props.get(Meta.QUANT) == "weight" else None
 
 
-def _check_exclude(model: ir.Model, pattern: str, include_lm_head: bool, globs: list[str], heads: set[ir.Node],
+def _check_exclude(model: ir.Model, names: NameFilter, include_lm_head: bool, heads: set[ir.Node],
                    roles: dict[ir.Node, str]) -> None:
-    """Each ``exclude`` glob must match a linear ``pattern`` selects (float or with its weight already quantized,
+    """Each ``exclude`` glob must match a linear ``include`` selects (float or with its weight already quantized,
     so a rerun or a ``quantize`` after ``quantize-gptq`` with the same ``exclude`` passes): a typo is an error."""
     candidates = []
     for node in model.graph:
         lin = site_matching.match_linear(node)
         weight = lin.weight if lin is not None else _dequantized_weight(node)
-        if weight is not None and _selected(node, weight, pattern, include_lm_head, heads, roles):
+        if weight is not None and _selected(node, weight, names, include_lm_head, heads, roles):
             candidates.append(_names(node, weight, roles))
-    for glob in globs:
-        if not any(_matches(names, [glob]) for names in candidates):
-            valid = [names[0] for names in candidates if names[0]]
-            shown = ", ".join(valid[:4] + (["...", valid[-1]] if len(valid) > 5 else valid[4:]))
-            head_note = "" if include_lm_head else " (lm_head is never selected without include_lm_head)"
-            raise RecipeError(f"exclude glob {glob!r} matches none of the {len(candidates)} linears selected by "
-                              f"linears={pattern!r}{head_note}; role names look like: {shown or 'none found'}. "
-                              "Fix the glob (role names, node names or weight names; globs separated by commas)")
+    names.check_excludes(candidates, what="linears", key="linears", shown_as="role names",
+                         note="" if include_lm_head else " (lm_head is never selected without include_lm_head)",
+                         hint=" (role names, node names or weight names)")
 
 
-def selected_linears(model: ir.Model, pattern: str, include_lm_head: bool, exclude: str = ""
-                     ) -> list[site_matching.Linear]:
-    """Weight linears (``match_linear``) whose role, node or weight name matches ``pattern`` and no glob of
-    ``exclude`` (comma-separated); lm_head only if asked. An ``exclude`` glob that matches no linear ``pattern``
-    selects is a :class:`RecipeError`. When any linear is selected (the caller is about to quantize it), the role
-    names of all linears are recorded on their nodes (metadata ``qexport.role``) for later passes."""
-    heads, roles, globs = _lm_heads(model), linear_names(model), _globs(exclude)
-    if globs:
-        _check_exclude(model, pattern, include_lm_head, globs, heads, roles)
+def selected_linears(model: ir.Model, names: NameFilter, include_lm_head: bool) -> list[site_matching.Linear]:
+    """Weight linears (``match_linear``) whose role, node or weight name ``names`` matches; lm_head only if asked.
+    An ``exclude`` glob that matches no linear ``names.include`` selects is a :class:`RecipeError`. When any
+    linear is selected (the caller is about to quantize it), the role names of all linears are recorded on their
+    nodes (metadata ``qexport.role``) for later passes."""
+    heads, roles = _lm_heads(model), linear_names(model)
+    if names.exclude:
+        _check_exclude(model, names, include_lm_head, heads, roles)
     found = [lin for node in model.graph if (lin := site_matching.match_linear(node)) is not None
-             and _selected(node, lin.weight, pattern, include_lm_head, heads, roles)
-             and not _excluded(node, lin.weight, globs, roles)]
+             and _selected(node, lin.weight, names, include_lm_head, heads, roles)
+             and not _excluded(node, lin.weight, names, roles)]
     if found:  # record the role names: once q/k/v or the MLP weights are dequantized, linear_names can no longer
         for node, role in roles.items():  # match them structurally (or names a partly quantized q/k/v wrongly)
             node.metadata_props[Meta.ROLE] = role
     return found
 
 
-def _excluded(node: ir.Node, weight: ir.Value | None, globs: list[str], roles: dict[ir.Node, str]) -> bool:
-    if globs and _matches(_names(node, weight, roles), globs):
+def _excluded(node: ir.Node, weight: ir.Value | None, names: NameFilter, roles: dict[ir.Node, str]) -> bool:
+    if names.excluded(*_names(node, weight, roles)):
         log.debug("%s (%s) excluded: left in float", node.name, roles.get(node, "no role name"))
         return True
     return False
 
 
-def prequantized_linears(model: ir.Model, pattern: str, include_lm_head: bool, exclude: str = "") -> list[ir.Node]:
+def prequantized_linears(model: ir.Model, names: NameFilter, include_lm_head: bool) -> list[ir.Node]:
     """MatMul/Gemm nodes whose weight is already an int8 DequantizeLinear (e.g. from ``quantize-gptq``) and whose
     activation is not quantized yet, selected as :func:`selected_linears` selects."""
-    heads, roles, globs = _lm_heads(model), linear_names(model), _globs(exclude)
-    if globs:
-        _check_exclude(model, pattern, include_lm_head, globs, heads, roles)
+    heads, roles = _lm_heads(model), linear_names(model)
+    if names.exclude:
+        _check_exclude(model, names, include_lm_head, heads, roles)
     found = []
     for node in model.graph:
         weight = _dequantized_weight(node)
         a = node.inputs[0].producer() if weight is not None and node.inputs[0] is not None else None
         if weight is None or (a is not None and Meta.QUANT in a.metadata_props):
             continue
-        if _selected(node, weight, pattern, include_lm_head, heads, roles) and not _excluded(node, weight, globs, roles):
+        if _selected(node, weight, names, include_lm_head, heads, roles) and not _excluded(node, weight, names, roles):
             found.append(node)
     return found

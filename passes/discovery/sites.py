@@ -21,7 +21,6 @@ stale once a pass rewrites the graph: find them again after each pass.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 from typing import Iterable, Sequence
 
@@ -34,6 +33,7 @@ from qexport.passes.discovery.graph_match import (  # noqa: F401  (re-exported: 
     ACTIVATIONS, POSITIVE_HOMOGENEOUS, Linear, Norm, NormKind, _trace_up, find_norms, is_online_transform,
     linear_producing, match_linear,
 )
+from qexport.passes.discovery.names import NameFilter
 from qexport.passes.discovery.residual import ResidualBlock, ResidualStream, find_residual_stream  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -108,9 +108,9 @@ class SiteMap:
     def all(self) -> tuple[Site, ...]:
         return (*self.norm_sites, *self.v_o, *self.up_down)
 
-    def select(self, pattern: str) -> list[Site]:
-        """Sites whose name matches the glob ``pattern`` (e.g. ``layers.*.up_down``)."""
-        return [s for s in self.all if fnmatch.fnmatchcase(s.name, pattern)]
+    def select(self, names: NameFilter) -> list[Site]:
+        """The sites, in graph order, whose name ``names`` matches (e.g. ``NameFilter(("layers.*.up_down",))``)."""
+        return [s for s in self.all if names.matches(s.name)]
 
     def require(self, num_layers: int, kinds: Sequence[str] = ("attn_norm", "mlp_norm", "v_o", "up_down")) -> None:
         """Raise :class:`PatternNotFoundError` naming every expected site that was not found."""

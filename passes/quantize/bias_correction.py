@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import fnmatch
 import logging
 import re
 from typing import ClassVar
@@ -16,6 +15,7 @@ from qexport.errors import RecipeError
 from qexport.passes.discovery import sites as site_matching
 from qexport.passes._ir import const_f64, new_initializer, set_const_input, set_graph_output
 from qexport.passes.discovery.linear_select import linear_names
+from qexport.passes.discovery.names import NameFilter, check_glob_fields
 from qexport.passes.metadata import Meta
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,8 @@ class BiasCorrectPass(ir.passes.InPlacePass):
     which the corrections are graph inputs (fed the biases found so far: one session for the whole pass). W is the
     float weight of ``reference``, the graph before quantization (the pipeline supplies it), matched by node name.
     Rewrite cases, for each quantized linear (a MatMul/Gemm whose weight is a ``DequantizeLinear`` tagged by
-    quantization) whose role name or node name matches ``linears``:
+    quantization) whose role name, node name or float weight name matches a glob of ``linears`` (a list, as
+    ``quantize`` selects):
 
     1. Gemm: C -= e (C added when absent);
     2. MatMul followed by a constant bias Add: the bias -= e;
@@ -60,12 +61,13 @@ class BiasCorrectPass(ir.passes.InPlacePass):
 
     reference: ir.Model | None = None
     windows: tuple[np.ndarray, ...] = ()
-    linears: str = "*"
+    linears: tuple[str, ...] = ("*",)
     sequential: Sequential = Sequential.PER_INPUT
     max_windows: int = 2  # calibration windows used (the first ones), run once per stage
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        check_glob_fields(self, "bias-correct", "linears")
         try:
             object.__setattr__(self, "sequential", Sequential(self.sequential))
         except ValueError:
@@ -78,7 +80,7 @@ class BiasCorrectPass(ir.passes.InPlacePass):
         if self.reference is None or not self.windows:
             raise RecipeError("bias-correct needs the float graph before quantization (reference) and calibration "
                               "windows; run it through a recipe, after quantize/quantize-gptq")
-        targets = quantized_linears(model, self.reference, self.linears)
+        targets = quantized_linears(model, self.reference, NameFilter(self.linears))
         if not targets:
             return ir.passes.PassResult(model, False)
         windows = self.windows[: self.max_windows]
@@ -95,8 +97,9 @@ class BiasCorrectPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
 
-def quantized_linears(model: ir.Model, reference: ir.Model, pattern: str = "*") -> list[QuantizedLinear]:
-    """Quantized linears of ``model`` (graph order) matched by node name to float linears of ``reference``."""
+def quantized_linears(model: ir.Model, reference: ir.Model, names: NameFilter = NameFilter()) -> list[QuantizedLinear]:
+    """Quantized linears of ``model`` (graph order) matched by node name to float linears of ``reference``, those
+    whose role, node or float weight name ``names`` matches."""
     roles = {node.name: role for node, role in linear_names(reference).items()}
     floats = {node.name: lin for node in reference.graph if (lin := site_matching.match_linear(node)) is not None}
     found = []
@@ -107,7 +110,7 @@ def quantized_linears(model: ir.Model, reference: ir.Model, pattern: str = "*") 
         if w is None or w.metadata_props.get(Meta.QUANT) != "weight" or node.name not in floats:
             continue
         role = roles.get(node.name, node.name)
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in (role, node.name)):
+        if not names.matches(role, node.name, floats[node.name].weight.name or ""):
             continue
         a = node.inputs[0].producer()
         quantized_x = a is not None and a.op_type == "DequantizeLinear" and a.metadata_props.get(Meta.QUANT) in ("per_token", "per_tensor")

@@ -16,6 +16,7 @@ from qexport.errors import RecipeError
 from qexport.passes.discovery import sites as site_matching
 from qexport.calibration.layer_sessions import StagedRuns
 from qexport.passes.discovery.linear_select import linear_names, selected_linears
+from qexport.passes.discovery.names import NameFilter, check_glob_fields
 from qexport.passes.quantize.weight_quant import WeightClip, WeightFormat, WeightQuant, write_quantized_weight
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,7 @@ class GptqPass(ir.passes.InPlacePass):
     """Quantize weight linears' weights with GPTQ; activations are left to a following ``quantize`` pass (recipe name ``quantize-gptq``).
 
     Rewrite cases, for each linear selected as :class:`~qexport.passes.quantize.insert_qdq.QuantizePass` selects them
-    (``linears`` glob minus the comma-separated ``exclude`` globs, which stay float; lm_head only with
-    ``include_lm_head``):
+    (``linears`` globs minus the ``exclude`` globs, which stay float; lm_head only with ``include_lm_head``):
 
     1. H = X^T X / N of the linear's input over the calibration ``windows``, run through the graph as it is
        (so after any rotation or smoothing: the basis the weights are in), one H shared by q/k/v and gate/up,
@@ -110,9 +110,9 @@ class GptqPass(ir.passes.InPlacePass):
     _cached_layers: ClassVar[bool] = True  # False: each sequential stage runs the whole graph (the reference path)
 
     windows: tuple[np.ndarray, ...] = ()
-    linears: str = "*"
+    linears: tuple[str, ...] = ("*",)
     include_lm_head: bool = False
-    exclude: str = ""
+    exclude: tuple[str, ...] = ()
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
@@ -123,6 +123,7 @@ class GptqPass(ir.passes.InPlacePass):
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        check_glob_fields(self, "quantize-gptq", "linears", "exclude")
         if not 0.0 < self.damp < 1.0:
             raise RecipeError(f"gptq damp must be within (0, 1), got {self.damp}")
         if self.block_size < 1:
@@ -132,7 +133,7 @@ class GptqPass(ir.passes.InPlacePass):
         object.__setattr__(self, "weight_clip", fmt.clip)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        chosen = selected_linears(model, self.linears, self.include_lm_head, self.exclude)
+        chosen = selected_linears(model, NameFilter(self.linears, self.exclude), self.include_lm_head)
         if not chosen:
             return ir.passes.PassResult(model, False)
         if not self.windows:

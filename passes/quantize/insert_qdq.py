@@ -15,6 +15,7 @@ from qexport.passes.discovery import sites as site_matching
 from qexport.passes._ir import new_initializer
 from qexport.calibration.activation_scales import ActCalibration, static_scales
 from qexport.passes.discovery.linear_select import prequantized_linears, selected_linears
+from qexport.passes.discovery.names import NameFilter, check_glob_fields
 from qexport.passes.quantize.weight_quant import WeightClip, WeightFormat, WeightQuant, tagged, write_quantized_weight
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,9 @@ class QuantizePass(ir.passes.InPlacePass):
 
     Rewrite cases, for each linear found by ``match_linear`` (never QK/AV MatMuls, the mask Add, or nodes
     tagged ``qexport.online_*``) whose role name (:func:`linear_names`, e.g. ``layers.*.mlp.down``), node name
-    or weight name matches the glob ``linears`` and none of the comma-separated globs of ``exclude`` (an
-    exclude glob matching no selected linear is an error), lm_head only with ``include_lm_head``:
+    or weight name matches a glob of ``linears`` and none of ``exclude`` (lists of globs, one
+    :class:`~qexport.passes.discovery.names.NameFilter`; an exclude glob matching no selected linear is an
+    error), lm_head only with ``include_lm_head``:
 
     1. weight: an int8 initializer q = clip(round(W / s), -127, 127), s = per-output-channel absmax / 127,
        feeding ``DequantizeLinear(q, s, axis)`` (axis 1 for MatMul B [in, out], 0 for Gemm transB = 1); a tied
@@ -58,9 +60,9 @@ class QuantizePass(ir.passes.InPlacePass):
     activations: ActQuant = ActQuant.PER_TOKEN
     calibration: ActCalibration = ActCalibration.MINMAX
     percentile: float = 99.9
-    linears: str = "*"
+    linears: tuple[str, ...] = ("*",)
     include_lm_head: bool = False
-    exclude: str = ""
+    exclude: tuple[str, ...] = ()
     weights: WeightQuant = WeightQuant.INT8
     group_size: int = 128
     weight_clip: WeightClip = WeightClip.NONE
@@ -68,6 +70,7 @@ class QuantizePass(ir.passes.InPlacePass):
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        check_glob_fields(self, "quantize", "linears", "exclude")
         fmt = WeightFormat(self.weights, self.group_size, self.weight_clip)  # validates the weight settings
         object.__setattr__(self, "weights", fmt.kind)
         object.__setattr__(self, "weight_clip", fmt.clip)
@@ -85,8 +88,9 @@ class QuantizePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        linears = {lin.node: lin for lin in selected_linears(model, self.linears, self.include_lm_head, self.exclude)}
-        prequantized = set(prequantized_linears(model, self.linears, self.include_lm_head, self.exclude))
+        names = NameFilter(self.linears, self.exclude)
+        linears = {lin.node: lin for lin in selected_linears(model, names, self.include_lm_head)}
+        prequantized = set(prequantized_linears(model, names, self.include_lm_head))
         if self.activations is ActQuant.NONE:
             prequantized = set()  # nothing to add to them
         by_input: dict[ir.Value, list[ir.Node]] = {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import hashlib
 import logging
 from typing import Sequence
@@ -14,6 +13,7 @@ import onnx_ir as ir
 from qexport.calibration.stats import prefill_feeds, session_with_outputs
 from qexport.errors import QexportError, RecipeError
 from qexport.passes.discovery import sites as site_matching
+from qexport.passes.discovery.names import NameFilter, check_glob_fields
 from qexport.passes._ir import write_bias, write_weight
 from qexport.passes.metadata import Meta
 from qexport.calibration.affine_fit import FitProblem, FitSettings, fit
@@ -60,6 +60,7 @@ class AffinePass(ir.passes.InPlacePass):
     head_dim: int | None = None
 
     def __post_init__(self) -> None:
+        check_glob_fields(self, "affine", "sites")
         checks = {
             "weight_bits": 2 <= self.weight_bits <= 16, "act_bits": 2 <= self.act_bits <= 16,
             "epochs": self.epochs >= 1, "lr": self.lr > 0, "mask_scale": 0 < self.mask_scale <= 1,
@@ -69,8 +70,6 @@ class AffinePass(ir.passes.InPlacePass):
         for key, ok in checks.items():
             if not ok:
                 raise RecipeError(f"affine {key} is out of range: {getattr(self, key)!r}")
-        if isinstance(self.sites, str):
-            raise RecipeError("affine sites must be a list of globs, e.g. ['layers.*.v_o']")
 
     @property
     def settings(self) -> FitSettings:
@@ -87,9 +86,7 @@ class AffinePass(ir.passes.InPlacePass):
     def pending(self, model: ir.Model) -> list[site_matching.Site]:
         """The selected sites not yet fitted on these windows (pure)."""
         found, mark, result = site_matching.find_sites(model, head_dim=self.head_dim), self.fingerprint, []
-        for site in found.all:
-            if not any(fnmatch.fnmatchcase(site.name, g) for g in self.sites):
-                continue
+        for site in found.select(NameFilter(self.sites)):
             if isinstance(site, site_matching.NormSite) and (site.role == "lm_head" or site.norm.gamma is None):
                 log.warning("%s cannot absorb a scale (lm_head norm or no gamma); skipped", site.name)
             elif model.metadata_props.get(Meta.AFFINE.key(site.name)) == mark:

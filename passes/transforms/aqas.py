@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import fnmatch
 import logging
 
 import numpy as np
@@ -13,6 +12,7 @@ import onnx_ir as ir
 from qexport.calibration.stats import CalibrationStats
 from qexport.errors import RecipeError
 from qexport.passes.discovery import sites as site_matching
+from qexport.passes.discovery.names import NameFilter, check_glob_fields
 from qexport.passes.metadata import Meta
 from qexport.passes.transforms.smooth import SmoothMethod, SmoothPass, site_ranges, smoothquant_scales
 
@@ -45,7 +45,7 @@ class AqasPass(ir.passes.InPlacePass):
 
     stats: CalibrationStats
     windows: tuple[np.ndarray, ...] = ()
-    sites: str = "layers.*"
+    sites: tuple[str, ...] = ("layers.*",)  # site-name globs, as smooth's
     activations: AqasActivations = AqasActivations.PER_TOKEN
     alphas_grid: tuple[float, ...] = dataclasses.field(default_factory=_grid)
     tokens: int = 256
@@ -54,6 +54,7 @@ class AqasPass(ir.passes.InPlacePass):
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        check_glob_fields(self, "aqas", "sites")
         try:
             object.__setattr__(self, "activations", AqasActivations(self.activations))
         except ValueError:
@@ -68,7 +69,7 @@ class AqasPass(ir.passes.InPlacePass):
         if not self.windows:
             raise RecipeError("aqas needs calibration windows (run it through a recipe, or pass windows=)")
         found = site_matching.find_sites(model, head_dim=self.head_dim)
-        selected = [site for site in found.all if _eligible(site, self.sites)
+        selected = [site for site in found.select(NameFilter(self.sites)) if _eligible(site)
                     and model.metadata_props.get(Meta.SMOOTHED.key(site.name)) != self.stats.fingerprint]
         if not selected:
             return ir.passes.PassResult(model, False)
@@ -107,9 +108,7 @@ class AqasPass(ir.passes.InPlacePass):
         return out
 
 
-def _eligible(site: site_matching.Site, pattern: str) -> bool:
-    if not fnmatch.fnmatchcase(site.name, pattern):
-        return False
+def _eligible(site: site_matching.Site) -> bool:
     if isinstance(site, site_matching.NormSite):
         return site.role != "lm_head" and site.norm.gamma is not None
     return True

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 
 import numpy as np
 import onnx_ir as ir
 
 from qexport.passes.discovery import sites as site_matching
+from qexport.passes.discovery.names import NameFilter, check_glob_fields
 from qexport.passes._ir import const_f64, set_const_input, write_bias, write_weight
 
 log = logging.getLogger(__name__)
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 class FoldNormPass(ir.passes.InPlacePass):
     """Fold each norm site's gamma (and beta) into its consumer linears, leaving gamma = 1 and beta = 0.
 
-    Rewrite cases (for every norm site whose name matches ``sites``):
+    Rewrite cases (for every norm site whose name matches a glob of ``sites``, a list):
 
     1. gamma (decomposed RMSNorm ``Mul(gamma)``, or the scale of LayerNormalization /
        SimplifiedLayerNormalization / RMSNormalization): each consumer's input row j is multiplied by
@@ -38,12 +38,15 @@ class FoldNormPass(ir.passes.InPlacePass):
     Folding arithmetic is float64; weights keep their dtype.
     """
 
-    sites: str = "*"
+    sites: tuple[str, ...] = ("*",)
+
+    def __post_init__(self) -> None:
+        check_glob_fields(self, "fold-norm", "sites")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph, modified = model.graph, False
+        graph, modified, names = model.graph, False, NameFilter(self.sites)
         for site in site_matching.find_norm_sites(graph):
-            if fnmatch.fnmatchcase(site.name, self.sites):
+            if names.matches(site.name):
                 modified |= fold_site(graph, site)
         return ir.passes.PassResult(model, modified)
 

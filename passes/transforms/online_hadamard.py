@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 
 import numpy as np
@@ -11,6 +10,7 @@ import onnx_ir as ir
 
 from qexport.errors import RecipeError
 from qexport.passes.discovery import sites
+from qexport.passes.discovery.names import NameFilter, check_glob_fields
 from qexport.passes._ir import write_weight
 from qexport.passes.metadata import Meta
 from qexport.passes.transforms.hadamard import hadamard_factors, hadamard_matrix, online_hadamard_nodes
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class OnlineHadamardPass(ir.passes.InPlacePass):
     """Insert x -> x H before each matched down_proj / fc2 and fold Hᵀ into its weight (QuaRot, SpinQuant R4).
 
-    Rewrite cases, for each up -> down site whose name matches ``sites`` (n = intermediate size):
+    Rewrite cases, for each up -> down site whose name matches a glob of ``sites`` (n = intermediate size):
 
     1. n <= ``max_dense``: one ``MatMul(x, H)`` with a shared n x n constant;
     2. larger n (e.g. 1536 = 12 x 128): H = H_a ⊗ H_b applied as Reshape -> MatMul -> MatMul -> Reshape,
@@ -41,15 +41,18 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
     reports no change. Run it after any up -> down smoothing, which needs the original site.
     """
 
-    sites: str = "*"
+    sites: tuple[str, ...] = ("*",)
     max_dense: int = 256
     block: int = 0  # 0: the full n x n Hadamard; b > 0: I_{n/b} ⊗ H_b
 
+    def __post_init__(self) -> None:
+        check_glob_fields(self, "online-hadamard", "sites")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
+        graph, names = model.graph, NameFilter(self.sites)
         chosen = [
             s for s in sites.find_up_down_sites(graph)
-            if fnmatch.fnmatchcase(s.name, self.sites) and Meta.ONLINE_HADAMARD not in s.down.node.metadata_props
+            if names.matches(s.name) and Meta.ONLINE_HADAMARD not in s.down.node.metadata_props
         ]
         if self.block and (self.block < 2 or self.block & (self.block - 1)):
             raise RecipeError(f"online-hadamard block {self.block} is not a power of two >= 2; use e.g. 32, or 0 (full)")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 
 import numpy as np
 import onnx_ir as ir
 
 from qexport.passes.discovery import sites
+from qexport.passes.discovery.names import NameFilter, check_glob_fields
 from qexport.passes._ir import write_bias, write_weight
 from qexport.passes.metadata import Meta
 from qexport.passes.transforms.hadamard import Rotation, rotation_matrix
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 class RotateHeadsPass(ir.passes.InPlacePass):
     """Rotate v per KV head and undo it in o_proj per query head (QuaRot's offline V/O Hadamard, SpinQuant R2).
 
-    Rewrite cases, for each v -> o site whose name matches ``sites`` (R the same for every head and layer):
+    Rewrite cases, for each v -> o site whose name matches a glob of ``sites`` (R the same for every head and layer):
 
     1. v_proj: each KV head's output block v_h becomes v_h R (columns of W_v and entries of b_v per block);
     2. o_proj: each query head's input block reads the rotated values of its KV head (GQA repeats them
@@ -35,12 +35,15 @@ class RotateHeadsPass(ir.passes.InPlacePass):
 
     rotation: Rotation = Rotation.HADAMARD
     seed: int = 0
-    sites: str = "*"
+    sites: tuple[str, ...] = ("*",)
+
+    def __post_init__(self) -> None:
+        check_glob_fields(self, "rotate-heads", "sites")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph, modified = model.graph, False
+        graph, modified, names = model.graph, False, NameFilter(self.sites)
         for site in sites.find_v_o_sites(graph):
-            if not fnmatch.fnmatchcase(site.name, self.sites):
+            if not names.matches(site.name):
                 continue
             if Meta.ROTATE_HEADS in site.o.node.metadata_props:
                 log.debug("%s already rotated", site.name)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import fnmatch
 import logging
 from typing import Mapping
 
@@ -14,6 +13,7 @@ import onnx_ir as ir
 from qexport.calibration.stats import CalibrationStats
 from qexport.errors import RecipeError
 from qexport.passes.discovery import sites as site_matching
+from qexport.passes.discovery.names import NameFilter, check_glob_fields
 from qexport.passes._ir import const_f64, set_const_input, write_bias, write_weight
 from qexport.passes.metadata import Meta
 
@@ -30,7 +30,7 @@ class SmoothMethod(str, enum.Enum):
 class SmoothPass(ir.passes.InPlacePass):
     """Scale activation channels down by s and the weights reading them up by s; nothing is added online.
 
-    Rewrite cases (sites selected by the glob ``sites``; X' = X / s, W[:, j] *= s_j in torch layout):
+    Rewrite cases (sites selected by the globs ``sites``, a list; X' = X / s, W[:, j] *= s_j in torch layout):
 
     1. norm site (``layers.i.attn_norm`` / ``mlp_norm``): gamma_j /= s_j (and beta_j /= s_j); q/k/v or gate/up
        or fc1 input rows scaled by s. A norm without gamma is skipped with a warning.
@@ -53,10 +53,11 @@ class SmoothPass(ir.passes.InPlacePass):
     alpha: float = 0.5
     alphas: Mapping[str, float] = dataclasses.field(default_factory=dict)
     percentile: float = 50.0
-    sites: str = "layers.*"
+    sites: tuple[str, ...] = ("layers.*",)
     head_dim: int | None = None
 
     def __post_init__(self) -> None:
+        check_glob_fields(self, "smooth", "sites")
         try:
             object.__setattr__(self, "method", SmoothMethod(self.method))
         except ValueError:
@@ -82,8 +83,8 @@ class SmoothPass(ir.passes.InPlacePass):
         """The scales this pass would apply, per selected site not yet smoothed with these statistics (pure)."""
         found = site_matching.find_sites(model, head_dim=self.head_dim)
         result = {}
-        for site in found.all:
-            if not fnmatch.fnmatchcase(site.name, self.sites) or isinstance(site, site_matching.NormSite) and site.role == "lm_head":
+        for site in found.select(NameFilter(self.sites)):
+            if isinstance(site, site_matching.NormSite) and site.role == "lm_head":
                 continue
             if model.metadata_props.get(Meta.SMOOTHED.key(site.name)) == self.stats.fingerprint:
                 log.debug("%s already smoothed with these statistics; skipped", site.name)
@@ -99,7 +100,7 @@ class SmoothPass(ir.passes.InPlacePass):
         valid = (act > 0) & (weight > 0)
         a, w = np.where(valid, act, 1.0), np.where(valid, weight, 1.0)
         if self.method is SmoothMethod.SMOOTHQUANT:
-            alpha = next((v for k, v in self.alphas.items() if fnmatch.fnmatchcase(name, k)), self.alpha)
+            alpha = next((v for k, v in self.alphas.items() if NameFilter((k,)).matches(name)), self.alpha)
             return smoothquant_scales(act, weight, alpha)
         elif self.method is SmoothMethod.AWEQ:
             s = np.sqrt(a / w)

@@ -13,7 +13,6 @@ Statistics describe the graph they were collected on: collect them on the graph 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 import hashlib
 from typing import Iterable, Sequence
@@ -24,6 +23,7 @@ import onnx_ir as ir
 from qexport.errors import QexportError
 from qexport.runtimes.ort_session import cpu_session
 from qexport.passes.discovery import sites as site_matching
+from qexport.passes.discovery.names import NameFilter
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def collect_stats(
     windows: Iterable[np.ndarray],
     *,
     site_map: site_matching.SiteMap | None = None,
-    hessian: Sequence[str] = (),
+    hessian: tuple[str, ...] = (),
     threads: int | None = None,
     head_windows: int = 0,
     probe: np.ndarray | None = None,
@@ -143,12 +143,12 @@ def collect_stats(
     session = session_with_outputs(model, names, threads)
     stats = CalibrationStats({})
     head = CalibrationStats({}) if head_windows > 0 else None
-    inputs = {i.name: i for i in session.get_inputs()}
+    inputs, wanted = {i.name: i for i in session.get_inputs()}, NameFilter(hessian)
     for window in windows:
         feeds = prefill_feeds(np.asarray(window, dtype=np.int64), inputs, model)
         outputs = dict(zip(names, session.run(names, feeds)))
         for into in (stats, head) if head is not None and head.windows < head_windows else (stats,):
-            _add_window(into, targets, outputs, feeds["input_ids"].size, hessian)
+            _add_window(into, targets, outputs, feeds["input_ids"].size, wanted)
         log.debug("calibration window %d (%d tokens)", stats.windows, feeds["input_ids"].size)
     if stats.windows == 0:
         raise QexportError("no calibration windows were given")
@@ -163,11 +163,11 @@ def collect_stats(
 
 
 def _add_window(stats: CalibrationStats, targets: dict[str, str], outputs: dict[str, np.ndarray], tokens: int,
-                hessian: Sequence[str]) -> None:
+                hessian: NameFilter) -> None:
     for site_name, value_name in targets.items():
         x = outputs[value_name]
         if site_name not in stats.sites:
-            wants_h = any(fnmatch.fnmatchcase(site_name, g) for g in hessian)
+            wants_h = hessian.matches(site_name)
             stats.sites[site_name] = TensorStats.empty(x.shape[-1], hessian=wants_h)
         stats.sites[site_name].update(x)
     stats.windows += 1

@@ -4,6 +4,8 @@
 A pass's settings are the fields of its frozen dataclass whose type can be written in YAML (scalars, enums by
 value, Literals, lists and mappings of those): :func:`settable_fields` lists them and :func:`convert_setting`
 turns a YAML value into the field's type, or raises :class:`RecipeError` naming the key and what is allowed.
+A list of strings (the globs of ``sites``, ``linears``, ``exclude``) is written as a YAML list; a string there
+is an error showing the list form, never split at commas.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import typing
 from typing import Any, Mapping
 
 from qexport.errors import RecipeError
+from qexport.passes.discovery.names import list_form_error
 
 # pass name -> "module:Class"; modules are imported on first use
 PASSES: dict[str, str] = {
@@ -116,6 +119,8 @@ def convert_setting(where: str, value: Any, tp: Any) -> Any:
                 continue
     elif origin is tuple and isinstance(value, (list, tuple)):
         return tuple(convert_setting(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value))
+    elif origin is tuple and args[0] is str and isinstance(value, str):  # globs: never split at commas
+        raise list_form_error(where, where.rsplit(".", 1)[-1], value)
     elif origin in (dict, collections.abc.Mapping) and isinstance(value, Mapping):
         return {convert_setting(f"{where} key", k, str): convert_setting(f"{where}[{k!r}]", v, args[1])
                 for k, v in value.items()}

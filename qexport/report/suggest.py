@@ -11,18 +11,19 @@ Thresholds (a site or role "stands out" when its error power is 4x the typical s
    `qexport report` again, not a measured optimum); or leaving exactly those linears in float with ``exclude``.
 ``exclude`` is set on every quantization pass of the recipe (``quantize-gptq`` and the ``quantize`` after it:
 on one alone, the other would still quantize the linear), added to any globs the recipe already excludes.
+Globs are written as YAML lists (``exclude: [layers.*.mlp.down]``, ``sites: [layers.1.v_o]``), as recipes take them.
 """
 
 from __future__ import annotations
 
 import copy
-import fnmatch
 from typing import Any
 
 import numpy as np
 import yaml
 
 from qexport.passes.quantize.insert_qdq import ActQuant
+from qexport.passes.discovery.names import NameFilter, glob_tuple
 from qexport.report.build import layer_of, role_of
 
 ROLE_MARGIN_DB = 6.0
@@ -85,10 +86,10 @@ def _with_exclude(recipe: dict[str, Any], globs: dict[str, list[str]]) -> tuple[
     new = copy.deepcopy(recipe)
     entries = []
     for entry in (new["passes"][i] for i in _quantize_indices(recipe)):
-        current = [g.strip() for g in str(entry.get("exclude", "")).split(",") if g.strip()]
+        current = list(glob_tuple(entry.get("exclude", ()), "exclude", f"{entry['pass']} exclude"))
         added = [g for g, sites in globs.items() if g not in current and any(_selects(entry, s) for s in sites)]
         if added:
-            entry["exclude"] = ",".join(current + added)
+            entry["exclude"] = current + added
             entries.append(entry)
     return new, entries
 
@@ -96,7 +97,7 @@ def _with_exclude(recipe: dict[str, Any], globs: dict[str, list[str]]) -> tuple[
 def _selects(entry: dict[str, Any], site: str) -> bool:
     if site == "lm_head" and not entry.get("include_lm_head", False):
         return False
-    return fnmatch.fnmatchcase(site, str(entry.get("linears", "*")))
+    return NameFilter(entry.get("linears", ("*",))).matches(site)
 
 
 def _exclude_roles(report: dict[str, Any], recipe: dict[str, Any], median: float) -> list[dict[str, str]]:
@@ -140,11 +141,11 @@ def _smooth_sites(report: dict[str, Any], recipe: dict[str, Any], median: float)
     reasons = []
     for row in worst:
         site = f"layers.{layer_of(row['site'])}.{SMOOTH_SITE[role_of(row['site'])]}"
-        if any(e["sites"] == site for e in entries):
+        if any(e["sites"] == [site] for e in entries):
             continue
-        covering = [passes[i] for i in smooth if fnmatch.fnmatchcase(site, passes[i].get("sites", "*"))]
+        covering = [passes[i] for i in smooth if NameFilter(passes[i].get("sites", ("*",))).matches(site)]
         alpha = min(ALPHA_MAX, max((p.get("alpha", 0.5) for p in covering), default=0.35) + ALPHA_STEP)
-        entries.append({"pass": "smooth", "method": "smoothquant", "alpha": round(alpha, 2), "sites": site})
+        entries.append({"pass": "smooth", "method": "smoothquant", "alpha": round(alpha, 2), "sites": [site]})
         profile = report.get("profiles", {}).get(row["site"])
         spread = ""
         if profile:
@@ -158,7 +159,7 @@ def _smooth_sites(report: dict[str, Any], recipe: dict[str, Any], median: float)
     new = copy.deepcopy(recipe)
     at = smooth[-1] + 1 if smooth else 0  # after the recipe's own smoothing, before its rotations
     new["passes"][at:at] = entries
-    return [_suggestion(f"smooth {', '.join(e['sites'] for e in entries)} (alpha {', '.join(str(e['alpha']) for e in entries)})",
+    return [_suggestion(f"smooth {', '.join(e['sites'][0] for e in entries)} (alpha {', '.join(str(e['alpha']) for e in entries)})",
                         f"{'; '.join(reasons)}. The median site is at {median:.1f} dB: these are {SITE_MARGIN_DB:.0f} dB or "
                         "more below it. Insert the passes after the recipe's smoothing (the alternative: leave these linears "
                         "in float with exclude)", {"passes": entries}, new)]
