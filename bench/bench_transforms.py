@@ -17,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 import qexport
+from qexport import numerics
 from qexport.artifact.folder import Artifact
 from qexport.evaluation.perplexity import token_nll
 from qexport.recipes.pipeline import PipelineSettings, apply_recipe
@@ -70,7 +71,7 @@ def main() -> None:
             path = Path(tmp) / f"{name}.onnx"
             ir.save(model, path)
             ppl, logits = _eval(path, base.signature, evals)
-            diff = max(float(np.abs(a - b).max()) for a, b in zip(logits, base_logits))
+            diff = max(numerics.max_abs_diff(a, b) for a, b in zip(logits, base_logits))
             pass_s = sum(step["seconds"] for step in report["steps"])
             rows.append({"recipe": name, "max_abs_logit_diff": diff, "ppl": ppl, "ppl_ratio": ppl / base_ppl,
                          "pass_seconds": pass_s, "total_seconds": seconds})

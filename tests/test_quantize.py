@@ -15,7 +15,7 @@ from qexport.passes.quantize.insert_qdq import QuantizePass
 from qexport.passes.discovery.linear_select import linear_names, selected_linears
 from qexport.passes.metadata import Meta
 from qexport.passes.discovery.names import NameFilter
-from qexport.passes.quantize.weight_quant import quantize_weight
+from qexport.passes.quantize.weight_quant import WeightFormat
 
 # One float32 rounding per product and accumulation order: the QDQ graph against the float64 reference.
 LAYER_RTOL = 1e-4
@@ -164,11 +164,11 @@ def test_second_run_changes_nothing_and_output_stays_close(tiny_export):
     assert not QuantizePass()(model).modified
 
 
-def test_weight_quantizer_reference():
-    w = np.array([[0.5, -2.0], [-1.0, 1.0], [0.25, 0.0]])
-    q, scale = quantize_weight(w)
-    np.testing.assert_array_equal(q, [[64, -127], [-127, 64], [32, 0]])
-    np.testing.assert_allclose(scale, [1.0 / 127, 2.0 / 127])
+def test_int8_weight_quantizer_by_hand():
+    w = np.array([[0.5, -2.0], [-1.0, 1.0], [0.25, 0.0]])  # [in, out]: one scale per column
+    q, scale = WeightFormat().quantize(w)
+    np.testing.assert_array_equal(q, [[64, -127], [-127, 64], [32, 0]])  # 63.5 rounds half to even
+    np.testing.assert_allclose(scale, [[1.0 / 127, 2.0 / 127]])
 
 
 def test_bad_settings_are_recipe_errors(tiny_export):

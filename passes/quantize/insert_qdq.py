@@ -10,6 +10,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from qexport import numerics
 from qexport.errors import RecipeError
 from qexport.passes.discovery import sites as site_matching
 from qexport.passes._ir import new_initializer
@@ -152,10 +153,10 @@ def _per_token_qdq(graph: ir.Graph, x: ir.Value, width: int, before: ir.Node, co
     abs_ = ir.node("Abs", [x], name=f"{base}.abs")
     reduce = ir.node("ReduceMax", [abs_.outputs[0], consts.get("axis_last", np.array([-1], np.int64))],
                      {"keepdims": 1}, name=f"{base}.absmax")
-    div = ir.node("Div", [reduce.outputs[0], consts.get(f"qmax_{np.dtype(dtype).name}", np.array(127, dtype))],
-                  name=f"{base}.scale_raw")
-    scale = ir.node("Max", [div.outputs[0], consts.get(f"eps_{np.dtype(dtype).name}", np.array(1e-12, dtype))],
-                    name=f"{base}.scale")
+    qmax = consts.get(f"qmax_{np.dtype(dtype).name}", np.array(numerics.INT8_QMAX, dtype))
+    div = ir.node("Div", [reduce.outputs[0], qmax], name=f"{base}.scale_raw")
+    eps = consts.get(f"eps_{np.dtype(dtype).name}", np.array(numerics.SCALE_EPS, dtype))
+    scale = ir.node("Max", [div.outputs[0], eps], name=f"{base}.scale")
     q = ir.node("QuantizeLinear", [x, scale.outputs[0]],
                 {"axis": -1, "block_size": width, "output_dtype": ir.DataType.INT8.value}, name=f"{base}.q")
     dq = ir.node("DequantizeLinear", [q.outputs[0], scale.outputs[0]], {"axis": -1, "block_size": width},

@@ -23,6 +23,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from qexport import numerics
 from qexport.errors import RecipeError
 from qexport.passes.discovery import sites as site_matching
 from qexport.passes._ir import drop_if_unused, new_initializer
@@ -63,7 +64,8 @@ class WeightFormat:
 
     @property
     def qmax(self) -> float:
-        return {WeightQuant.INT8: 127.0, WeightQuant.INT4: 7.0, WeightQuant.DINT4: 6.0}[self.kind]
+        return {WeightQuant.INT8: float(numerics.INT8_QMAX), WeightQuant.INT4: float(numerics.int_qmax(4)),
+                WeightQuant.DINT4: 6.0}[self.kind]
 
     @property
     def grouped(self) -> bool:
@@ -82,7 +84,7 @@ class WeightFormat:
     def codes(self, y: np.ndarray) -> np.ndarray:
         """Integer codes of ``y`` = w / Δ (dINT4: ±7 stand for ±1/2)."""
         if self.kind is not WeightQuant.DINT4:
-            return np.clip(np.round(y), -self.qmax, self.qmax)
+            return numerics.round_codes(y, self.qmax)
         a = np.abs(y)
         mag = np.where(a < 0.25, 0.0, np.where(a < 0.75, 7.0, np.minimum(np.round(a), 6.0)))
         return np.sign(y) * mag
@@ -99,7 +101,7 @@ class WeightFormat:
     def scale(self, rows: np.ndarray) -> np.ndarray:
         """Δ per column of ``rows`` [group, out] (one group of input channels)."""
         absmax = np.abs(rows).max(axis=0)
-        base = np.where(absmax > 0, absmax / self.qmax, 1.0)
+        base = numerics.absmax_scale(absmax, self.qmax)
         if self.clip is WeightClip.NONE:
             return base
         best, best_err = base, np.full(base.shape, np.inf)
@@ -121,14 +123,6 @@ class WeightFormat:
     def dequantize(self, codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
         """The [in, out] float weight of (codes, Δ [groups, out]) as the graph computes it."""
         return self.levels(codes) * np.repeat(scale, codes.shape[0] // scale.shape[0], axis=0)
-
-
-def quantize_weight(w_in_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per output channel of an [in, out] weight: (q int8 [in, out], scale [out])."""
-    absmax = np.abs(w_in_out).max(axis=0)
-    scale = np.where(absmax > 0, absmax / 127.0, 1.0)
-    q = np.clip(np.round(w_in_out / scale), -127, 127).astype(np.int8)
-    return q, scale
 
 
 def write_quantized_weight(graph: ir.Graph, linear: site_matching.Linear, q: np.ndarray, scale: np.ndarray,

@@ -9,6 +9,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from qexport import numerics
 from qexport.calibration.stats import CalibrationStats
 from qexport.errors import RecipeError
 from qexport.passes.discovery import sites as site_matching
@@ -17,8 +18,6 @@ from qexport.passes.metadata import Meta
 from qexport.passes.transforms.smooth import SmoothMethod, SmoothPass, site_ranges, smoothquant_scales
 
 log = logging.getLogger(__name__)
-
-QMAX = 127.0
 
 
 class AqasActivations(str, enum.Enum):
@@ -99,10 +98,10 @@ class AqasPass(ir.passes.InPlacePass):
         for alpha in self.alphas_grid:
             s = smoothquant_scales(act, weight_range, alpha)[to_x]
             if self.activations is AqasActivations.PER_TOKEN:
-                xq = fake_quant(x / s, reduce_axis=1)  # a scale per row
+                xq = numerics.fake_quant(x / s, axis=1)  # a scale per row
             else:
-                xq = fake_quant(x / s, scale=float((absmax / s).max()) / QMAX)
-            wq = fake_quant(s[:, None] * w, reduce_axis=0)  # a scale per output channel
+                xq = numerics.fake_quant(x / s, scale=float((absmax / s).max()) / numerics.INT8_QMAX)
+            wq = numerics.fake_quant(s[:, None] * w, axis=0)  # a scale per output channel
             product = xq.astype(np.float32) @ wq.astype(np.float32)
             out.append(float(np.square(product - reference).sum()))
         return out
@@ -112,14 +111,6 @@ def _eligible(site: site_matching.Site) -> bool:
     if isinstance(site, site_matching.NormSite):
         return site.role != "lm_head" and site.norm.gamma is not None
     return True
-
-
-def fake_quant(x: np.ndarray, reduce_axis: int | None = None, scale: float | None = None) -> np.ndarray:
-    """Symmetric int8 fake quantization of a 2-D array: one ``scale``, or absmax / 127 over ``reduce_axis``."""
-    if scale is None:
-        scale = np.abs(x).max(axis=reduce_axis, keepdims=True) / QMAX
-        scale = np.where(scale > 0, scale, 1.0)
-    return np.clip(np.round(x / scale), -QMAX, QMAX) * scale
 
 
 def sample_rows(model: ir.Model, names: list[str], windows, tokens: int, seed: int, threads: int | None

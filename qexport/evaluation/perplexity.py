@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from qexport import numerics
 from qexport.artifact.folder import Artifact
 from qexport.runtimes.causal_lm import CausalLM
 from qexport.runtimes.generate import GenerationSettings, generate
@@ -50,11 +51,6 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    return (a64 * b64).sum(-1) / (np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1) + 1e-30)
-
-
 def _check_overlap(artifact: Artifact, source: TextSource) -> None:
     calibration = artifact.manifest.get("calibration") or {}
     if calibration.get("source") == source.to_json() and source.kind != "pydoc":
@@ -84,8 +80,8 @@ def evaluate(
         if ref is not None:
             ref_logits, _ = ref.forward(ids[None])
             nll_ref.append(token_nll(ref_logits[0], ids))
-            max_abs = max(max_abs, float(np.abs(logits - ref_logits).max()))
-            cosines.append(_cosines(logits[0], ref_logits[0]))
+            max_abs = max(max_abs, numerics.max_abs_diff(logits, ref_logits))
+            cosines.append(numerics.row_cosines(logits[0], ref_logits[0], floor="add"))
 
     result: dict[str, Any] = {
         "model": str(folder),
