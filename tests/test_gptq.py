@@ -239,7 +239,7 @@ def test_stage_without_a_cut_runs_the_whole_graph(tiny_export, monkeypatch, capl
     windows = tuple(np.arange(3 + 60 * i, 67 + 60 * i, dtype=np.int64) for i in range(2))
     settings = dict(windows=windows, weights="int4", group_size=32, sequential=True)
     cached = load(tiny_export("llama"))
-    caplog.set_level(logging.INFO, logger="qexport.passes")
+    caplog.set_level(logging.INFO, logger="qexport")
     GptqPass(**settings)(cached)
     assert "(1 run from the cached residual stream, 1 through the whole graph)" in caplog.text
     caplog.clear()

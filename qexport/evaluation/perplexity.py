@@ -15,7 +15,7 @@ from qexport import numerics
 from qexport.artifact.folder import Artifact
 from qexport.runtimes.causal_lm import CausalLM
 from qexport.runtimes.generate import GenerationSettings, generate
-from qexport.exporter.text import TextSource, load_text, text_source, token_windows
+from qexport.exporter.text import TextSource, default_bos, load_text, text_source, token_windows
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ def evaluate(
         "text_source": source.describe(),
         "windows": len(windows),
         "seq_len": settings.seq_len,
+        "bos_prefixed": default_bos(tokenizer) is not None,  # each window starts with BOS, which is never scored
         "tokens_scored": int(sum(len(x) for x in nll)),
         "ppl": float(np.exp(np.concatenate(nll).mean())),
     }
