@@ -20,3 +20,18 @@ class Runner(Protocol):
     def output_names(self) -> list[str]: ...
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class SessionRunner:
+    """Base of the runners whose input and output names are fixed when their session or engine is built."""
+
+    _inputs: list[str]
+    _outputs: list[str]
+
+    @property
+    def input_names(self) -> list[str]:
+        return self._inputs
+
+    @property
+    def output_names(self) -> list[str]:
+        return self._outputs

@@ -9,6 +9,7 @@ from typing import Mapping
 import numpy as np
 
 from qexport.errors import QexportError
+from qexport.runtimes.base import SessionRunner
 from qexport.runtimes.ort_session import new_session, session_options
 
 log = logging.getLogger(__name__)
@@ -16,7 +17,7 @@ log = logging.getLogger(__name__)
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
-class OrtRunner:
+class OrtRunner(SessionRunner):
     """An ONNX Runtime inference session behind the :class:`~qexport.runtimes.base.Runner` interface."""
 
     def __init__(self, model_path: str | os.PathLike, device: str = "cpu", threads: int | None = None) -> None:
@@ -34,14 +35,6 @@ class OrtRunner:
         self.session = new_session(os.fspath(model_path), session_options(threads, inter_op_threads=1), PROVIDERS[device])
         self._inputs = [i.name for i in self.session.get_inputs()]
         self._outputs = [o.name for o in self.session.get_outputs()]
-
-    @property
-    def input_names(self) -> list[str]:
-        return self._inputs
-
-    @property
-    def output_names(self) -> list[str]:
-        return self._outputs
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = set(self._inputs) - set(feeds)

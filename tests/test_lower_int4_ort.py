@@ -9,25 +9,13 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from pass_testing import load, make_feeds
+from pass_testing import load, make_feeds, run
 from qexport.errors import RecipeError
 from qexport.passes.quantize.insert_qdq import QuantizePass
 from qexport.passes.metadata import Meta
 from qexport.passes.ort.int4 import LowerInt4OrtPass, pack_nibbles
 
 CALIB = (np.arange(3, 67, dtype=np.int64), np.arange(100, 164, dtype=np.int64))
-
-
-def _run(model: ir.Model, feeds: dict[str, np.ndarray], optimize: bool) -> dict[str, np.ndarray]:
-    """ONNX Runtime on ``model``; without graph optimizations the QDQ graph runs as written (ORT's own
-    DequantizeLinear -> MatMul fusion would round activations to int8 per block)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds)))
 
 
 def _w4a8(family: str, tiny_export, weights: str = "int4", activations: str = "per_tensor",
@@ -50,14 +38,14 @@ def test_nibbles_are_packed_low_first_with_zero_point_eight():
 def test_lowered_equals_the_qdq_graph(tiny_export, family):
     model = _w4a8(family, tiny_export)
     feeds = make_feeds(model)
-    expected = _run(model, feeds, optimize=False)
+    expected = run(model, feeds, optimize=False)
     dq_before = sum(n.op_type == "DequantizeLinear" for n in model.graph)
     assert LowerInt4OrtPass()(model).modified
     ops = collections.Counter(n.op_type for n in model.graph)
     assert ops["MatMulNBits"] == 14 and all(n.metadata_props.get(Meta.LOWERED) == "int4" for n in model.graph
                                             if n.op_type == "MatMulNBits")  # 7 linears x 2 layers
     assert ops["DequantizeLinear"] == dq_before - 14  # the weight DQs are gone, the activation DQs stay
-    got = _run(model, feeds, optimize=True)
+    got = run(model, feeds, optimize=True)
     for name, value in expected.items():  # float32 in the kernel: only the summation order differs
         np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5 * np.abs(value).max())
     assert not LowerInt4OrtPass()(model).modified
@@ -66,12 +54,12 @@ def test_lowered_equals_the_qdq_graph(tiny_export, family):
 def test_an_int4_lm_head_writing_the_logits_is_lowered_and_keeps_the_output_name(tiny_export):
     model = _w4a8("llama", tiny_export, include_lm_head=True)
     feeds = make_feeds(model)
-    expected = _run(model, feeds, optimize=False)
+    expected = run(model, feeds, optimize=False)
     assert LowerInt4OrtPass()(model).modified
     assert sum(n.op_type == "MatMulNBits" for n in model.graph) == 15  # 7 linears x 2 layers, and lm_head
     logits = next(v for v in model.graph.outputs if v.name == "logits")
     assert logits.producer().op_type == "MatMulNBits"
-    got = _run(model, feeds, optimize=True)
+    got = run(model, feeds, optimize=True)
     assert got.keys() == expected.keys()
     for name, value in expected.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5 * np.abs(value).max())
@@ -80,9 +68,9 @@ def test_an_int4_lm_head_writing_the_logits_is_lowered_and_keeps_the_output_name
 def test_accuracy_level_four_is_lossy_but_close(tiny_export):
     model = _w4a8("llama", tiny_export, activations="none")
     feeds = make_feeds(model)
-    expected = _run(model, feeds, optimize=False)["logits"]
+    expected = run(model, feeds, optimize=False)["logits"]
     assert LowerInt4OrtPass(accuracy_level=4)(model).modified
-    got = _run(model, feeds, optimize=True)["logits"]
+    got = run(model, feeds, optimize=True)["logits"]
     sqnr = 10 * np.log10(np.sum(expected ** 2) / np.sum((got - expected) ** 2))
     assert 25.0 < sqnr < 120.0, sqnr  # int8 activations per block: not exact, far better than the int4 weights
 

@@ -28,6 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import QexportError
+from qexport.runtimes.base import SessionRunner
 from qexport.runtimes.tensorrt.check import TensorRTTarget, format_findings, require_compatible
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ def _cuda_torch() -> Any:
     return torch
 
 
-class TensorRTRunner:
+class TensorRTRunner(SessionRunner):
     """A serialized TensorRT engine behind the :class:`~qexport.runtimes.base.Runner` interface (torch CUDA buffers)."""
 
     def __init__(self, engine_path: str | os.PathLike, device: int = 0) -> None:
@@ -206,14 +207,6 @@ class TensorRTRunner:
         self._dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
         self._stream = torch.cuda.Stream(self.device)
         self._active: int | None = None
-
-    @property
-    def input_names(self) -> list[str]:
-        return self._inputs
-
-    @property
-    def output_names(self) -> list[str]:
-        return self._outputs
 
     def select_profile(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
         """The first optimization profile whose (min, max) ranges hold every input shape."""
