@@ -14,6 +14,7 @@ from typing import Any
 import onnx_ir as ir
 
 from qexport.artifact.folder import MODEL_FILE
+from qexport.artifact.genai_config import write_genai_config
 from qexport.exporter.graph_export import ExportSettings, export_graph
 from qexport.exporter.loading import load_model, resolve_source
 from qexport.artifact.outdir import atomic_output_dir, checksums, write_manifest
@@ -119,6 +120,7 @@ def export(
         config_dict = config.to_dict()
         config_dict.pop("quantization_config", None)  # the GGUF loader's marker; the ONNX weights are float
         type(config).from_dict(config_dict).save_pretrained(tmp)
+        files += write_genai_config(tmp, signature, config, tokenizer, MODEL_FILE)  # for onnxruntime-genai
         manifest = {
             "format": 1,
             "source": source.to_json(),

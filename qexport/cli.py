@@ -162,6 +162,7 @@ def _print_recipe_report(report: dict[str, Any] | None) -> None:
 def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from qexport.evaluation.perplexity import EvalSettings, evaluate
 
+    Runtime.parse_stepwise(args.runtime)  # before the text and the reference load
     settings = EvalSettings(windows=args.windows, seq_len=args.seq_len, greedy_tokens=args.greedy_tokens,
                             runtime=args.runtime, threads=args.threads, reference=not args.no_reference)
     result = evaluate(args.dir, text=args.text, dataset=args.dataset, settings=settings)
@@ -185,7 +186,6 @@ def _cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
         prompt_ids = tokenizer(args.prompt)["input_ids"]
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, greedy=args.greedy,
                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    lm = artifact.causal_lm(args.runtime, threads=args.threads)
     eos = [t for t in [tokenizer.eos_token_id] if t is not None]
     new: list[int] = []
     printed = ""
@@ -198,7 +198,11 @@ def _cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
             print(text[len(printed):], end="", flush=True)
         printed = text
 
-    generate(lm, prompt_ids, settings, eos_token_ids=eos, on_token=stream)
+    if Runtime.parse(args.runtime) is Runtime.GENAI:  # stops at the EOS of genai_config.json: the tokenizer's
+        artifact.genai(threads=args.threads).generate(prompt_ids, settings, on_token=stream)
+    else:
+        generate(artifact.causal_lm(args.runtime, threads=args.threads), prompt_ids, settings, eos_token_ids=eos,
+                 on_token=stream)
     if not args.json:
         print()
     return {"prompt": args.prompt, "text": printed, "tokens": new, "settings": dataclasses.asdict(settings)}
@@ -207,6 +211,7 @@ def _cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     from qexport.evaluation.benchmark import BenchSettings, bench, format_table
 
+    Runtime.parse_stepwise(args.runtime)
     settings = BenchSettings(seq_len=args.seq_len, decode_tokens=args.decode_tokens, runs=args.runs,
                              threads=args.threads, runtime=args.runtime, reference=not args.no_reference)
     result = bench(args.dir, settings)

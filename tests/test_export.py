@@ -123,6 +123,6 @@ def test_large_models_get_external_data(tiny_source, tmp_path, monkeypatch):
     artifact = Artifact.open(out)
     weights = sum(p.numel() * 4 for p in AutoModelForCausalLM.from_pretrained(tiny_source("qwen2")).parameters())
     assert (out / "model.onnx.data").stat().st_size >= 0.9 * weights
-    assert set(artifact.manifest["files"]) == {"model.onnx", "model.onnx.data"}
+    assert set(artifact.manifest["files"]) == {"model.onnx", "model.onnx.data", "genai_config.json"}
     ids = _ids(1, 12)
     np.testing.assert_allclose(artifact.causal_lm().forward(ids)[0], artifact.reference().forward(ids)[0], atol=ATOL, rtol=0)

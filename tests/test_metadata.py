@@ -55,6 +55,6 @@ def test_prefix_helpers_refuse_plain_keys():
 
 def test_runtime_accepts_its_name_and_names_the_choices():
     assert Runtime.parse("ort-cuda") is Runtime.ORT_CUDA and Runtime.parse(Runtime.TENSORRT) is Runtime.TENSORRT
-    assert [r.value for r in Runtime] == ["ort-cpu", "ort-cuda", "tensorrt"]
+    assert [r.value for r in Runtime] == ["ort-cpu", "ort-cuda", "tensorrt", "genai"]
     with pytest.raises(QexportError, match="unknown runtime 'ort-gpu'; choose one of ort-cpu, ort-cuda, tensorrt"):
         Runtime.parse("ort-gpu")

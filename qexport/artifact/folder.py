@@ -49,10 +49,11 @@ class Artifact:
         return AutoTokenizer.from_pretrained(self.folder)
 
     def causal_lm(self, runtime: Runtime | str = Runtime.ORT_CPU, threads: int | None = None):
-        """The exported graph as a :class:`CausalLM` on the chosen runtime (a :class:`Runtime` or its name)."""
+        """The exported graph as a :class:`CausalLM` on the chosen runtime (a :class:`Runtime` or its name; not genai,
+        which has no forward step: see :meth:`genai`)."""
         from qexport.runtimes.causal_lm import CausalLM
 
-        runtime = Runtime.parse(runtime)
+        runtime = Runtime.parse_stepwise(runtime)
         if runtime is Runtime.TENSORRT:
             from qexport.runtimes.tensorrt.engine import ENGINE_FILE, TensorRTRunner
 
@@ -64,6 +65,12 @@ class Artifact:
 
         device = "cuda" if runtime is Runtime.ORT_CUDA else "cpu"
         return CausalLM(OrtRunner(self.model_path, device=device, threads=threads), self.signature)
+
+    def genai(self, threads: int | None = None):
+        """The folder run by onnxruntime-genai (its genai_config.json), as a :class:`GenaiGenerator`."""
+        from qexport.runtimes.genai import GenaiGenerator
+
+        return GenaiGenerator(self.folder, threads=threads)
 
     def reference(self, threads: int | None = None):
         """The PyTorch source model in float32, reloaded from the manifest, as a :class:`CausalLM`."""
