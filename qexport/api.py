@@ -18,6 +18,7 @@ from qexport.artifact.genai_config import write_genai_config
 from qexport.exporter.graph_export import ExportSettings, export_graph
 from qexport.exporter.loading import load_model, resolve_source
 from qexport.artifact.outdir import atomic_output_dir, checksums, write_manifest
+from qexport.recipes.adapt import adapt_recipe, is_preset_name
 from qexport.recipes.pipeline import PipelineSettings, apply_recipe
 from qexport.recipes.preflight import check_recipe_applies
 from qexport.recipes.schema import Recipe, load_recipe
@@ -104,8 +105,11 @@ def export(
         export_start = time.perf_counter()
         ir_model, signature = export_graph(hf_model, family, settings)
         export_s = time.perf_counter() - export_start
-        recipe_report, calibration = None, None
+        recipe_report, calibration, adaptations = None, None, None
         if loaded_recipe is not None:
+            adaptations = ()
+            if is_preset_name(recipe):  # a preset is an intent, fitted to this graph; a recipe file runs as written
+                loaded_recipe, adaptations = adapt_recipe(loaded_recipe, ir_model)
             check_recipe_applies(ir_model, loaded_recipe)  # seconds; before the calibration text and statistics
             text = parse_source(calib)
             shape = calibration_shape(loaded_recipe, calib_windows, calib_seq_len)
@@ -140,6 +144,7 @@ def export(
                 "nodes": len(ir_model.graph),
             },
             "recipe": recipe_report,
+            "recipe_adaptations": None if adaptations is None else [a.to_json() for a in adaptations],
             "calibration": calibration,
         }
         write_manifest(tmp, manifest)

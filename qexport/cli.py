@@ -137,6 +137,10 @@ def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
                  calib_seq_len=args.calib_seq_len, measure_difficulty=not args.no_difficulty)
     manifest = read_manifest(out)
     if not args.json:
+        from qexport.recipes.adapt import describe
+
+        for change in manifest.get("recipe_adaptations") or []:  # a preset fitted to this graph: what and why
+            print(f"recipe adapted: {describe(change)}")
         _print_recipe_report(manifest.get("recipe"))
         e = manifest["export"]
         print(f"exported {manifest['source']['location']} -> {out} ({e['nodes']} nodes, {e['total_seconds']} s, "

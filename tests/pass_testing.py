@@ -21,9 +21,13 @@ def load(folder: Path) -> ir.Model:
     return ir.load(Path(folder) / "model.onnx")
 
 
-def run(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def run(model: ir.Model, feeds: dict[str, np.ndarray], optimize: bool = True) -> dict[str, np.ndarray]:
+    """All outputs of ``model`` in ONNX Runtime CPU. ``optimize=False`` runs a QDQ graph as written: ORT's default
+    fuses an INT4 DequantizeLinear -> MatMul into MatMulNBits, which also rounds the activation to int8 per block."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))

@@ -62,6 +62,18 @@ def test_export_with_a_recipe_prints_the_passes_and_check(tiny_source, tmp_path,
     assert json.loads((out / "qexport.json").read_text())["recipe"]["name"] == "smoothquant"
 
 
+def test_export_prints_one_line_per_recipe_adaptation(tiny_source, tmp_path, capsys):
+    out = tmp_path / "gemma3"
+    assert main(["-q", "export", str(tiny_source("gemma3")), "--out", str(out), "--recipe", "w8a8-dynamic-qdq",
+                 "--calib-windows", "2", "--calib-seq-len", "64", "--no-difficulty"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("recipe adapted: ")]
+    changes = json.loads((out / "qexport.json").read_text())["recipe_adaptations"]
+    assert len(lines) == len(changes) == 2
+    assert lines[0].startswith("recipe adapted: removed rotate-residual at 4 sites (layers.0.attn.post_norm, ")
+    assert lines[1].startswith("recipe adapted: inserted smooth at 5 sites (layers.0.attn_norm, ")
+    assert all(change["reason"] in line for change, line in zip(changes, lines))
+
+
 def test_check_tensorrt_passes_a_float_export_and_exits_0(tiny_export, capsys):
     assert main(["-q", "check", str(tiny_export("llama")), "--json"]) == 0
     result = _json(capsys)

@@ -31,10 +31,14 @@ def _no_calibration(monkeypatch):
 ])
 def test_a_pass_that_cannot_apply_fails_before_calibration_in_seconds(tiny_source, tmp_path, monkeypatch, family,
                                                                        preset):
+    """A recipe file runs exactly as written: the preset copied to a file is not adapted to the family (by name,
+    it would be: test_recipe_adapt)."""
     _no_calibration(monkeypatch)
+    written = tmp_path / f"my-{preset}.yaml"
+    written.write_text(rc.load_recipe(preset).to_yaml())
     start = time.perf_counter()
     with pytest.raises(RecipeError, match=r"pass 3 \(rotate-residual\) fails on its graph before any calibration"):
-        qexport.export(str(tiny_source(family)), tmp_path / "out", recipe=preset)
+        qexport.export(str(tiny_source(family)), tmp_path / "out", recipe=str(written))
     assert time.perf_counter() - start < 60
     assert not (tmp_path / "out").exists()  # nothing half-written
 
