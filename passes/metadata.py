@@ -35,7 +35,7 @@ class Meta(str, enum.Enum):
     AFFINE = "qexport.affine."  # affine per fitted site: fingerprint of the windows it was fitted on
     AQAS_ALPHA = "qexport.aqas."  # aqas per site: the alpha it chose; the pipeline copies them to the manifest
     # value.meta (in memory, not saved)
-    ACT_CALIBRATION = "qexport.act_calibration"  # calibration.activation_scales: {"method", "absmax", "clip", "scale"}
+    ACT_CALIBRATION = "qexport.act_calibration"  # quantize: {"method", "absmax", "clip", "scale"} (ActivationScale)
 
     def __str__(self) -> str:
         return self.value

@@ -8,6 +8,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from qexport.calibration.calibrator import Calibrator
 from qexport.passes.discovery import sites
 from qexport.passes._ir import const_f64, set_const_input
 from qexport.passes.quantize.insert_qdq import QuantizePass
@@ -144,7 +145,8 @@ def apply_and_check_decode(model: ir.Model, rewrite: ir.passes.PassBase, feeds: 
 
 def quantize_and_lower(model: ir.Model, activations: str = "per_token") -> ir.Model:
     """Int8 QDQ on every linear and the lm_head (one 64-token calibration window), lowered to ORT's int8 kernels."""
-    QuantizePass(activations=activations, windows=(np.arange(3, 67, dtype=np.int64),), include_lm_head=True)(model)
+    calibrator = Calibrator((np.arange(3, 67, dtype=np.int64),))
+    QuantizePass(activations=activations, calibrator=calibrator, include_lm_head=True)(model)
     LowerOrtPass()(model)
     return model
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pass_testing import load
+from qexport.calibration.calibrator import Calibrator
 from qexport.calibration.stats import run_values
 from qexport.calibration.activation_scales import (
     MSE_CANDIDATES, AbsHistogram, ActCalibration, mse_clip, quantization_mse, static_scales)
@@ -73,19 +74,24 @@ def test_static_mse_scales_on_a_graph_match_brute_force(tiny_export):
     for value in values:
         x = np.concatenate(raw[value.name])
         _, best_err = _brute_force(x)
-        assert _exact_mse(x, scales[value] * 127.0) <= 1.01 * best_err, value.name
-        meta = value.meta[Meta.ACT_CALIBRATION]
-        assert meta["method"] == "mse" and meta["absmax"] == pytest.approx(np.abs(x).max(), rel=1e-6)
-        assert meta["clip"] == pytest.approx(scales[value] * 127.0) and meta["clip"] <= meta["absmax"]
+        found = scales[value]
+        assert _exact_mse(x, found.scale * 127.0) <= 1.01 * best_err, value.name
+        assert found.method is ActCalibration.MSE and found.absmax == pytest.approx(np.abs(x).max(), rel=1e-6)
+        assert found.clip == pytest.approx(found.scale * 127.0) and found.clip <= found.absmax
+        assert Meta.ACT_CALIBRATION not in value.meta  # a producer reads the graph; the quantize pass records it
 
 
 def test_quantize_pass_uses_the_mse_scales(tiny_export):
     model, reference = load(tiny_export("llama")), load(tiny_export("llama"))
-    QuantizePass(activations="per_tensor", calibration="mse", windows=CALIB)(model)
+    QuantizePass(activations="per_tensor", calibration="mse", calibrator=Calibrator(CALIB))(model)
     q_nodes = [n for n in model.graph if n.op_type == "QuantizeLinear" and n.metadata_props.get(Meta.QUANT) == "per_tensor"]
     assert q_nodes
     by_name = {v.name: v for n in reference.graph for v in n.outputs}
     expected = static_scales(reference, [by_name[q.inputs[0].name] for q in q_nodes], CALIB, ActCalibration.MSE)
     for q in q_nodes:
         got = float(q.inputs[1].const_value.numpy())
-        assert got == pytest.approx(expected[by_name[q.inputs[0].name]], rel=1e-6)
+        want = expected[by_name[q.inputs[0].name]]
+        assert got == pytest.approx(want.scale, rel=1e-6)
+        record = q.inputs[0].meta[Meta.ACT_CALIBRATION]  # what the manifest reports for this site
+        assert record["method"] == "mse" and record["scale"] == pytest.approx(want.scale, rel=1e-6)
+        assert (record["absmax"], record["clip"]) == pytest.approx((want.absmax, want.clip), rel=1e-6)

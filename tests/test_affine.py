@@ -9,12 +9,13 @@ import pytest
 
 from pass_testing import give_norms_weights, load, make_feeds, prefill_decode, run
 from qexport import numerics
+from qexport.calibration.calibrator import Calibrator
 from qexport.calibration.stats import collect_stats
 from qexport.errors import QexportError, RecipeError
 from qexport.passes.discovery import sites
 from qexport.passes._ir import const_f64
 from qexport.passes.metadata import Meta
-from qexport.passes.transforms.affine import AffinePass, collect_samples, problem_for
+from qexport.passes.transforms.affine import AffinePass, problem_for
 from qexport.calibration.affine_fit import FitSettings, band_mask, fit, is_strictly_dominant
 from qexport.passes.transforms.smooth import SmoothPass
 from qexport.recipes.schema import load_recipe
@@ -53,7 +54,7 @@ def test_affine_is_exact_with_kv_cache(tiny_export, family):
     w_o = {name: s.o.weight_in_out() for name, s in v_o.items()}
     w_v = {name: s.v.weight_in_out() for name, s in v_o.items()}
     gamma = {s.layer: const_f64(s.norm.gamma) for s in sites.find_sites(model).norm_sites if s.role == "attn"}
-    affine = AffinePass(windows=windows(), **FAST)
+    affine = AffinePass(calibrator=Calibrator(windows()), **FAST)
 
     assert affine(model).modified
     assert set(Meta.AFFINE.under(model.metadata_props)) == {
@@ -104,7 +105,8 @@ def v_o_problem(tiny_export):
     model = load(tiny_export("qwen2"))
     give_norms_weights(model)
     site = sites.find_sites(model).v_o[0]
-    return problem_for(site, collect_samples(model, windows(seed=5, count=8, length=64), [site], max_tokens=512)[site.name])
+    rows = Calibrator(windows(seed=5, count=8, length=64)).sample_rows(model, [site.activation.name], tokens=512)
+    return problem_for(site, rows[site.activation.name].astype(np.float32))
 
 
 def test_fit_lowers_the_quantized_loss_with_a_full_matrix(v_o_problem):
@@ -139,12 +141,14 @@ def test_samples_are_rows_of_the_site_activation(tiny_export):
     model = load(tiny_export("opt"))
     token_windows = windows(count=3, length=12)
     found = sites.find_sites(model)
-    samples = collect_samples(model, token_windows, found.all, max_tokens=10_000)
+    names = [site.activation.name for site in found.all]
+    samples = Calibrator(token_windows).sample_rows(model, names, tokens=10_000)
     stats = collect_stats(model, token_windows)
     for site in found.all:
-        assert samples[site.name].shape[0] == 36, site.name
-        np.testing.assert_allclose(np.abs(samples[site.name]).max(axis=0), stats[site.name].absmax, rtol=1e-6, err_msg=site.name)
-    assert all(s.shape[0] == 20 for s in collect_samples(model, token_windows, found.all, max_tokens=20).values())
+        assert samples[site.activation.name].shape[0] == 36, site.name
+        np.testing.assert_allclose(np.abs(samples[site.activation.name]).max(axis=0), stats[site.name].absmax, rtol=1e-6,
+                                   err_msg=site.name)
+    assert all(s.shape[0] == 20 for s in Calibrator(token_windows).sample_rows(model, names, tokens=20).values())
 
 
 def test_smooth_affine_preset_is_exact(tiny_export):
@@ -154,7 +158,7 @@ def test_smooth_affine_preset_is_exact(tiny_export):
     feeds = make_feeds(model, past=0)
     expected = run(model, feeds)
     passes = load_recipe("smooth-affine").build(
-        {"smooth": {"stats": collect_stats(model, token_windows)}, "affine": {"windows": token_windows}})
+        {"smooth": {"stats": collect_stats(model, token_windows)}, "affine": {"calibrator": Calibrator(token_windows)}})
     assert [type(p) for p in passes] == [SmoothPass, AffinePass]
     for p in passes:
         assert p(model).modified
@@ -168,9 +172,11 @@ def test_smooth_affine_preset_is_exact(tiny_export):
 ])
 def test_bad_settings_name_the_key(settings, key):
     with pytest.raises(RecipeError, match=key):
-        AffinePass(windows=windows(), **settings)
+        AffinePass(calibrator=Calibrator(windows()), **settings)
 
 
 def test_missing_windows_is_an_error(tiny_export):
     with pytest.raises(QexportError, match="windows"):
-        AffinePass(windows=())(load(tiny_export("llama")))
+        AffinePass()(load(tiny_export("llama")))
+    with pytest.raises(QexportError, match="no calibration windows"):
+        AffinePass(calibrator=Calibrator(()))

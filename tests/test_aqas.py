@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pass_testing import give_norms_weights, load, make_feeds, prefill_decode, run, weights_of
+from qexport.calibration.calibrator import Calibrator
 from qexport.calibration.stats import collect_stats, run_values
 from qexport.errors import RecipeError
 from qexport.passes.discovery import sites
@@ -33,7 +34,7 @@ def test_search_loss_matches_numpy_reference(tiny_export, activations):
     model = load(tiny_export("qwen2"))
     give_norms_weights(model)
     stats = collect_stats(model, WINDOWS)
-    aqas = AqasPass(stats=stats, windows=WINDOWS, activations=activations, alphas_grid=GRID, tokens=1000)
+    aqas = AqasPass(stats=stats, calibrator=Calibrator(WINDOWS), activations=activations, alphas_grid=GRID, tokens=1000)
     found = {s.name: s for s in sites.find_sites(model).all}
     names = ["layers.0.attn_norm", "layers.1.v_o", "layers.0.up_down"]
     rows = {}
@@ -67,7 +68,7 @@ def test_aqas_is_exact_records_alphas_and_runs_once(tiny_export):
     stats = collect_stats(model, WINDOWS)
     feeds = make_feeds(model, past=0)
     expected = run(model, feeds)["logits"]
-    aqas = AqasPass(stats=stats, windows=WINDOWS, sites=("layers.*",), alphas_grid=GRID)
+    aqas = AqasPass(stats=stats, calibrator=Calibrator(WINDOWS), sites=("layers.*",), alphas_grid=GRID)
     assert aqas(model).modified
     np.testing.assert_allclose(run(model, feeds)["logits"], expected, rtol=1e-4, atol=1e-5)
     prefill_decode(model)  # the smoothed v -> o cache still decodes

@@ -7,6 +7,7 @@ import onnx_ir as ir
 import pytest
 
 from pass_testing import load
+from qexport.calibration.calibrator import Calibrator
 from qexport.calibration.stats import run_values
 from qexport.errors import RecipeError
 from qexport.passes.quantize.bias_correction import BiasCorrectPass
@@ -22,7 +23,7 @@ def _quantized(family: str, tiny_export, activations: str = "per_tensor") -> tup
     """(quantized graph, float graph before quantization, node name -> role name)."""
     model, reference = load(tiny_export(family)), load(tiny_export(family))
     roles = {node.name: role for node, role in linear_names(reference).items()}
-    QuantizePass(activations=activations, windows=CALIB)(model)
+    QuantizePass(activations=activations, calibrator=Calibrator(CALIB))(model)
     return model, reference, roles
 
 
@@ -60,7 +61,7 @@ def _mean_errors(model: ir.Model, reference: ir.Model) -> dict[str, np.ndarray]:
 def test_bias_correction_removes_the_mean_output_error(tiny_export, family):
     model, reference, roles = _quantized(family, tiny_export)
     before = _mean_errors(model, reference)
-    assert BiasCorrectPass(reference=reference, windows=CALIB)(model).modified
+    assert BiasCorrectPass(reference=reference, calibrator=Calibrator(CALIB))(model).modified
     after = _mean_errors(model, reference)
     assert before.keys() == after.keys() and len(after) == len(roles) - 1  # every linear but lm_head
     for name, e in after.items():
@@ -76,7 +77,7 @@ def test_bias_correction_removes_the_mean_output_error(tiny_export, family):
 def test_bias_correction_adds_biases_only_where_none_were(tiny_export):
     model, reference, roles = _quantized("qwen2", tiny_export)
     adds = sum(n.op_type == "Add" for n in model.graph)
-    BiasCorrectPass(reference=reference, windows=CALIB)(model)
+    BiasCorrectPass(reference=reference, calibrator=Calibrator(CALIB))(model)
     with_bias = [n for n in reference.graph if (lin := site_matching.match_linear(n)) is not None and lin.bias is not None]
     assert with_bias  # qwen2's q/k/v carry a bias: corrected in place, the other linears get a new Add
     assert sum(n.op_type == "Add" for n in model.graph) == adds + len(roles) - 1 - len(with_bias)
@@ -86,7 +87,7 @@ def test_bias_correction_leaves_unselected_linears_alone_and_runs_once(tiny_expo
     model, reference, roles = _quantized("llama", tiny_export, activations="per_token")
     before = _mean_errors(model, reference)
     outputs_before = {n.name: [c.name for c in n.outputs[0].consumers()] for n in model.graph if n.name in roles}
-    assert BiasCorrectPass(reference=reference, windows=CALIB, linears=("layers.1.*",))(model).modified
+    assert BiasCorrectPass(reference=reference, calibrator=Calibrator(CALIB), linears=("layers.1.*",))(model).modified
     after = _mean_errors(model, reference)
     for name, role in roles.items():
         if role.startswith("layers.0.") or role == "lm_head":
@@ -95,12 +96,12 @@ def test_bias_correction_leaves_unselected_linears_alone_and_runs_once(tiny_expo
                 np.testing.assert_array_equal(after[name], before[name])  # same graph upstream: same values
         elif role.startswith("layers.1.attn.") and role[-1] in "qkv":
             assert np.abs(after[name]).max() <= 1e-3 * np.abs(before[name]).max() + 1e-6
-    assert not BiasCorrectPass(reference=reference, windows=CALIB, linears=("layers.1.*",))(model).modified
+    assert not BiasCorrectPass(reference=reference, calibrator=Calibrator(CALIB), linears=("layers.1.*",))(model).modified
 
 
 def test_bias_correction_needs_its_run_time_inputs(tiny_export):
     model = load(tiny_export("llama"))
     with pytest.raises(RecipeError, match="reference"):
-        BiasCorrectPass(windows=CALIB)(model)
+        BiasCorrectPass(calibrator=Calibrator(CALIB))(model)
     with pytest.raises(RecipeError, match="max_windows"):
         BiasCorrectPass(max_windows=0)

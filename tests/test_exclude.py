@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from pass_testing import load, make_feeds, run
+from qexport.calibration.calibrator import Calibrator
 from qexport.errors import RecipeError
 from qexport.passes.quantize.gptq import GptqPass
 from qexport.passes.quantize.insert_qdq import QuantizePass
@@ -18,7 +19,7 @@ from qexport.passes.discovery.linear_select import linear_names
 from qexport.passes.metadata import Meta
 from qexport.recipes.schema import Recipe
 
-WINDOWS = tuple(np.arange(3 + 60 * i, 67 + 60 * i, dtype=np.int64) for i in range(2))
+CALIBRATOR = Calibrator(tuple(np.arange(3 + 60 * i, 67 + 60 * i, dtype=np.int64) for i in range(2)), threads=1)
 # exclude -> the one ``linears`` glob selecting exactly the other (non-lm_head) linears of the tiny 2-layer Llama
 COMPLEMENTS = [("layers.*.attn.k", "layers.*[!k]"), ("layers.0.*", "layers.1.*")]
 ROLES = [f"layers.{i}.{r}" for i in range(2) for r in ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")]
@@ -61,7 +62,7 @@ def _same_graph(a: ir.Model, b: ir.Model) -> bool:
 def test_quantize_exclude_equals_the_complement_glob(tiny_export, exclude, complement, activations):
     """Excluded linears keep their float weights and inputs; with k excluded, q and v still share one activation
     quantizer while k reads the float tensor that quantizer reads. The graph is the one the complement glob gives."""
-    settings = dict(activations=activations, windows=WINDOWS if activations == "per_tensor" else (), threads=1)
+    settings = dict(activations=activations, calibrator=CALIBRATOR if activations == "per_tensor" else None)
     model, reference = load(tiny_export("llama")), load(tiny_export("llama"))
     weights = _float_weights(model)
     assert QuantizePass(**settings, exclude=(exclude,))(model).modified
@@ -87,8 +88,8 @@ def test_quantize_exclude_equals_the_complement_glob(tiny_export, exclude, compl
 def test_gptq_exclude_leaves_the_weight_untouched_and_equals_the_complement_glob(tiny_export):
     model, reference = load(tiny_export("llama")), load(tiny_export("llama"))
     weights = _float_weights(model)
-    assert GptqPass(windows=WINDOWS, exclude=("layers.*.attn.k",), threads=1)(model).modified
-    assert GptqPass(windows=WINDOWS, linears=("layers.*[!k]",), threads=1)(reference).modified
+    assert GptqPass(calibrator=CALIBRATOR, exclude=("layers.*.attn.k",))(model).modified
+    assert GptqPass(calibrator=CALIBRATOR, linears=("layers.*[!k]",))(reference).modified
     _assert_float(model, ["layers.0.attn.k", "layers.1.attn.k"], weights)
     _assert_quantized(model, [r for r in ROLES if not r.endswith("attn.k")], activations=False)
     assert _same_graph(model, reference)
@@ -101,9 +102,9 @@ def test_gptq_then_quantize_with_the_same_exclude_leaves_the_linears_float(tiny_
     weights = _float_weights(model)
     before = {node.name: role for node, role in linear_names(model).items()}
     exclude = ("layers.0.mlp.down", "layers.1.attn.k")
-    assert GptqPass(windows=WINDOWS, exclude=exclude, threads=1)(model).modified
+    assert GptqPass(calibrator=CALIBRATOR, exclude=exclude)(model).modified
     assert {node.name: role for node, role in linear_names(model).items()} == before
-    assert QuantizePass(activations="per_tensor", windows=WINDOWS, exclude=exclude, threads=1)(model).modified
+    assert QuantizePass(activations="per_tensor", calibrator=CALIBRATOR, exclude=exclude)(model).modified
     excluded = ["layers.0.mlp.down", "layers.1.attn.k"]
     _assert_float(model, excluded, weights)
     _assert_quantized(model, [r for r in ROLES if r not in excluded])
@@ -114,7 +115,7 @@ def test_gptq_then_quantize_with_the_same_exclude_leaves_the_linears_float(tiny_
     _assert_quantized(model, ["layers.1.attn.k"])
 
 
-@pytest.mark.parametrize("make", [lambda **kw: QuantizePass(**kw), lambda **kw: GptqPass(windows=WINDOWS, **kw)])
+@pytest.mark.parametrize("make", [lambda **kw: QuantizePass(**kw), lambda **kw: GptqPass(calibrator=CALIBRATOR, **kw)])
 def test_an_exclude_glob_that_matches_nothing_is_an_error(tiny_export, make):
     model = load(tiny_export("llama"))
     with pytest.raises(RecipeError, match=r"exclude glob 'layers\.0\.mlp\.dwn' matches none .*layers\.0\.attn\.q"):
@@ -145,7 +146,7 @@ def test_recipe_exclude_maps_onto_both_passes():
           - {pass: quantize-gptq, exclude: [layers.0.mlp.down, "layers.29.*"]}
           - {pass: quantize, exclude: [layers.0.mlp.down, "layers.29.*"]}
     """))
-    built = recipe.build({"quantize-gptq": {"windows": WINDOWS}})
+    built = recipe.build({"quantize-gptq": {"calibrator": CALIBRATOR}})
     assert [p.exclude for p in built] == [("layers.0.mlp.down", "layers.29.*")] * 2
     assert [p.linears for p in built] == [("*",)] * 2
     assert Recipe.from_dict(yaml.safe_load(recipe.to_yaml())) == recipe

@@ -10,11 +10,10 @@ import pytest
 from pass_testing import load
 from qexport import numerics
 from qexport.errors import PatternNotFoundError, RecipeError
-from qexport.passes.quantize import gptq
 from qexport.calibration import layer_sessions
 from qexport.passes.quantize.gptq import GptqPass, gptq_quantize, inverse_factor
 from qexport.passes.quantize.insert_qdq import QuantizePass
-from qexport.calibration.layer_sessions import StagedRuns
+from qexport.calibration.calibrator import Calibrator
 from qexport.passes.discovery.linear_select import selected_linears
 from qexport.passes.metadata import Meta
 from qexport.passes.discovery.names import NameFilter
@@ -77,10 +76,10 @@ def test_gptq_pass_writes_int8_weights_and_quantize_adds_activations(tiny_export
     windows = tuple(np.arange(3 + 60 * i, 67 + 60 * i, dtype=np.int64) for i in range(3))
     model = load(tiny_export("llama"))
     count = len(selected_linears(model, NameFilter(), False))
-    assert GptqPass(windows=windows)(model).modified
+    assert GptqPass(calibrator=Calibrator(windows))(model).modified
     weight_dqs = [n for n in model.graph if n.metadata_props.get(Meta.QUANT) == "weight"]
     assert len(weight_dqs) == count
-    assert not GptqPass(windows=windows)(model).modified  # nothing left to quantize
+    assert not GptqPass(calibrator=Calibrator(windows))(model).modified  # nothing left to quantize
     before = {dq.name: dq.inputs[0].const_value.numpy().copy() for dq in weight_dqs}
     assert QuantizePass()(model).modified
     after = {n.name: n.inputs[0].const_value.numpy() for n in model.graph if n.metadata_props.get(Meta.QUANT) == "weight"}
@@ -167,19 +166,22 @@ def test_grouped_gptq_beats_round_to_nearest_on_the_layer_output(kind):
 def _layer_hessians(model, pattern, settings):
     """One-shot Hessians of the inputs of the linears matching ``pattern``, from the whole graph as it is."""
     inputs = list(dict.fromkeys(lin.input for lin in selected_linears(model, NameFilter((pattern,)), False)))
-    return {v.name: h for v, h in gptq._hessians(inputs, StagedRuns(model, [inputs], settings["windows"]).run(0)).items()}
+    return {v.name: h for v, h in next(settings["calibrator"].hessians(model, [inputs])).hessians.items()}
 
 
-def _spy_hessians(monkeypatch) -> dict[str, np.ndarray]:
+def _spy_hessians(monkeypatch, from_cache: list[bool] | None = None) -> dict[str, np.ndarray]:
+    """The Hessians each stage gives GPTQ (by value name); ``from_cache`` gets whether each stage ran from the cache."""
     seen: dict[str, np.ndarray] = {}
-    hessians = gptq._hessians
+    hessians = Calibrator.hessians
 
-    def spy(values, runs):
-        found = hessians(values, runs)
-        seen.update({v.name: h for v, h in found.items()})
-        return found
+    def spy(self, *args, **kwargs):
+        for stage in hessians(self, *args, **kwargs):
+            seen.update({v.name: h for v, h in stage.hessians.items()})
+            if from_cache is not None:
+                from_cache.append(stage.from_cache)
+            yield stage
 
-    monkeypatch.setattr(gptq, "_hessians", spy)
+    monkeypatch.setattr(Calibrator, "hessians", spy)
     return seen
 
 
@@ -187,7 +189,7 @@ def test_sequential_gptq_takes_each_layers_hessian_from_the_graph_with_earlier_l
     windows = tuple(np.arange(3 + 60 * i, 67 + 60 * i, dtype=np.int64) for i in range(3))
     model = load(tiny_export("llama"))
     layer1 = {lin.input.name for lin in selected_linears(model, NameFilter(("layers.1.*",)), False)}
-    settings = dict(windows=windows, weights="int4", group_size=32)
+    settings = dict(calibrator=Calibrator(windows), weights="int4", group_size=32)
     float_h = _layer_hessians(model, "layers.1.*", settings)
     seen = _spy_hessians(monkeypatch)
     assert GptqPass(**settings, sequential=True)(model).modified
@@ -214,18 +216,17 @@ def test_sequential_gptq_from_the_cached_residual_stream_equals_whole_graph_runs
     """Layer by layer from the cached residual stream (each stage runs one layer and a half) gives the Hessians
     and codes of running the whole graph up to each layer's linears (the reference path, forced)."""
     windows = tuple(np.arange(3 + 60 * i, 67 + 60 * i, dtype=np.int64) for i in range(3))
-    settings = dict(windows=windows, weights="int4", group_size=32, sequential=True)
+    settings = dict(calibrator=Calibrator(windows), weights="int4", group_size=32, sequential=True)
     results = {}
     for cached in (True, False):
         model = load(tiny_export(family))
         monkeypatch.setattr(GptqPass, "_cached_layers", cached)
-        seen = _spy_hessians(monkeypatch)
-        made = []
-        monkeypatch.setattr(gptq, "StagedRuns", lambda *a, **k: made.append(StagedRuns(*a, **k)) or made[-1])
+        from_cache: list[bool] = []
+        seen = _spy_hessians(monkeypatch, from_cache)
         assert GptqPass(**settings)(model).modified
         monkeypatch.undo()
-        stages = len(made[0].stages)
-        assert stages >= 2 and made[0].from_cache == (stages - 1 if cached else 0)
+        stages = len(from_cache)
+        assert stages >= 2 and sum(from_cache) == (stages - 1 if cached else 0)
         results[cached] = seen, _weight_codes(model)
     (h_cached, codes_cached), (h_whole, codes_whole) = results[True], results[False]
     assert h_cached.keys() == h_whole.keys() and len(codes_cached) == len(codes_whole) > 0
@@ -237,7 +238,7 @@ def test_sequential_gptq_from_the_cached_residual_stream_equals_whole_graph_runs
 def test_stage_without_a_cut_runs_the_whole_graph(tiny_export, monkeypatch, caplog):
     """No residual stream found: every stage runs the whole graph, with the same result as the cached path."""
     windows = tuple(np.arange(3 + 60 * i, 67 + 60 * i, dtype=np.int64) for i in range(2))
-    settings = dict(windows=windows, weights="int4", group_size=32, sequential=True)
+    settings = dict(calibrator=Calibrator(windows), weights="int4", group_size=32, sequential=True)
     cached = load(tiny_export("llama"))
     caplog.set_level(logging.INFO, logger="qexport")
     GptqPass(**settings)(cached)
@@ -260,4 +261,4 @@ def test_gptq_weight_settings_are_checked(tiny_export):
     with pytest.raises(RecipeError, match="weights must be one of"):
         GptqPass(weights="int2")
     with pytest.raises(RecipeError, match="group_size 128 does not divide"):
-        GptqPass(windows=(np.arange(3, 20),), weights="int4")(load(tiny_export("llama")))
+        GptqPass(calibrator=Calibrator((np.arange(3, 20),)), weights="int4")(load(tiny_export("llama")))

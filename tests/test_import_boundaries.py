@@ -27,14 +27,18 @@ ALLOWED: dict[str, set[str]] = {
     "qexport.passes._ir": set(),
     "qexport.passes.metadata": set(),  # the metadata keys passes, calibration, analysis and report share
     "qexport.passes.discovery": {"qexport.errors", "qexport.passes._ir", "qexport.passes.metadata"},
+    # passes reach calibration only through the Calibrator (no sessions of their own); affine's fit is numerics
     "qexport.passes.transforms": {"qexport.errors", "qexport.passes._ir", "qexport.passes.metadata",
-                                  "qexport.passes.discovery", "qexport.calibration"},
+                                  "qexport.passes.discovery", "qexport.calibration.calibrator",
+                                  "qexport.calibration.affine_fit"},
     "qexport.passes.quantize": {"qexport.errors", "qexport.passes._ir", "qexport.passes.metadata",
-                                "qexport.passes.discovery", "qexport.calibration"},
+                                "qexport.passes.discovery", "qexport.calibration.calibrator"},
     "qexport.passes.ort": {"qexport.errors", "qexport.passes._ir", "qexport.passes.metadata",
                            "qexport.passes.discovery", "qexport.passes.quantize"},
     "qexport.calibration": {"qexport.errors", "qexport.runtimes", "qexport.passes._ir", "qexport.passes.metadata",
                             "qexport.passes.discovery"},
+    "qexport.calibration.calibrator": {"qexport.errors", "qexport.calibration"},  # what passes may use of calibration
+    "qexport.calibration.affine_fit": set(),  # torch numerics of one site: runs no graph
     "qexport.analysis": {"qexport.errors", "qexport.calibration", "qexport.passes.metadata",
                          "qexport.passes.discovery"},
     "qexport.exporter": {"qexport.errors", "qexport.runtimes"},
@@ -54,7 +58,8 @@ ALLOWED: dict[str, set[str]] = {
 # Leaf modules every area may import (they import no other qexport module).
 SHARED = {"qexport.numerics"}
 # Sub-areas a wider entry stands for ("qexport.passes" in ALLOWED covers all its sub-packages).
-WIDE = {"qexport.passes": ("qexport.passes.",), "qexport.runtimes": ("qexport.runtimes.",)}
+WIDE = {"qexport.passes": ("qexport.passes.",), "qexport.runtimes": ("qexport.runtimes.",),
+        "qexport.calibration": ("qexport.calibration.",)}
 # Heavy third-party imports, by the areas that may make them.
 THIRD_PARTY = {"torch": {"qexport.exporter", "qexport.calibration.affine_fit", "qexport.evaluation",
                          "qexport.runtimes.torch_runner", "qexport.runtimes.tensorrt"}}
@@ -134,10 +139,19 @@ def test_every_import_follows_the_layering():
      "qexport.runtimes may import only"),
     ("qexport.runtimes.causal_lm", "import torch", "imports torch"),
     ("qexport.passes.discovery.sites", "from qexport.passes.transforms import smooth", "qexport.passes.discovery"),
+    ("qexport.passes.quantize.bias_correction", "def f():\n    from qexport.calibration.stats import ValueSession",
+     "qexport.passes.quantize may import only"),
+    ("qexport.passes.transforms.aqas", "from qexport.calibration import layer_sessions", "(qexport.calibration)"),
 ])
 def test_a_deliberate_violation_is_caught(module, source, expected):
     found = violations(module, textwrap.dedent(source))
     assert len(found) == 1 and expected in found[0], found
+
+
+def test_passes_reach_calibration_through_the_calibrator():
+    source = "from qexport.calibration.calibrator import CalibrationStats, Calibrator\n"
+    assert violations("qexport.passes.quantize.gptq", source) == violations("qexport.passes.transforms.smooth", source) == []
+    assert violations("qexport.passes.ort.int8", source)  # the lowerings run no calibration at all
 
 
 def test_type_only_imports_are_not_dependencies():

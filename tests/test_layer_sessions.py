@@ -8,6 +8,7 @@ import onnx_ir as ir
 
 from pass_testing import load
 from qexport.calibration import layer_sessions
+from qexport.calibration.calibrator import Calibrator
 from qexport.passes._ir import new_initializer
 from qexport.passes.quantize.gptq import GptqPass
 from qexport.calibration.layer_sessions import StagedRuns
@@ -57,7 +58,7 @@ def test_a_layer_reading_the_stream_around_the_cut_has_no_cut(tiny_export):
     """Layer 1's norm also reads the embedding (x - 0 * embedding: the same values): no cut serves layer 1, which
     then runs from the embedding output, and sequential GPTQ gives the codes of the unmodified graph."""
     windows = tuple(np.arange(3 + 60 * i, 67 + 60 * i, dtype=np.int64) for i in range(2))
-    settings = dict(windows=windows, weights="int4", group_size=32, sequential=True)
+    settings = dict(calibrator=Calibrator(windows), weights="int4", group_size=32, sequential=True)
     model = load(tiny_export("llama"))
     stream = layer_sessions.stream_values(model)
     residual_add = find_residual_stream(model).blocks[2].add

@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from pass_testing import load, make_feeds, run
+from qexport.calibration.calibrator import Calibrator
 from qexport.errors import RecipeError
 from qexport.passes.quantize.insert_qdq import QuantizePass
 from qexport.passes.metadata import Meta
@@ -21,7 +22,7 @@ CALIB = (np.arange(3, 67, dtype=np.int64), np.arange(100, 164, dtype=np.int64))
 def _w4a8(family: str, tiny_export, weights: str = "int4", activations: str = "per_tensor",
           include_lm_head: bool = False) -> ir.Model:
     model = load(tiny_export(family))
-    QuantizePass(activations=activations, weights=weights, group_size=32, windows=CALIB,
+    QuantizePass(activations=activations, weights=weights, group_size=32, calibrator=Calibrator(CALIB),
                  include_lm_head=include_lm_head)(model)
     return model
 

@@ -9,6 +9,7 @@ import onnx_ir as ir
 import pytest
 
 from pass_testing import load, make_feeds, run
+from qexport.calibration.calibrator import Calibrator
 from qexport.passes.quantize.insert_qdq import QuantizePass
 from qexport.passes._ir import const_array
 from qexport.passes.metadata import Meta
@@ -24,7 +25,7 @@ CALIB = (np.arange(3, 67, dtype=np.int64),)
 
 def _quantized(tiny_export, family: str, activations: str, include_lm_head: bool = True):
     model = load(tiny_export(family))
-    QuantizePass(activations=activations, windows=CALIB, include_lm_head=include_lm_head)(model)
+    QuantizePass(activations=activations, calibrator=Calibrator(CALIB), include_lm_head=include_lm_head)(model)
     return model
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pass_testing import load
+from qexport.calibration.calibrator import Calibrator
 from qexport.errors import RecipeError
 from qexport.passes.ort.attention import OrtAttentionPass
 from qexport.passes.quantize.insert_qdq import QuantizePass
@@ -21,7 +22,7 @@ CALIB = (np.arange(3, 67, dtype=np.int64),)
 
 def _lowered(tiny_export, family: str, activations: str):
     model = load(tiny_export(family))
-    QuantizePass(activations=activations, windows=CALIB, include_lm_head=True)(model)
+    QuantizePass(activations=activations, calibrator=Calibrator(CALIB), include_lm_head=True)(model)
     LowerOrtPass()(model)
     return model
 

@@ -9,6 +9,7 @@ import onnx_ir as ir
 import pytest
 
 from pass_testing import load
+from qexport.calibration.calibrator import Calibrator
 from qexport.calibration.stats import collect_stats
 from qexport.errors import RecipeError
 from qexport.passes.discovery import sites as site_matching
@@ -23,6 +24,7 @@ from qexport.recipes.registry import PASSES, pass_class, settable_fields
 from qexport.recipes.schema import Recipe
 
 WINDOWS = tuple(np.arange(3 + 60 * i, 67 + 60 * i, dtype=np.int64) for i in range(2))
+CALIBRATOR = Calibrator(WINDOWS, threads=1)
 GLOB_SETTINGS = {"fold-norm": {"sites"}, "smooth": {"sites"}, "rotate-heads": {"sites"}, "online-hadamard": {"sites"},
                  "affine": {"sites"}, "aqas": {"sites"}, "quantize": {"linears", "exclude"},
                  "quantize-gptq": {"linears", "exclude"}, "bias-correct": {"linears"}}
@@ -100,15 +102,15 @@ def test_the_same_globs_select_the_same_linears_through_every_pass(tiny_export, 
     assert QuantizePass(activations="none", linears=linears, exclude=exclude)(quantized).modified
     assert _dequantized_roles(quantized, roles) == expected
     gptq = fresh()
-    assert GptqPass(windows=WINDOWS, linears=linears, exclude=exclude, threads=1)(gptq).modified
+    assert GptqPass(calibrator=CALIBRATOR, linears=linears, exclude=exclude)(gptq).modified
     assert _dequantized_roles(gptq, roles) == expected
 
     everything = fresh()  # bias-correct selects among quantized linears: quantize them all first
-    QuantizePass(activations="per_tensor", windows=WINDOWS, threads=1)(everything)
+    QuantizePass(activations="per_tensor", calibrator=CALIBRATOR)(everything)
     pending = lambda: {t.name for t in quantized_linears(everything, float_graph)}  # noqa: E731  (not yet corrected)
     before = pending()
     include_only = NameFilter(linears)
-    assert BiasCorrectPass(reference=float_graph, windows=WINDOWS, linears=linears, threads=1)(everything).modified
+    assert BiasCorrectPass(reference=float_graph, calibrator=CALIBRATOR, linears=linears)(everything).modified
     assert before - pending() == {r for r in before if include_only.matches(r)}
 
 
@@ -119,4 +121,4 @@ def test_the_same_globs_select_the_same_sites_through_every_pass(tiny_export):
     assert expected == {"layers.0.v_o", "layers.1.attn_norm", "layers.1.mlp_norm", "layers.1.v_o", "layers.1.up_down"}
     stats = collect_stats(model, WINDOWS)
     assert {s.name for s in SmoothPass(stats=stats, sites=globs).scales_for(model)} == expected
-    assert {s.name for s in AffinePass(windows=WINDOWS, sites=globs).pending(model)} == expected
+    assert {s.name for s in AffinePass(calibrator=CALIBRATOR, sites=globs).pending(model)} == expected

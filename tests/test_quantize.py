@@ -9,6 +9,7 @@ import onnx_ir as ir
 import pytest
 
 from pass_testing import load, make_feeds, run
+from qexport.calibration.calibrator import Calibrator
 from qexport.calibration.stats import prefill_feeds, session_with_outputs
 from qexport.errors import RecipeError
 from qexport.passes.quantize.insert_qdq import QuantizePass
@@ -78,7 +79,7 @@ def test_per_tensor_layers_equal_numpy_fake_quant_with_calibrated_scales(tiny_ex
     fp32 = load(tiny_export("qwen2"))
     model = load(tiny_export("qwen2"))
     weights = _original_weights(model)
-    QuantizePass(activations="per_tensor", calibration=calibration, percentile=90.0, windows=CALIB)(model)
+    QuantizePass(activations="per_tensor", calibration=calibration, percentile=90.0, calibrator=Calibrator(CALIB))(model)
     # reference scales: the same activations of the float graph on the calibration windows
     inputs = {lin.node.name: lin.input.name for lin in selected_linears(fp32, NameFilter(), False)}
     session = session_with_outputs(fp32, sorted(set(inputs.values())), None)

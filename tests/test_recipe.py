@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import onnx_ir as ir
 import pytest
 import yaml
 
 from pass_testing import give_norms_weights, load, make_feeds, run
+from qexport.calibration.calibrator import CalibrationStats, Calibrator
 from qexport.recipes import schema as rc
+from qexport.recipes.registry import PASSES, RuntimeInput, pass_class, runtime_fields, runtime_inputs, settable_fields
 from qexport.errors import RecipeError
 from qexport.passes.transforms.hadamard import Rotation
 from qexport.passes.transforms.online_hadamard import OnlineHadamardPass
@@ -101,6 +106,29 @@ def test_run_time_fields_cannot_be_written_in_yaml_and_must_be_supplied():
         recipe.build()
     with pytest.raises(RecipeError, match=r"run-time settings for passes not in recipe 'smoothquant': \['fold-norm'\]"):
         recipe.build({"fold-norm": {}})
+    for key in ("calibrator", "windows", "threads"):  # the Calibrator carries the windows and threads
+        with pytest.raises(RecipeError, match=f"unknown setting '{key}' for pass 'quantize-gptq'"):
+            rc.Recipe.from_dict(_recipe({"pass": "quantize-gptq", key: 1}))
+
+
+def test_run_time_inputs_are_found_by_field_type():
+    calibrated = {name: {f: kind.value for f, kind in runtime_inputs(pass_class(name)).items()} for name in PASSES}
+    assert {name: found for name, found in calibrated.items() if found} == {
+        "smooth": {"stats": "stats"}, "aqas": {"stats": "stats", "calibrator": "calibrator"},
+        "affine": {"calibrator": "calibrator"}, "quantize": {"calibrator": "calibrator"},
+        "quantize-gptq": {"calibrator": "calibrator"},
+        "bias-correct": {"reference": "reference", "calibrator": "calibrator"}}
+
+    @dataclasses.dataclass(frozen=True)
+    class Anywhere:  # any field name: the type decides; other types are settings
+        text: Calibrator | None = None
+        float_graph: ir.Model | None = None
+        measured: CalibrationStats | None = None
+        windows: int = 2
+
+    assert runtime_inputs(Anywhere) == {"text": RuntimeInput.CALIBRATOR, "float_graph": RuntimeInput.REFERENCE,
+                                        "measured": RuntimeInput.STATS}
+    assert runtime_fields(Anywhere) == {"text", "float_graph", "measured"} and set(settable_fields(Anywhere)) == {"windows"}
 
 
 @pytest.mark.parametrize(("entry", "message"), [

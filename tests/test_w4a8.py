@@ -12,6 +12,7 @@ import pytest
 from pass_testing import load, make_feeds
 from preset_testing import evaluate_quantized, export_tiny_preset, logits_sqnr_db, quantize_smollm2
 from qexport.recipes import schema as rc
+from qexport.calibration.calibrator import Calibrator
 from qexport.errors import RecipeError
 from qexport.passes._ir import write_weight
 from qexport.passes.quantize.insert_qdq import QuantizePass
@@ -174,10 +175,10 @@ def test_group_size_that_does_not_divide_is_a_recipe_error(tiny_export):
 
 def test_w4a8_static_passes_the_tensorrt_check_and_block_32_does_not(tiny_export):
     model = load(tiny_export("llama"))
-    QuantizePass(activations="per_tensor", weights="int4", group_size=64, windows=CALIB)(model)
+    QuantizePass(activations="per_tensor", weights="int4", group_size=64, calibrator=Calibrator(CALIB))(model)
     assert errors(check_model(model)) == []
     model = load(tiny_export("llama"))
-    QuantizePass(activations="per_tensor", weights="int4", group_size=32, windows=CALIB)(model)
+    QuantizePass(activations="per_tensor", weights="int4", group_size=32, calibrator=Calibrator(CALIB))(model)
     assert {f.rule.value for f in errors(check_model(model))} == {"block-size"}
 
 
@@ -260,7 +261,7 @@ def test_w4a8_gptq_beats_round_to_nearest_on_the_same_weights(tiny_export):
     errors_of = {}
     for method in ("gptq", "rtn"):
         model = ir.from_proto(ir.to_proto(float_graph))
-        quantizer = (GptqPass(windows=tuple(windows), sequential=True, **fmt) if method == "gptq"
+        quantizer = (GptqPass(calibrator=Calibrator(windows), sequential=True, **fmt) if method == "gptq"
                      else QuantizePass(activations="none", **fmt))
         assert quantizer(model).modified
         got = _linear_outputs(model, names, windows)

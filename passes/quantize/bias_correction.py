@@ -11,6 +11,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from qexport.calibration.calibrator import Calibrator, ErrorProbe
 from qexport.errors import RecipeError
 from qexport.passes.discovery import sites as site_matching
 from qexport.passes._ir import const_f64, new_initializer, set_const_input, set_graph_output
@@ -43,12 +44,12 @@ class BiasCorrectPass(ir.passes.InPlacePass):
 
     X is the linear's input in the quantized graph itself, so each linear's statistics see the earlier linears
     already quantized and corrected (AWEQ's sequential order). Stages run in graph order (``sequential``: per
-    activation, or per decoder layer), each from the calibration windows run through one ONNX Runtime session in
-    which the corrections are graph inputs (fed the biases found so far: one session for the whole pass). W is the
-    float weight of ``reference``, the graph before quantization (the pipeline supplies it), matched by node name.
-    Rewrite cases, for each quantized linear (a MatMul/Gemm whose weight is a ``DequantizeLinear`` tagged by
-    quantization) whose role name, node name or float weight name matches a glob of ``linears`` (a list, as
-    ``quantize`` selects):
+    activation, or per decoder layer), each on the first ``max_windows`` of the ``calibrator``'s windows, with the
+    corrections found so far fed in (:meth:`~qexport.calibration.calibrator.Calibrator.bias_errors`). W is the
+    float weight of ``reference``, the graph before quantization, matched by node name (the pipeline provides
+    ``reference`` and ``calibrator``). Rewrite cases, for each quantized linear (a MatMul/Gemm whose weight is a
+    ``DequantizeLinear`` tagged by quantization) whose role name, node name or float weight name matches a glob of
+    ``linears`` (a list, as ``quantize`` selects):
 
     1. Gemm: C -= e (C added when absent);
     2. MatMul followed by a constant bias Add: the bias -= e;
@@ -60,11 +61,10 @@ class BiasCorrectPass(ir.passes.InPlacePass):
     lossless: ClassVar[bool] = False
 
     reference: ir.Model | None = None
-    windows: tuple[np.ndarray, ...] = ()
+    calibrator: Calibrator | None = None
     linears: tuple[str, ...] = ("*",)
     sequential: Sequential = Sequential.PER_INPUT
     max_windows: int = 2  # calibration windows used (the first ones), run once per stage
-    threads: int | None = None
 
     def __post_init__(self) -> None:
         check_glob_fields(self, "bias-correct", "linears")
@@ -77,23 +77,24 @@ class BiasCorrectPass(ir.passes.InPlacePass):
             raise RecipeError(f"bias-correct max_windows must be at least 1, got {self.max_windows}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.reference is None or not self.windows:
+        if self.reference is None or self.calibrator is None:
             raise RecipeError("bias-correct needs the float graph before quantization (reference) and calibration "
-                              "windows; run it through a recipe, after quantize/quantize-gptq")
+                              "windows (calibrator); run it through a recipe, after quantize/quantize-gptq")
         targets = quantized_linears(model, self.reference, NameFilter(self.linears))
         if not targets:
             return ir.passes.PassResult(model, False)
-        windows = self.windows[: self.max_windows]
-        corrections = {t.node: _insert_correction(model.graph, t.node) for t in targets}
-        stages: dict[object, list[QuantizedLinear]] = {}
+        calibrator = self.calibrator.head(self.max_windows)
+        probes = {t.node: ErrorProbe(t.x, t.node.outputs[0], t.weight, _gemm_c(t.node),
+                                     _insert_correction(model.graph, t.node)) for t in targets}
+        stages: dict[object, list[ErrorProbe]] = {}
         for t in targets:
-            stages.setdefault(t.x if self.sequential is Sequential.PER_INPUT else t.layer, []).append(t)
-        errors = sequential_errors(model, list(stages.values()), corrections, windows, self.threads)
+            stages.setdefault(t.x if self.sequential is Sequential.PER_INPUT else t.layer, []).append(probes[t.node])
+        errors = calibrator.bias_errors(model, list(stages.values()))
         for t in targets:
-            _write_correction(model.graph, t.node, corrections[t.node], errors[t.node])
+            _write_correction(model.graph, t.node, probes[t.node].correction, errors[probes[t.node]])
             t.node.metadata_props[Meta.BIAS_CORRECTED] = "1"
         log.info("bias correction on %d quantized linears in %d stages from %d windows; max |e| %.3g", len(targets),
-                 len(stages), len(windows), max(float(np.abs(e).max()) for e in errors.values()))
+                 len(stages), len(calibrator.windows), max(float(np.abs(e).max()) for e in errors.values()))
         return ir.passes.PassResult(model, True)
 
 
@@ -118,34 +119,6 @@ def quantized_linears(model: ir.Model, reference: ir.Model, names: NameFilter = 
         match = re.match(r"layers\.(\d+)\.", role)
         found.append(QuantizedLinear(node, role, x, floats[node.name].weight_in_out(), int(match[1]) if match else None))
     return found
-
-
-def sequential_errors(model: ir.Model, stages: list[list[QuantizedLinear]], corrections: dict[ir.Node, ir.Value],
-                      windows, threads: int | None) -> dict[ir.Node, np.ndarray]:
-    """Per linear: mean over all tokens of (output before its correction - x W) in float64 (Gemm: both without
-    C), stage after stage, each stage run with the corrections -e of the stages before it fed in."""
-    from qexport.calibration.stats import ValueSession
-
-    group = [t for stage in stages for t in stage]
-    names = sorted({t.x.name for t in group} | {t.node.outputs[0].name for t in group})
-    session = ValueSession(model, names, threads, inputs=[c.name for c in corrections.values()])
-    biases = {c.name: c.const_value.numpy() for c in corrections.values()}
-    errors: dict[ir.Node, np.ndarray] = {}
-    for stage in stages:
-        sums = {t.node: np.zeros(t.weight.shape[1]) for t in stage}
-        tokens = 0
-        for window in windows:
-            outs = session.run(window, overrides=biases)
-            for t in stage:
-                x = outs[t.x.name].astype(np.float64).reshape(-1, t.weight.shape[0])
-                y = outs[t.node.outputs[0].name].astype(np.float64).reshape(-1, t.weight.shape[1]) - _gemm_c(t.node)
-                sums[t.node] += (y - x @ t.weight).sum(axis=0)
-            tokens += x.shape[0]
-        for t in stage:
-            errors[t.node] = sums[t.node] / tokens
-            bias = corrections[t.node]
-            biases[bias.name] = (-errors[t.node]).astype(biases[bias.name].dtype)
-    return errors
 
 
 def _gemm_c(node: ir.Node) -> np.ndarray | float:

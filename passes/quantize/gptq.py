@@ -7,14 +7,14 @@ import dataclasses
 import logging
 import re
 import time
-from typing import ClassVar, Iterator, Sequence
+from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import RecipeError
 from qexport.passes.discovery import sites as site_matching
-from qexport.calibration.layer_sessions import StagedRuns
+from qexport.calibration.calibrator import Calibrator
 from qexport.passes.discovery.linear_select import linear_names, selected_linears
 from qexport.passes.discovery.names import NameFilter, check_glob_fields
 from qexport.passes.quantize.weight_quant import WeightClip, WeightFormat, WeightQuant, write_quantized_weight
@@ -88,7 +88,7 @@ class GptqPass(ir.passes.InPlacePass):
     Rewrite cases, for each linear selected as :class:`~qexport.passes.quantize.insert_qdq.QuantizePass` selects them
     (``linears`` globs minus the ``exclude`` globs, which stay float; lm_head only with ``include_lm_head``):
 
-    1. H = X^T X / N of the linear's input over the calibration ``windows``, run through the graph as it is
+    1. H = X^T X / N of the linear's input over the ``calibrator``'s windows, run through the graph as it is
        (so after any rotation or smoothing: the basis the weights are in), one H shared by q/k/v and gate/up,
        which are quantized as one weight (their output channels side by side: GPTQ treats outputs independently);
     2. the weight becomes the codes of :func:`gptq_quantize` on the ``weights`` grid (int8 per channel, int4 or
@@ -99,8 +99,8 @@ class GptqPass(ir.passes.InPlacePass):
     (``sequential: true``): the linears of layer 0, 1, ... (by role name, then any others)
     in turn, each layer's Hessians from the graph in which all earlier layers' weights are already quantized;
     activations are still float there (their quantizers come with the later ``quantize`` pass). The residual
-    stream entering each layer is cached per window (:class:`~qexport.calibration.layer_sessions.StagedRuns`), so
-    a layer's Hessians come from a session over that layer and the one before it (quantized), not from the
+    stream entering each layer is cached per window (:meth:`~qexport.calibration.calibrator.Calibrator.hessians`),
+    so a layer's Hessians come from a session over that layer and the one before it (quantized), not from the
     embedding up; the values are those of the whole graph. Where the graph cannot be cut there (no residual
     stream found, or a layer reading it other than through the cut), that layer runs the whole graph.
     Quantized linears no longer match, so a second run changes nothing.
@@ -109,7 +109,7 @@ class GptqPass(ir.passes.InPlacePass):
     lossless: ClassVar[bool] = False
     _cached_layers: ClassVar[bool] = True  # False: each sequential stage runs the whole graph (the reference path)
 
-    windows: tuple[np.ndarray, ...] = ()
+    calibrator: Calibrator | None = None  # the pipeline provides it
     linears: tuple[str, ...] = ("*",)
     include_lm_head: bool = False
     exclude: tuple[str, ...] = ()
@@ -120,7 +120,6 @@ class GptqPass(ir.passes.InPlacePass):
     group_size: int = 128
     weight_clip: WeightClip = WeightClip.NONE
     sequential: bool = False
-    threads: int | None = None
 
     def __post_init__(self) -> None:
         check_glob_fields(self, "quantize-gptq", "linears", "exclude")
@@ -136,18 +135,22 @@ class GptqPass(ir.passes.InPlacePass):
         chosen = selected_linears(model, NameFilter(self.linears, self.exclude), self.include_lm_head)
         if not chosen:
             return ir.passes.PassResult(model, False)
-        if not self.windows:
-            raise RecipeError("gptq needs calibration windows")
+        if self.calibrator is None:
+            raise RecipeError("gptq needs calibration windows (run it through a recipe, or pass "
+                              "calibrator=Calibrator(windows))")
         fmt = WeightFormat(self.weights, self.group_size, self.weight_clip)
         for linear in chosen:  # a group size that does not fit is an error before anything changes
             fmt.group_rows(linear.in_features, linear.node.name)
         start = time.perf_counter()
         stages = _layers(model, chosen) if self.sequential else [chosen]
         inputs = [list(dict.fromkeys(lin.input for lin in stage)) for stage in stages]
-        runs = StagedRuns(model, inputs, self.windows, self.threads, cached=self.sequential and self._cached_layers)
-        for k, stage in enumerate(stages):
-            hessians = _hessians(inputs[k], runs.run(k))
-            for value, h in hessians.items():  # linears reading one input are quantized as one (columns are independent)
+        from_cache = 0
+        # each stage's Hessians are computed when the loop reaches it: after the stages before it are quantized
+        hessians = self.calibrator.hessians(model, inputs, cached=self.sequential and self._cached_layers)
+        for stage, found in zip(stages, hessians):
+            from_cache += found.from_cache
+            # linears reading one input are quantized as one (columns are independent)
+            for value, h in found.hessians.items():
                 readers = [lin for lin in stage if lin.input is value]
                 weights = [lin.weight_in_out() for lin in readers]
                 q, scale = gptq_quantize(np.concatenate(weights, axis=1), h, self.damp, self.block_size, self.act_order,
@@ -162,21 +165,9 @@ class GptqPass(ir.passes.InPlacePass):
                                   output_error(w, fmt.dequantize(q_part, np.atleast_2d(s_part)), h),
                                   output_error(w, rtn, h))
         log.info("gptq: quantized %d linears to %s in %d stage(s) (%d run from the cached residual stream, %d "
-                 "through the whole graph), %.1f s", len(chosen), fmt.kind.value, len(stages), runs.from_cache,
-                 len(stages) - runs.from_cache, time.perf_counter() - start)
+                 "through the whole graph), %.1f s", len(chosen), fmt.kind.value, len(stages), from_cache,
+                 len(stages) - from_cache, time.perf_counter() - start)
         return ir.passes.PassResult(model, True)
-
-
-def _hessians(values: Sequence[ir.Value], runs: Iterator[dict[str, np.ndarray]]) -> dict[ir.Value, np.ndarray]:
-    """H = X^T X / N of each value over the windows, from ``runs`` (name -> array per window)."""
-    sums: dict[str, np.ndarray] = {}
-    tokens = 0
-    for outs in runs:
-        for v in values:  # float32 products of one window, summed in float64
-            x = outs[v.name].astype(np.float32).reshape(-1, outs[v.name].shape[-1])
-            sums[v.name] = sums.get(v.name, 0.0) + (x.T @ x).astype(np.float64)
-        tokens += x.shape[0]
-    return {v: sums[v.name] / tokens for v in values}
 
 
 def _layers(model: ir.Model, chosen: list[site_matching.Linear]) -> list[list[site_matching.Linear]]:

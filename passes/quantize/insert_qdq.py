@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-from typing import ClassVar
+from typing import ClassVar, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -14,9 +14,10 @@ from qexport import numerics
 from qexport.errors import RecipeError
 from qexport.passes.discovery import sites as site_matching
 from qexport.passes._ir import new_initializer
-from qexport.calibration.activation_scales import ActCalibration, static_scales
+from qexport.calibration.calibrator import ActCalibration, ActivationScale, Calibrator
 from qexport.passes.discovery.linear_select import prequantized_linears, selected_linears
 from qexport.passes.discovery.names import NameFilter, check_glob_fields
+from qexport.passes.metadata import Meta
 from qexport.passes.quantize.weight_quant import WeightClip, WeightFormat, WeightQuant, tagged, write_quantized_weight
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,9 @@ class QuantizePass(ir.passes.InPlacePass):
     2. ``per_token`` activation: ``Abs -> ReduceMax(-1) -> Div(127) -> Max(eps)`` gives s_t, then blocked
        ``QuantizeLinear(x, s_t, int8, block_size=K) -> DequantizeLinear`` (opset 21): per-token symmetric int8;
     3. ``per_tensor`` activation: ``QuantizeLinear(x, s) -> DequantizeLinear`` with int8 zero point 0 and a
-       calibrated scale s = absmax / 127 (``minmax``) or the ``percentile`` of per-token absmax / 127, from
-       ``windows`` run through the graph as it is before this pass.
+       calibrated scale s = absmax / 127 (``minmax``), the ``percentile`` of per-token absmax / 127 or the MSE
+       clip / 127 (``mse``), from the ``calibrator``'s windows run through the graph as it is before this pass
+       (each quantized value records them in ``value.meta[Meta.ACT_CALIBRATION]``).
 
     One activation quantizer is shared by all selected linears reading the same tensor (q/k/v, gate/up); an
     excluded linear keeps its float weight and reads the float tensor, even where its siblings are quantized.
@@ -67,8 +69,7 @@ class QuantizePass(ir.passes.InPlacePass):
     weights: WeightQuant = WeightQuant.INT8
     group_size: int = 128
     weight_clip: WeightClip = WeightClip.NONE
-    windows: tuple[np.ndarray, ...] = ()
-    threads: int | None = None
+    calibrator: Calibrator | None = None  # per_tensor activations only; the pipeline provides it
 
     def __post_init__(self) -> None:
         check_glob_fields(self, "quantize", "linears", "exclude")
@@ -103,18 +104,21 @@ class QuantizePass(ir.passes.InPlacePass):
         fmt = self.weight_format
         for linear in linears.values():  # a group size that does not fit is an error before anything changes
             fmt.group_rows(linear.in_features, linear.node.name)
-        scales: dict[ir.Value, float] = {}
+        scales: Mapping[ir.Value, ActivationScale] = {}
         if self.activations is ActQuant.PER_TENSOR:
-            if not self.windows:
-                raise RecipeError("quantize with per_tensor activations needs calibration windows")
-            scales = static_scales(model, list(by_input), self.windows, self.calibration, self.percentile, self.threads)
+            if self.calibrator is None:
+                raise RecipeError("quantize with per_tensor activations needs calibration windows (run it through a "
+                                  "recipe, or pass calibrator=Calibrator(windows))")
+            scales = self.calibrator.activation_scales(model, list(by_input), self.calibration, self.percentile)
+            for value, found in scales.items():
+                value.meta[Meta.ACT_CALIBRATION] = found.record()
         consts = _SharedConsts(graph)
         for x, readers in by_input.items():
             width = _in_features(readers[0], linears)
             if self.activations is ActQuant.PER_TOKEN:
                 xq = _per_token_qdq(graph, x, width, readers[0], consts)
             elif self.activations is ActQuant.PER_TENSOR:
-                xq = _per_tensor_qdq(graph, x, scales[x], readers[0])
+                xq = _per_tensor_qdq(graph, x, scales[x].scale, readers[0])
             else:
                 xq = x
             for node in readers:

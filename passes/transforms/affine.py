@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
-from typing import Sequence
 
 import numpy as np
 import onnx_ir as ir
 
-from qexport.calibration.stats import prefill_feeds, session_with_outputs
+from qexport.calibration.calibrator import Calibrator
 from qexport.errors import QexportError, RecipeError
 from qexport.passes.discovery import sites as site_matching
 from qexport.passes.discovery.names import NameFilter, check_glob_fields
@@ -40,13 +38,13 @@ class AffinePass(ir.passes.InPlacePass):
 
     A starts at SmoothQuant's diag(s) (alpha 0.5, from the samples) and is fitted by :func:`affine_fit.fit`
     (AdamW, gradual mask, strict diagonal dominance). Samples (at most ``max_tokens`` rows per site) of each
-    site's activation are drawn from ``windows`` (int64 token arrays, supplied at run time) on the graph being
+    site's activation are drawn from the ``calibrator``'s windows (the pipeline provides it) on the graph being
     rewritten; v_o sites are fitted first, so the norm-site fits see the transformed v_proj weight. Folding
     is float64. Each fitted site is recorded in ``metadata_props`` (``qexport.affine.<site>`` = fingerprint of
     the windows): a second run with the same windows skips it and reports ``modified`` False.
     """
 
-    windows: Sequence[np.ndarray]
+    calibrator: Calibrator | None = None
     sites: tuple[str, ...] = ("layers.*_norm", "layers.*.v_o")
     weight_bits: int = 8
     act_bits: int = 8
@@ -75,21 +73,14 @@ class AffinePass(ir.passes.InPlacePass):
     def settings(self) -> FitSettings:
         return FitSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FitSettings)})
 
-    @property
-    def fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        for window in self.windows:
-            array = np.ascontiguousarray(window, dtype=np.int64)
-            digest.update(str(array.shape).encode() + array.tobytes())
-        return digest.hexdigest()[:32]
-
     def pending(self, model: ir.Model) -> list[site_matching.Site]:
         """The selected sites not yet fitted on these windows (pure)."""
-        found, mark, result = site_matching.find_sites(model, head_dim=self.head_dim), self.fingerprint, []
+        found, result = site_matching.find_sites(model, head_dim=self.head_dim), []
+        mark = self.calibrator.fingerprint() if self.calibrator is not None else None
         for site in found.select(NameFilter(self.sites)):
             if isinstance(site, site_matching.NormSite) and (site.role == "lm_head" or site.norm.gamma is None):
                 log.warning("%s cannot absorb a scale (lm_head norm or no gamma); skipped", site.name)
-            elif model.metadata_props.get(Meta.AFFINE.key(site.name)) == mark:
+            elif mark is not None and model.metadata_props.get(Meta.AFFINE.key(site.name)) == mark:
                 log.debug("%s already fitted on these windows; skipped", site.name)
             else:
                 result.append(site)
@@ -100,10 +91,13 @@ class AffinePass(ir.passes.InPlacePass):
         todo = {site.name for site in pending}
         if not todo:
             return ir.passes.PassResult(model, False)
-        if not self.windows:
-            raise QexportError("the affine pass needs calibration windows (token arrays) at run time")
-        samples = collect_samples(model, self.windows, pending, self.max_tokens, self.seed)
-        modified, mark = False, self.fingerprint
+        if self.calibrator is None:
+            raise RecipeError("the affine pass needs calibration windows (run it through a recipe, or pass "
+                              "calibrator=Calibrator(windows))")
+        names = [site.activation.name for site in pending]
+        rows = self.calibrator.sample_rows(model, names, self.max_tokens, self.seed)
+        samples = {site.name: rows[site.activation.name].astype(np.float32) for site in pending}
+        modified, mark = False, self.calibrator.fingerprint()
         # one phase per kind, sites found again after each: a phase may have rewritten weights the next reads
         for kind in (site_matching.VOSite, site_matching.NormSite, site_matching.UpDownSite):
             for site in site_matching.find_sites(model, head_dim=self.head_dim).all:
@@ -118,31 +112,6 @@ class AffinePass(ir.passes.InPlacePass):
                 model.metadata_props[Meta.AFFINE.key(site.name)] = mark
                 modified = True
         return ir.passes.PassResult(model, modified)
-
-
-def collect_samples(model: ir.Model, windows: Sequence[np.ndarray], selected: Sequence[site_matching.Site],
-                    max_tokens: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """At most ``max_tokens`` token rows (float32, drawn uniformly without replacement, in order) of the
-    activation each site's consumers read, from ONNX Runtime runs of a copy of ``model`` on ``windows``."""
-    targets = {site.name: site.activation.name for site in selected}
-    session = session_with_outputs(model, sorted(set(targets.values())), None)
-    inputs = {i.name: i for i in session.get_inputs()}
-    windows = [np.asarray(w, dtype=np.int64) for w in windows]
-    sizes = [w.size for w in windows]
-    rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(sum(sizes), size=min(max_tokens, sum(sizes)), replace=False))
-    rows: dict[str, list[np.ndarray]] = {name: [] for name in targets}
-    names = [o.name for o in session.get_outputs()]
-    for window, start in zip(windows, np.cumsum([0, *sizes[:-1]])):
-        picked = chosen[(chosen >= start) & (chosen < start + window.size)] - start
-        if picked.size == 0:
-            continue
-        outputs = dict(zip(names, session.run(names, prefill_feeds(window, inputs, model))))
-        for site_name, value_name in targets.items():
-            x = outputs[value_name]
-            rows[site_name].append(np.asarray(x.reshape(-1, x.shape[-1])[picked], dtype=np.float32))
-    log.debug("sampled %d token rows for %d sites", chosen.size, len(targets))
-    return {name: np.concatenate(parts) for name, parts in rows.items()}
 
 
 def _smoothquant_start(act: np.ndarray, weight: np.ndarray) -> np.ndarray:

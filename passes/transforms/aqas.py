@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport import numerics
-from qexport.calibration.stats import CalibrationStats
+from qexport.calibration.calibrator import CalibrationStats, Calibrator
 from qexport.errors import RecipeError
 from qexport.passes.discovery import sites as site_matching
 from qexport.passes.discovery.names import NameFilter, check_glob_fields
@@ -37,20 +37,20 @@ class AqasPass(ir.passes.InPlacePass):
 
     Q_W: symmetric int8 per output channel (column of W). Q_A: symmetric int8 ``per_token`` (row absmax) or
     ``per_tensor`` (the calibration absmax of X / s over all windows, from ``stats``). X: ``tokens`` rows of the
-    site's activation sampled uniformly (``seed``) from ``windows`` run through the graph as it is; for ``v_o``
-    the scales live on the V channels and reach o_proj's input through each query head's KV head. The chosen
-    alphas are recorded in the model metadata (``qexport.aqas.<site>``).
+    site's activation sampled uniformly (``seed``) from the ``calibrator``'s windows run through the graph as it
+    is (the pipeline provides ``stats`` and ``calibrator``); for ``v_o`` the scales live on the V channels and
+    reach o_proj's input through each query head's KV head. The chosen alphas are recorded in the model metadata
+    (``qexport.aqas.<site>``).
     """
 
     stats: CalibrationStats
-    windows: tuple[np.ndarray, ...] = ()
+    calibrator: Calibrator | None = None
     sites: tuple[str, ...] = ("layers.*",)  # site-name globs, as smooth's
     activations: AqasActivations = AqasActivations.PER_TOKEN
     alphas_grid: tuple[float, ...] = dataclasses.field(default_factory=_grid)
     tokens: int = 256
     seed: int = 0
     head_dim: int | None = None
-    threads: int | None = None
 
     def __post_init__(self) -> None:
         check_glob_fields(self, "aqas", "sites")
@@ -65,15 +65,15 @@ class AqasPass(ir.passes.InPlacePass):
             raise RecipeError(f"aqas tokens must be at least 1, got {self.tokens}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if not self.windows:
-            raise RecipeError("aqas needs calibration windows (run it through a recipe, or pass windows=)")
+        if self.calibrator is None:
+            raise RecipeError("aqas needs calibration windows (run it through a recipe, or pass "
+                              "calibrator=Calibrator(windows))")
         found = site_matching.find_sites(model, head_dim=self.head_dim)
         selected = [site for site in found.select(NameFilter(self.sites)) if _eligible(site)
                     and model.metadata_props.get(Meta.SMOOTHED.key(site.name)) != self.stats.fingerprint]
         if not selected:
             return ir.passes.PassResult(model, False)
-        rows = sample_rows(model, [site.activation.name for site in selected], self.windows, self.tokens, self.seed,
-                           self.threads)
+        rows = self.calibrator.sample_rows(model, [site.activation.name for site in selected], self.tokens, self.seed)
         chosen = {}
         for site in selected:
             losses = self.losses(site, rows[site.activation.name])
@@ -112,20 +112,3 @@ def _eligible(site: site_matching.Site) -> bool:
         return site.role != "lm_head" and site.norm.gamma is not None
     return True
 
-
-def sample_rows(model: ir.Model, names: list[str], windows, tokens: int, seed: int, threads: int | None
-                ) -> dict[str, np.ndarray]:
-    """``tokens`` rows (float64) of each value in ``names``, sampled uniformly without replacement (the same rows
-    for every value) from the windows run through ``model``."""
-    from qexport.calibration.stats import run_values
-
-    rng = np.random.default_rng(seed)
-    lengths = [int(np.asarray(w).size) for w in windows]
-    keep = np.sort(rng.choice(sum(lengths), size=min(tokens, sum(lengths)), replace=False))
-    starts = np.cumsum([0] + lengths[:-1])
-    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for start, length, outs in zip(starts, lengths, run_values(model, names, windows, threads)):
-        picked = keep[(keep >= start) & (keep < start + length)] - start
-        for name in names:
-            rows[name].append(outs[name].reshape(length, -1)[picked].astype(np.float64))
-    return {name: np.concatenate(parts) for name, parts in rows.items()}

@@ -10,7 +10,7 @@ from typing import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from qexport.calibration.stats import CalibrationStats
+from qexport.calibration.calibrator import CalibrationStats
 from qexport.errors import RecipeError
 from qexport.passes.discovery import sites as site_matching
 from qexport.passes.discovery.names import NameFilter, check_glob_fields

@@ -1,8 +1,8 @@
 """Calibrated per-tensor activation scales for static quantization.
 
-Each calibrated value is annotated in memory (``value.meta[Meta.ACT_CALIBRATION]``, not saved with the model) with
-what its scale was chosen from: the calibration absmax, the clip and the scale. The pipeline reports these
-per quantized site in the manifest.
+Each scale comes with what it was chosen from (:class:`ActivationScale`: the method, the calibration absmax, the
+clip); ``quantize`` records these on the values it quantizes (``value.meta[Meta.ACT_CALIBRATION]``, in memory, not
+saved with the model), and the pipeline reports them per quantized site in the manifest.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport import numerics
-from qexport.passes.metadata import Meta
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +27,20 @@ class ActCalibration(str, enum.Enum):
     MINMAX = "minmax"  # scale = calibration absmax / 127
     PERCENTILE = "percentile"  # scale = percentile of the per-token absmax / 127 (clips rare outlier tokens)
     MSE = "mse"  # scale = c / 127, c minimising E[(x - Q_c(x))^2] over all calibration elements (|x| histogram)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationScale:
+    """One value's per-tensor symmetric int8 scale, clip / 127, and the calibration it was chosen from."""
+
+    method: ActCalibration
+    absmax: float  # over all calibration tokens
+    clip: float
+    scale: float
+
+    def record(self) -> dict[str, object]:
+        """The in-memory record ``quantize`` keeps on the value (``Meta.ACT_CALIBRATION``)."""
+        return {"method": self.method.value, "absmax": self.absmax, "clip": self.clip, "scale": self.scale}
 
 
 @dataclasses.dataclass
@@ -81,10 +94,10 @@ def mse_clip(hist: AbsHistogram, absmax: float, candidates: int = MSE_CANDIDATES
 
 def static_scales(model: ir.Model, values: Sequence[ir.Value], windows: Sequence[np.ndarray],
                   calibration: ActCalibration, percentile: float = 99.9,
-                  threads: int | None = None) -> dict[ir.Value, float]:
-    """Per-tensor symmetric int8 scale of each value, from ``windows`` run through ``model`` as it is:
-    calibration absmax / 127 (``minmax``), the ``percentile`` of the per-token absmax / 127, or the
-    MSE-optimal clip / 127 (``mse``). Each value's ``meta[Meta.ACT_CALIBRATION]`` records absmax, clip and scale."""
+                  threads: int | None = None) -> dict[ir.Value, ActivationScale]:
+    """Per-tensor symmetric int8 scale of each value, from ``windows`` run through ``model`` as it is (neither is
+    changed): calibration absmax / 127 (``minmax``), the ``percentile`` of the per-token absmax / 127, or the
+    MSE-optimal clip / 127 (``mse``)."""
     from qexport.calibration.stats import run_values
 
     calibration = ActCalibration(calibration)
@@ -107,8 +120,6 @@ def static_scales(model: ir.Model, values: Sequence[ir.Value], windows: Sequence
             clip = float(np.percentile(per_token, percentile))
         else:
             clip = mse_clip(hists[value.name], absmax)
-        result[value] = float(numerics.absmax_scale(clip))
-        value.meta[Meta.ACT_CALIBRATION] = {"method": calibration.value, "absmax": absmax, "clip": clip,
-                                            "scale": result[value]}
+        result[value] = ActivationScale(calibration, absmax, clip, float(numerics.absmax_scale(clip)))
         log.debug("%s: absmax %.4g, clip %.4g", value.name, absmax, clip)
     return result

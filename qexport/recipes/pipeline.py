@@ -12,12 +12,13 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from qexport import numerics
+from qexport.calibration.calibrator import Calibrator
 from qexport.calibration.stats import CalibrationStats, collect_stats
 from qexport.errors import QexportError
 from qexport.passes.discovery import sites as site_matching
 from qexport.passes.discovery.linear_select import linear_names
 from qexport.passes.metadata import Meta
-from qexport.recipes.registry import runtime_fields
+from qexport.recipes.registry import RuntimeInput, runtime_inputs
 from qexport.recipes.schema import Recipe, RecipeCheck, pass_class
 from qexport.analysis.difficulty import site_difficulties
 from qexport.analysis.site_stats import quantized_site_stats
@@ -143,8 +144,9 @@ def apply_recipe(
     ``lossless = False``), then quantization and lowering. Observers watch each step: the difficulty metric
     after each lossless change, the equivalence check at the end of the prefix (FP32 logits against the
     untransformed graph's; past the tolerance it is an error), and the scales of each quantized linear.
-    Passes get their run-time inputs from the graph as it is when they run: calibration ``stats``, the
-    ``windows``, and the ``reference`` graph (a copy of the graph at the end of the prefix).
+    Passes get their run-time inputs by the types of their fields (:func:`runtime_inputs`): calibration
+    statistics of the graph as it is when they run, one :class:`Calibrator` on ``windows`` (which runs the graph
+    as it is when a pass asks), and the ``reference`` graph (a copy of the graph at the end of the prefix).
     """
     if not windows:
         raise QexportError("the recipe needs calibration text, but no calibration windows were given")
@@ -152,21 +154,23 @@ def apply_recipe(
     difficulty = _Difficulty(settings.measure_difficulty)
     equivalence = _Equivalence(recipe.name, settings)
     sites = _SiteStats()
-    wants_reference = any("reference" in runtime_fields(pass_class(e.name)) for e in recipe.passes)
+    calibrator = Calibrator(tuple(windows), settings.threads)
+    wants_reference = any(RuntimeInput.REFERENCE in runtime_inputs(pass_class(e.name)).values() for e in recipe.passes)
     reference: ir.Model | None = None
     steps: list[dict[str, Any]] = []
     for index, entry in enumerate(tqdm(recipe.passes, desc=f"recipe {recipe.name}", disable=None)):
         klass = pass_class(entry.name)
-        needs, lossless = runtime_fields(klass), getattr(klass, "lossless", True)
-        difficulty.measure(graph, full_stats="stats" in needs)
+        needs, lossless = runtime_inputs(klass), getattr(klass, "lossless", True)
+        difficulty.measure(graph, full_stats=RuntimeInput.STATS in needs.values())
         equivalence.start(graph)
         if equivalence.result is None and not lossless:  # the lossless prefix ends here
             equivalence.check(graph)
             sites.start(model)
             reference = _copy(model) if wants_reference else None
-        inputs = {"stats": graph.calibration_stats, "windows": lambda: tuple(windows), "reference": lambda: reference}
+        inputs = {RuntimeInput.STATS: graph.calibration_stats, RuntimeInput.CALIBRATOR: lambda: calibrator,
+                  RuntimeInput.REFERENCE: lambda: reference}
         start = time.perf_counter()
-        result = entry.build(**{name: inputs[name]() for name in needs})(model)
+        result = entry.build(**{name: inputs[kind]() for name, kind in needs.items()})(model)
         seconds = time.perf_counter() - start
         steps.append({"pass": entry.name, "settings": entry.to_dict(), "modified": bool(result.modified),
                       "lossless": bool(lossless), "seconds": round(seconds, 3)})

@@ -5,7 +5,9 @@ A pass's settings are the fields of its frozen dataclass whose type can be writt
 value, Literals, lists and mappings of those): :func:`settable_fields` lists them and :func:`convert_setting`
 turns a YAML value into the field's type, or raises :class:`RecipeError` naming the key and what is allowed.
 A list of strings (the globs of ``sites``, ``linears``, ``exclude``) is written as a YAML list; a string there
-is an error showing the list form, never split at commas.
+is an error showing the list form, never split at commas. The fields whose type is a run-time input
+(:class:`RuntimeInput`: calibration statistics, the :class:`~qexport.calibration.calibrator.Calibrator`, the float
+reference graph) are provided by the pipeline, found by their type (:func:`runtime_inputs`), never by a recipe.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import enum
+import functools
 import importlib
 import types
 import typing
@@ -46,12 +49,40 @@ PASSES: dict[str, str] = {
 _SCALARS = (bool, int, float, str)
 
 
-RUNTIME_FIELDS = frozenset({"stats", "windows", "reference"})  # supplied by the pipeline, never by a recipe
+class RuntimeInput(str, enum.Enum):
+    """What the pipeline provides at run time (never a recipe), to the pass fields of its type."""
+
+    STATS = "stats"  # CalibrationStats of the graph as it is when the pass runs
+    CALIBRATOR = "calibrator"  # the Calibrator: the calibration windows and how to run them
+    REFERENCE = "reference"  # ir.Model: a copy of the graph at the end of the lossless prefix
+
+
+@functools.cache
+def _runtime_types() -> dict[type, RuntimeInput]:
+    import onnx_ir as ir  # imported when a pass class is looked at, not when recipes are only parsed
+
+    from qexport.calibration.calibrator import CalibrationStats, Calibrator
+
+    return {CalibrationStats: RuntimeInput.STATS, Calibrator: RuntimeInput.CALIBRATOR, ir.Model: RuntimeInput.REFERENCE}
+
+
+def runtime_inputs(klass: type) -> dict[str, RuntimeInput]:
+    """Field name -> run-time input, for the fields of a pass class typed ``T`` or ``T | None`` with ``T``
+    :class:`CalibrationStats`, :class:`Calibrator` or ``ir.Model`` (the float reference graph)."""
+    hints, kinds = typing.get_type_hints(klass), _runtime_types()
+    found = {}
+    for f in dataclasses.fields(klass):
+        tp = hints[f.name]
+        members = [a for a in typing.get_args(tp) if a is not type(None)] \
+            if typing.get_origin(tp) in (typing.Union, types.UnionType) else [tp]
+        if len(members) == 1 and members[0] in kinds:
+            found[f.name] = kinds[members[0]]
+    return found
 
 
 def runtime_fields(klass: type) -> set[str]:
-    """The run-time fields a pass class takes: calibration ``stats``, ``windows``, the float ``reference`` graph."""
-    return {f.name for f in dataclasses.fields(klass)} & RUNTIME_FIELDS
+    """The names of the run-time fields of a pass class (:func:`runtime_inputs`)."""
+    return set(runtime_inputs(klass))
 
 
 def check_settings(klass: type, settings: Mapping[str, Any]) -> None:
