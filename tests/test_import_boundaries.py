@@ -25,14 +25,15 @@ ALLOWED: dict[str, set[str]] = {
     "qexport.runtimes.torch_runner": {"qexport.errors", "qexport.runtimes", "qexport.exporter"},  # runs torch
     "qexport.runtimes.tensorrt": {"qexport.errors", "qexport.runtimes"},
     "qexport.passes._ir": set(),
+    "qexport.passes._settings": {"qexport.errors"},  # the passes' checks of their own settings
     "qexport.passes.metadata": set(),  # the metadata keys passes, calibration, analysis and report share
     "qexport.passes.discovery": {"qexport.errors", "qexport.passes._ir", "qexport.passes.metadata"},
     # passes reach calibration only through the Calibrator (no sessions of their own); affine's fit is numerics
-    "qexport.passes.transforms": {"qexport.errors", "qexport.passes._ir", "qexport.passes.metadata",
-                                  "qexport.passes.discovery", "qexport.calibration.calibrator",
+    "qexport.passes.transforms": {"qexport.errors", "qexport.passes._ir", "qexport.passes._settings",
+                                  "qexport.passes.metadata", "qexport.passes.discovery", "qexport.calibration.calibrator",
                                   "qexport.calibration.affine_fit"},
-    "qexport.passes.quantize": {"qexport.errors", "qexport.passes._ir", "qexport.passes.metadata",
-                                "qexport.passes.discovery", "qexport.calibration.calibrator"},
+    "qexport.passes.quantize": {"qexport.errors", "qexport.passes._ir", "qexport.passes._settings",
+                                "qexport.passes.metadata", "qexport.passes.discovery", "qexport.calibration.calibrator"},
     "qexport.passes.ort": {"qexport.errors", "qexport.passes._ir", "qexport.passes.metadata",
                            "qexport.passes.discovery", "qexport.passes.quantize"},
     "qexport.calibration": {"qexport.errors", "qexport.runtimes", "qexport.passes._ir", "qexport.passes.metadata",

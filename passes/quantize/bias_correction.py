@@ -15,6 +15,7 @@ from qexport.calibration.calibrator import Calibrator, ErrorProbe
 from qexport.errors import RecipeError
 from qexport.passes.discovery import sites as site_matching
 from qexport.passes._ir import const_f64, new_initializer, set_const_input, set_graph_output
+from qexport.passes._settings import coerce_enums
 from qexport.passes.discovery.linear_select import linear_names
 from qexport.passes.discovery.names import NameFilter, check_glob_fields
 from qexport.passes.metadata import Meta
@@ -68,11 +69,7 @@ class BiasCorrectPass(ir.passes.InPlacePass):
 
     def __post_init__(self) -> None:
         check_glob_fields(self, "bias-correct", "linears")
-        try:
-            object.__setattr__(self, "sequential", Sequential(self.sequential))
-        except ValueError:
-            raise RecipeError(f"bias-correct sequential must be one of {[m.value for m in Sequential]}, "
-                              f"got {self.sequential!r}") from None
+        coerce_enums(self, "bias-correct", sequential=Sequential)
         if self.max_windows < 1:
             raise RecipeError(f"bias-correct max_windows must be at least 1, got {self.max_windows}")
 

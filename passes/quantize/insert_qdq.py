@@ -15,6 +15,7 @@ from qexport.errors import RecipeError
 from qexport.passes.discovery import sites as site_matching
 from qexport.passes._ir import new_initializer
 from qexport.calibration.calibrator import ActCalibration, ActivationScale, Calibrator
+from qexport.passes._settings import coerce_enums
 from qexport.passes.discovery.linear_select import prequantized_linears, selected_linears
 from qexport.passes.discovery.names import NameFilter, check_glob_fields
 from qexport.passes.metadata import Meta
@@ -76,11 +77,7 @@ class QuantizePass(ir.passes.InPlacePass):
         fmt = WeightFormat(self.weights, self.group_size, self.weight_clip)  # validates the weight settings
         object.__setattr__(self, "weights", fmt.kind)
         object.__setattr__(self, "weight_clip", fmt.clip)
-        for name, kind in (("activations", ActQuant), ("calibration", ActCalibration)):
-            try:
-                object.__setattr__(self, name, kind(getattr(self, name)))
-            except ValueError:
-                raise RecipeError(f"quantize {name} must be one of {[m.value for m in kind]}, got {getattr(self, name)!r}") from None
+        coerce_enums(self, "quantize", activations=ActQuant, calibration=ActCalibration)
         if not 0.0 < self.percentile <= 100.0:
             raise RecipeError(f"quantize percentile must be within (0, 100], got {self.percentile}")
 

@@ -12,6 +12,7 @@ import onnx_ir as ir
 from qexport import numerics
 from qexport.calibration.calibrator import CalibrationStats, Calibrator
 from qexport.errors import RecipeError
+from qexport.passes._settings import coerce_enums
 from qexport.passes.discovery import sites as site_matching
 from qexport.passes.discovery.names import NameFilter, check_glob_fields
 from qexport.passes.metadata import Meta
@@ -54,11 +55,7 @@ class AqasPass(ir.passes.InPlacePass):
 
     def __post_init__(self) -> None:
         check_glob_fields(self, "aqas", "sites")
-        try:
-            object.__setattr__(self, "activations", AqasActivations(self.activations))
-        except ValueError:
-            raise RecipeError(f"aqas activations must be one of {[m.value for m in AqasActivations]}, "
-                              f"got {self.activations!r}") from None
+        coerce_enums(self, "aqas", activations=AqasActivations)
         if not self.alphas_grid or any(not 0.0 <= a <= 1.0 for a in self.alphas_grid):
             raise RecipeError(f"aqas alphas_grid must be a non-empty list within [0, 1], got {list(self.alphas_grid)}")
         if self.tokens < 1:

@@ -15,6 +15,7 @@ from qexport.errors import RecipeError
 from qexport.passes.discovery import sites as site_matching
 from qexport.passes.discovery.names import NameFilter, check_glob_fields
 from qexport.passes._ir import const_f64, set_const_input, write_bias, write_weight
+from qexport.passes._settings import coerce_enums
 from qexport.passes.metadata import Meta
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,7 @@ class SmoothPass(ir.passes.InPlacePass):
 
     def __post_init__(self) -> None:
         check_glob_fields(self, "smooth", "sites")
-        try:
-            object.__setattr__(self, "method", SmoothMethod(self.method))
-        except ValueError:
-            raise RecipeError(f"smooth method must be one of {[m.value for m in SmoothMethod]}, got {self.method!r}") from None
+        coerce_enums(self, "smooth", method=SmoothMethod)
         for key, a in {"alpha": self.alpha, **{f"alphas[{k!r}]": v for k, v in self.alphas.items()}}.items():
             if not 0.0 <= a <= 1.0:
                 raise RecipeError(f"smooth {key} must be within [0, 1], got {a}")
