@@ -12,6 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 import qexport
+from qexport import numerics
 from pass_testing import load, make_feeds, run
 from qexport.recipes import schema as rc
 
@@ -20,8 +21,7 @@ Runner = Callable[[ir.Model, dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 def sqnr_db(got: np.ndarray, expected: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio of ``got`` against ``expected``, in dB (computed in float64)."""
-    expected = expected.astype(np.float64)
-    return float(10 * np.log10((expected**2).sum() / ((got.astype(np.float64) - expected) ** 2).sum()))
+    return numerics.sqnr_db(expected, got)
 
 
 def export_tiny_preset(source: Path, out: Path, preset: str) -> tuple[list[dict], ir.Model]:
