@@ -11,8 +11,8 @@ name) and returns the recipe that runs the equivalent transforms on it, with one
    not be exact. R1 is removed; R2 (``rotate-heads``) and R4 (``online-hadamard``) do not touch the residual
    stream and stay. When the recipe quantizes activations and nothing smooths the norm sites yet, SmoothQuant
    at the norm sites (alpha 0.5, as the ``smoothquant`` preset) is inserted in R1's place: the norm-site
-   outliers that R1 spread over all channels are then moved into the weights instead (issue 14's hand recipe
-   without R1; a rotation commutes with no non-unit gamma, which is why smoothing there needs R1 gone).
+   outliers that R1 spread over all channels are then moved into the weights instead (a rotation commutes with
+   no non-unit gamma, which is why smoothing there needs R1 gone).
 
 Only presets loaded by name adapt (:func:`is_preset_name`); a recipe file runs exactly as written, and the
 preflight check names the pass that cannot apply. A graph whose residual stream is not recognised is left to
