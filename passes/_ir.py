@@ -217,3 +217,8 @@ def append_node(nodes: list[ir.Node], op: str, inputs: list, name: str, **attrib
     node.outputs[0].name = name
     nodes.append(node)
     return node.outputs[0]
+
+
+def copy_model(model: ir.Model) -> ir.Model:
+    """An independent deep copy of ``model`` (through its proto), for trial runs and reference graphs."""
+    return ir.from_proto(ir.to_proto(model))

@@ -15,10 +15,11 @@ from qexport import numerics
 from qexport.calibration.calibrator import Calibrator
 from qexport.calibration.stats import CalibrationStats, collect_stats
 from qexport.errors import QexportError
+from qexport.passes._ir import copy_model
 from qexport.passes.discovery import sites as site_matching
 from qexport.passes.discovery.linear_select import linear_names
 from qexport.passes.metadata import Meta
-from qexport.recipes.registry import RuntimeInput, runtime_inputs
+from qexport.recipes.registry import RuntimeInput, is_lossless, runtime_inputs
 from qexport.recipes.schema import Recipe, RecipeCheck, pass_class
 from qexport.analysis.difficulty import site_difficulties
 from qexport.analysis.site_stats import quantized_site_stats
@@ -44,10 +45,6 @@ def _run_logits(model: ir.Model, ids: np.ndarray, threads: int | None) -> np.nda
     session = session_with_outputs(model, [], threads)
     inputs = {i.name: i for i in session.get_inputs()}
     return session.run(["logits"], prefill_feeds(ids, inputs, model))[0]
-
-
-def _copy(model: ir.Model) -> ir.Model:
-    return ir.from_proto(ir.to_proto(model))
 
 
 class _Graph:
@@ -160,13 +157,13 @@ def apply_recipe(
     steps: list[dict[str, Any]] = []
     for index, entry in enumerate(tqdm(recipe.passes, desc=f"recipe {recipe.name}", disable=None)):
         klass = pass_class(entry.name)
-        needs, lossless = runtime_inputs(klass), getattr(klass, "lossless", True)
+        needs, lossless = runtime_inputs(klass), is_lossless(klass)
         difficulty.measure(graph, full_stats=RuntimeInput.STATS in needs.values())
         equivalence.start(graph)
         if equivalence.result is None and not lossless:  # the lossless prefix ends here
             equivalence.check(graph)
             sites.start(model)
-            reference = _copy(model) if wants_reference else None
+            reference = copy_model(model) if wants_reference else None
         inputs = {RuntimeInput.STATS: graph.calibration_stats, RuntimeInput.CALIBRATOR: lambda: calibrator,
                   RuntimeInput.REFERENCE: lambda: reference}
         start = time.perf_counter()

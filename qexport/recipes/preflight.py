@@ -14,7 +14,8 @@ import time
 import onnx_ir as ir
 
 from qexport.errors import QexportError, RecipeError
-from qexport.recipes.registry import runtime_fields
+from qexport.passes._ir import copy_model
+from qexport.recipes.registry import is_lossless, runtime_fields
 from qexport.recipes.schema import Recipe, pass_class
 
 log = logging.getLogger(__name__)
@@ -27,12 +28,12 @@ def check_recipe_applies(model: ir.Model, recipe: Recipe) -> None:
     trial: ir.Model | None = None
     for index, entry in enumerate(recipe.passes, start=1):
         klass = pass_class(entry.name)
-        if not getattr(klass, "lossless", True):
+        if not is_lossless(klass):
             break
         if runtime_fields(klass):
             continue
         if trial is None:
-            trial = ir.from_proto(ir.to_proto(model))
+            trial = copy_model(model)
         try:
             entry.build()(trial)
         except QexportError as exc:

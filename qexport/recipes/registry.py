@@ -80,6 +80,11 @@ def runtime_inputs(klass: type) -> dict[str, RuntimeInput]:
     return found
 
 
+def is_lossless(klass: type) -> bool:
+    """Whether a pass class keeps the model's function (a pass says ``lossless = False`` when it quantizes)."""
+    return getattr(klass, "lossless", True)
+
+
 def runtime_fields(klass: type) -> set[str]:
     """The names of the run-time fields of a pass class (:func:`runtime_inputs`)."""
     return set(runtime_inputs(klass))

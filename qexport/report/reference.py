@@ -24,6 +24,7 @@ from qexport.passes.discovery import sites as site_matching
 from qexport.passes.discovery.linear_select import linear_names
 from qexport.passes.metadata import Meta
 from qexport.passes.quantize.insert_qdq import ActQuant
+from qexport.recipes.registry import is_lossless
 from qexport.recipes.schema import Recipe, pass_class
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def lossless_prefix(recipe: Recipe) -> Recipe:
     """The recipe's passes before its first lossy (quantization) pass."""
     prefix = []
     for entry in recipe.passes:
-        if not getattr(pass_class(entry.name), "lossless", True):
+        if not is_lossless(pass_class(entry.name)):
             break
         prefix.append(entry)
     return Recipe(f"{recipe.name}-lossless-prefix", tuple(prefix), recipe.description)
