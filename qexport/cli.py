@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--recipe", default=None, help="recipe YAML file or preset name (see samples/recipes)")
-    p.add_argument("--calib", default=None, help="calibration text: a file or a dataset name (default: Python's documentation)")
+    p.add_argument("--calib", default=None, help="calibration text: a file, a built-in domain (pydoc, manpages, gitnotes) or a mix "
+                   "(pydoc+manpages), or a dataset name (default: pydoc+manpages, their calibration halves)")
     p.add_argument("--calib-windows", type=int, default=None,
                    help="calibration windows (default: the recipe's calibration.windows, else 16)")
     p.add_argument("--calib-seq-len", type=int, default=None,
@@ -98,7 +99,8 @@ def _parser() -> argparse.ArgumentParser:
 def _evaluation_args(p: argparse.ArgumentParser, *, windows: int, seq_len: int, greedy_tokens: int,
                      windows_help: str) -> None:
     """The evaluation text and how much of it is scored, shared by `eval` and `report` (their defaults differ)."""
-    p.add_argument("--text", default=None, help="a UTF-8 text file (default: Python's documentation, evaluation half)")
+    p.add_argument("--text", default=None, help="a UTF-8 text file, or a built-in domain (pydoc, manpages, gitnotes; their evaluation "
+                   "halves) (default: pydoc)")
     p.add_argument("--dataset", default=None, help="a Hugging Face dataset name, NAME or NAME:CONFIG")
     p.add_argument("--windows", type=int, default=windows, help=windows_help)
     p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per window")

@@ -68,3 +68,80 @@ def test_windows_start_with_bos_where_the_tokenizer_adds_it_by_default():
     assert all(w[0] == 1 for w in with_bos)  # BOS, then 15 text tokens
     ids = _bos_tokenizer(True)(text, add_special_tokens=False)["input_ids"]
     assert np.concatenate([w[1:] for w in with_bos]).tolist() == ids[: 3 * 15]  # contiguous, nothing skipped
+
+
+def _fake_pages(root, names, words=120):
+    import gzip
+
+    for name in names:
+        section = root / "man1"
+        section.mkdir(parents=True, exist_ok=True)
+        body = " ".join(f"{name}word{i}" for i in range(words))
+        roff = f'.TH {name.upper()} 1\n.\\" a comment\n.SH NAME\n{name} \\- a tool\n.SH DESCRIPTION\n\\fB{name}\\fR {body}\n'
+        (section / f"{name}.1.gz").write_bytes(gzip.compress(roff.encode()))
+
+
+def test_roff_to_text_keeps_the_prose_and_drops_the_markup():
+    from qexport.exporter.machine_text import roff_to_text
+
+    source = ('.TH LS 1 "2024" "GNU"\n.\\" comment line\n.de XX\n.ft B\n..\n.SH NAME\nls \\- list directory\n'
+              '.SH DESCRIPTION\nList information about the \\fIFILE\\fRs (the current directory by default).\n'
+              '.TP\n.B \\-a\ndo not ignore entries starting with \\(aq.\\(aq\n.TS\ntab;\n.TE\n')
+    assert roff_to_text(source) == ("NAME\n\nls - list directory\n\nDESCRIPTION\n\n"
+                                    "List information about the FILEs (the current directory by default).\n\n"
+                                    "-a do not ignore entries starting with '.'")
+
+
+def test_manpage_halves_are_disjoint_and_few_pages_per_tool(tmp_path, monkeypatch):
+    from qexport.exporter import machine_text
+
+    names = [f"tool{i}" for i in range(16)] + [f"cloud-sub{i}" for i in range(12)]
+    _fake_pages(tmp_path, names)
+    monkeypatch.setattr(machine_text, "MAN_ROOT", tmp_path)
+    halves = [machine_text.manpages_text(purpose) for purpose in machine_text.PURPOSES]
+    found = [{n for n in names if f"{n}word0 " in half} for half in halves]
+    assert not found[0] & found[1]
+    assert {f"tool{i}" for i in range(16)} <= found[0] | found[1]  # every distinct tool lands in one half
+    assert sum(n.startswith("cloud") for n in found[0] | found[1]) <= 2 * machine_text.PAGES_PER_PREFIX
+    assert "\\f" not in halves[0] and ".SH" not in halves[0]
+
+
+def test_a_missing_domain_is_a_clear_error_and_the_default_mix_falls_back(tmp_path, monkeypatch):
+    from qexport.errors import TextSourceError
+    from qexport.exporter import machine_text, text
+
+    monkeypatch.setattr(machine_text, "MAN_ROOT", tmp_path / "nothing")
+    with pytest.raises(TextSourceError, match="manual pages"):
+        load_text(parse_source("manpages"), "evaluation")
+    assert text.parse_source(None) == TextSource()  # the Python documentation alone, with a warning
+
+
+def test_the_default_calibration_mix_alternates_its_domains(tmp_path, monkeypatch):
+    from qexport.exporter import text
+
+    fake = {"pydoc": lambda p: "\n\n".join(f"P{p[0]}{i} " + "p" * 900 for i in range(8)),
+            "manpages": lambda p: "\n\n".join(f"M{p[0]}{i} " + "m" * 900 for i in range(20))}
+    monkeypatch.setattr(text, "DOMAINS", fake)
+    monkeypatch.setattr(text.machine_text, "MAN_ROOT", tmp_path)
+    (tmp_path / "man1").mkdir()
+    source = text.parse_source(None)
+    assert source == TextSource("mix", "pydoc+manpages")
+    mixed = text.load_text(source, "calibration")
+    order = [piece[:1] for piece in mixed.split("\n\n")]
+    # chunks of about 2,000 characters (three 900-character paragraphs), alternating, until pydoc runs out
+    assert order == ["P"] * 3 + ["M"] * 3 + ["P"] * 3 + ["M"] * 3 + ["P"] * 2 + ["M"] * 3
+    assert "Pe" not in mixed and "Me" not in mixed  # calibration halves only
+
+
+def test_builtin_domain_names_and_their_errors(tmp_path, monkeypatch):
+    from qexport.errors import TextSourceError
+    from qexport.exporter.text import text_source
+
+    assert parse_source("gitnotes") == TextSource("gitnotes")
+    assert text_source("manpages") == TextSource("manpages")
+    assert parse_source("pydoc+gitnotes") == TextSource("mix", "pydoc+gitnotes")
+    with pytest.raises(TextSourceError, match="twice"):
+        parse_source("pydoc+pydoc")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "manpages").write_text("a user's own file wins over the built-in name")
+    assert text_source("manpages") == TextSource("file", "manpages")

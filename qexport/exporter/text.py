@@ -1,46 +1,74 @@
-"""Calibration and evaluation text: a user's file, a Hugging Face dataset, or Python's own documentation.
+"""Calibration and evaluation text: a user's file, a Hugging Face dataset, or prose the machine carries.
 
-The default source is the English prose of the Python documentation that every Python install carries
-(``pydoc_data.topics``). Its topics are split in two disjoint halves: one for evaluation, one for
-calibration, so calibration text never leaks into evaluation.
+Built-in domains (``machine_text``): the Python documentation (``pydoc``, on every Python install), the English
+manual pages (``manpages``) and git's release notes (``gitnotes``), each split in two disjoint halves, one for
+evaluation and one for calibration, so calibration text never leaks into evaluation. ``a+b`` mixes domains,
+alternating chunks of each. Evaluation defaults to the Python documentation; calibration defaults to the
+Python documentation mixed with the manual pages (where the machine has them), so that the calibrated scales and
+GPTQ's Hessians are not fitted to one narrow domain.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from qexport.errors import TextSourceError
+from qexport.exporter import machine_text
+from qexport.exporter.machine_text import DOMAINS, PURPOSES
 
 log = logging.getLogger(__name__)
 
-PURPOSES = ("evaluation", "calibration")
 DATASET_SPLITS = {"evaluation": ("test", "validation"), "calibration": ("train", "validation")}
+MIX_CHUNK_CHARS = 2_000  # about 500 tokens: a 512-token window sees both domains of a two-domain mix
+DEFAULT_CALIBRATION_MIX = ("pydoc", "manpages")
 
 
 @dataclasses.dataclass(frozen=True)
 class TextSource:
-    """Where text comes from: ``pydoc`` (default), ``file`` or ``dataset`` (``name`` or ``name:config``)."""
+    """Where text comes from: a built-in domain (``pydoc``, ``manpages``, ``gitnotes``), ``mix`` of them
+    (``location`` ``"pydoc+manpages"``), ``file`` or ``dataset`` (``name`` or ``name:config``)."""
 
     kind: str = "pydoc"
     location: str | None = None
 
     def describe(self) -> str:
-        return "pydoc_data.topics" if self.kind == "pydoc" else f"{self.kind}:{self.location}"
+        if self.kind == "pydoc":
+            return "pydoc_data.topics"
+        return self.kind if self.kind in DOMAINS else f"{self.kind}:{self.location}"
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
 
+def _builtin(spec: str) -> TextSource | None:
+    """``pydoc``, ``manpages``, ``gitnotes`` or a ``+``-joined mix of them; None for anything else."""
+    parts = spec.split("+")
+    if not all(part in DOMAINS for part in parts):
+        return None
+    if len(set(parts)) != len(parts):
+        raise TextSourceError(f"text mix {spec!r} names a domain twice")
+    return TextSource(parts[0]) if len(parts) == 1 else TextSource("mix", spec)
+
+
+def default_calibration_source() -> TextSource:
+    """The Python documentation mixed with the manual pages; the documentation alone where there are none."""
+    if any((machine_text.MAN_ROOT / s).is_dir() for s in machine_text.MAN_SECTIONS):
+        return TextSource("mix", "+".join(DEFAULT_CALIBRATION_MIX))
+    log.warning("no English manual pages in %s: calibrating on the Python documentation alone", machine_text.MAN_ROOT)
+    return TextSource()
+
+
 def text_source(text_file: str | None = None, dataset: str | None = None) -> TextSource:
-    """Build a source from the CLI's ``--text FILE`` / ``--dataset NAME`` (at most one)."""
+    """Build an evaluation source from the CLI's ``--text FILE|DOMAIN`` / ``--dataset NAME`` (at most one)."""
     if text_file and dataset:
         raise TextSourceError("pass either --text FILE or --dataset NAME, not both")
     if text_file:
+        if not Path(text_file).expanduser().exists() and (builtin := _builtin(text_file)) is not None:
+            return builtin
         return TextSource("file", str(text_file))
     if dataset:
         return TextSource("dataset", dataset)
@@ -48,27 +76,43 @@ def text_source(text_file: str | None = None, dataset: str | None = None) -> Tex
 
 
 def parse_source(spec: str | None) -> TextSource:
-    """``--calib SOURCE``: an existing file path, else a dataset name; None means the default."""
+    """``--calib SOURCE``: an existing file path, a built-in domain or mix, else a dataset name; None means the
+    default calibration mix."""
     if not spec:
-        return TextSource()
+        return default_calibration_source()
     if Path(spec).expanduser().exists():
         return TextSource("file", spec)
+    if (builtin := _builtin(spec)) is not None:
+        return builtin
     if spec.startswith((".", "/", "~")) or spec.endswith((".txt", ".md")):
         raise TextSourceError(f"text file not found: {spec}")
     return TextSource("dataset", spec)
 
 
-def _pydoc_topics() -> list[tuple[str, str]]:
-    from pydoc_data.topics import topics
-
-    return sorted(topics.items())
-
-
 def pydoc_text(purpose: str) -> str:
     """One of two disjoint halves of the Python documentation topics, chosen by a stable hash of the topic name."""
-    wanted = PURPOSES.index(purpose)
-    chosen = [text for name, text in _pydoc_topics() if hashlib.sha256(name.encode()).digest()[0] % 2 == wanted]
-    return "\n\n".join(chosen)
+    return machine_text.pydoc_text(purpose)
+
+
+def _chunks(text: str, size: int) -> list[str]:
+    """``text`` cut at paragraph breaks into pieces of about ``size`` characters."""
+    pieces, current, length = [], [], 0
+    for paragraph in text.split("\n\n"):
+        current.append(paragraph)
+        length += len(paragraph)
+        if length >= size:
+            pieces.append("\n\n".join(current))
+            current, length = [], 0
+    if current:
+        pieces.append("\n\n".join(current))
+    return pieces
+
+
+def mix_text(domains: list[str], purpose: str) -> str:
+    """The domains' ``purpose`` halves, alternating chunks of about MIX_CHUNK_CHARS, until the shortest runs out."""
+    chunked = [_chunks(DOMAINS[d](purpose), MIX_CHUNK_CHARS) for d in domains]
+    rounds = min(len(c) for c in chunked)
+    return "\n\n".join(chunks[i] for i in range(rounds) for chunks in chunked)
 
 
 def _file_text(path: str) -> str:
@@ -110,8 +154,14 @@ def load_text(source: TextSource, purpose: str) -> str:
     """The text of ``source`` for ``purpose`` ('evaluation' or 'calibration'); never empty."""
     if purpose not in PURPOSES:
         raise ValueError(f"purpose must be one of {PURPOSES}")
-    if source.kind == "pydoc":
-        text = pydoc_text(purpose)
+    if source.kind in DOMAINS:
+        text = DOMAINS[source.kind](purpose)
+    elif source.kind == "mix":
+        domains = (source.location or "").split("+")
+        if len(domains) < 2 or not all(d in DOMAINS for d in domains):
+            raise TextSourceError(f"a text mix names two or more of {sorted(DOMAINS)} joined by '+', not "
+                                  f"{source.location!r}")
+        text = mix_text(domains, purpose)
     elif source.kind == "file":
         text = _file_text(source.location or "")
     elif source.kind == "dataset":
