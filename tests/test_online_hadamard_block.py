@@ -10,8 +10,8 @@ import pytest
 from pass_testing import ATOL, RTOL, load, make_feeds, run
 from qexport.errors import RecipeError
 from qexport.passes.metadata import Meta
-from qexport.passes.transforms.hadamard import hadamard_matrix
-from qexport.passes.transforms.online_hadamard import OnlineHadamardPass, _block_hadamard_nodes
+from qexport.passes.transforms.hadamard import block_hadamard_nodes, hadamard_matrix
+from qexport.passes.transforms.online_hadamard import OnlineHadamardPass
 
 
 def test_block_r4_keeps_the_float_model(tiny_export):
@@ -34,7 +34,7 @@ def test_block_nodes_compute_the_block_diagonal_hadamard():
     n, block = 24, 8
     x = ir.Value(name="x", shape=ir.Shape([2, 3, n]), type=ir.TensorType(ir.DataType.FLOAT))
     graph = ir.Graph([x], [], nodes=[], opset_imports={"": 18})
-    nodes, out = _block_hadamard_nodes(graph, x, n, block, np.float32, "t")
+    nodes, out = block_hadamard_nodes(graph, x, n, block, np.float32, "t")
     graph.extend(nodes)
     out.type, out.shape = x.type, x.shape
     graph.outputs.append(out)

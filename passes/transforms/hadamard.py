@@ -251,6 +251,19 @@ def online_hadamard_nodes(
     return _named([shape, reshape, right, lhs, merge]), merge.outputs[0]
 
 
+def block_hadamard_nodes(graph: ir.Graph, x: ir.Value, n: int, block: int, dtype: np.dtype, prefix: str
+                         ) -> tuple[list[ir.Node], ir.Value]:
+    """Nodes computing ``x @ (I_{n/block} ⊗ H_block)`` over the last axis of ``x``: Reshape -> MatMul -> Reshape,
+    n * block multiply-adds per row; tagged and not inserted, like :func:`online_hadamard_nodes`."""
+    h = _const(graph, f"qexport.hadamard.{block}", hadamard_matrix(block).astype(dtype))  # as the full form names it
+    split = _const(graph, f"qexport.hadamard.shape.{n // block}x{block}.block", np.array([-1, n // block, block], np.int64))
+    shape = ir.node("Shape", [x], name=f"{prefix}/hadamard_shape")
+    reshape = ir.node("Reshape", [x, split], name=f"{prefix}/hadamard_split")
+    matmul = ir.node("MatMul", [reshape.outputs[0], h], name=f"{prefix}/hadamard_block")
+    merge = ir.node("Reshape", [matmul.outputs[0], shape.outputs[0]], name=f"{prefix}/hadamard_merge")
+    return _named([shape, reshape, matmul, merge]), merge.outputs[0]
+
+
 def _named(nodes: list[ir.Node]) -> list[ir.Node]:
     """Name each output after its node, and tag the nodes so passes can recognise them."""
     for node in nodes:

@@ -13,7 +13,7 @@ from qexport.passes.discovery import sites
 from qexport.passes.discovery.names import NameFilter, check_glob_fields
 from qexport.passes._ir import write_weight
 from qexport.passes.metadata import Meta
-from qexport.passes.transforms.hadamard import hadamard_factors, hadamard_matrix, online_hadamard_nodes
+from qexport.passes.transforms.hadamard import block_hadamard_nodes, hadamard_factors, hadamard_matrix, online_hadamard_nodes
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
             n = down.in_features
             dtype = down.weight.const_value.numpy().dtype
             if self.block:
-                nodes, out = _block_hadamard_nodes(graph, down.input, n, self.block, dtype, f"{site.name}.r4")
+                nodes, out = block_hadamard_nodes(graph, down.input, n, self.block, dtype, f"{site.name}.r4")
                 matrix = np.kron(np.eye(n // self.block), hadamard_matrix(self.block))
             else:
                 nodes, out = online_hadamard_nodes(graph, down.input, n, dtype, f"{site.name}.r4", self.max_dense)
@@ -81,29 +81,3 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
         if chosen:
             log.info("inserted %d online Hadamard transforms", len(chosen))
         return ir.passes.PassResult(model, bool(chosen))
-
-
-def _block_hadamard_nodes(graph: ir.Graph, x: ir.Value, n: int, block: int, dtype: np.dtype, prefix: str
-                          ) -> tuple[list[ir.Node], ir.Value]:
-    """Nodes computing ``x @ (I_{n/block} ⊗ H_block)`` over the last axis of ``x``, tagged like the full form."""
-    h = _shared_const(graph, f"qexport.hadamard.{block}", hadamard_matrix(block).astype(dtype))  # as the full form names it
-    split = _shared_const(graph, f"qexport.hadamard.shape.{n // block}x{block}.block", np.array([-1, n // block, block], np.int64))
-    shape = ir.node("Shape", [x], name=f"{prefix}/hadamard_shape")
-    reshape = ir.node("Reshape", [x, split], name=f"{prefix}/hadamard_split")
-    matmul = ir.node("MatMul", [reshape.outputs[0], h], name=f"{prefix}/hadamard_block")
-    merge = ir.node("Reshape", [matmul.outputs[0], shape.outputs[0]], name=f"{prefix}/hadamard_merge")
-    nodes = [shape, reshape, matmul, merge]
-    for node in nodes:
-        node.outputs[0].name = f"{node.name}:0"
-        node.metadata_props[Meta.ONLINE_HADAMARD] = str(node.op_type)
-    return nodes, merge.outputs[0]
-
-
-def _shared_const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """The initializer ``name`` (registered with ``array`` on first use)."""
-    value = graph.initializers.get(name)
-    if value is None:
-        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-        value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.from_numpy(array.dtype)
-        graph.register_initializer(value)
-    return value
