@@ -10,7 +10,9 @@ from typing import Any
 from qexport.errors import QexportError
 from qexport.runtimes.signature import GraphSignature
 from qexport.exporter.loading import ModelSource
-from qexport.artifact.outdir import read_manifest
+from qexport.artifact.genai_config import read_signature
+from qexport.artifact.outdir import MANIFEST, read_manifest
+from qexport.runtimes.genai import GENAI_CONFIG
 from qexport.artifact.runtime import Runtime
 
 MODEL_FILE = "model.onnx"
@@ -25,15 +27,21 @@ class Artifact:
 
     @classmethod
     def open(cls, folder: str | os.PathLike) -> "Artifact":
+        """A qexport output folder; or, without a ``qexport.json``, a folder another tool wrote for onnxruntime-genai
+        (the model builder's), opened from its ``genai_config.json`` with no PyTorch source to compare against."""
         folder = Path(folder)
-        manifest = read_manifest(folder)
-        if not (folder / MODEL_FILE).is_file():
-            raise QexportError(f"{folder} has no {MODEL_FILE}; export the model again")
+        if folder.is_dir() and not (folder / MANIFEST).is_file() and (folder / GENAI_CONFIG).is_file():
+            signature, model_file = read_signature(folder)
+            manifest = {"signature": signature.to_json(), "model_file": model_file, "foreign": GENAI_CONFIG}
+        else:
+            manifest = read_manifest(folder)
+        if not (folder / manifest.get("model_file", MODEL_FILE)).is_file():
+            raise QexportError(f"{folder} has no {manifest.get('model_file', MODEL_FILE)}; export the model again")
         return cls(folder, manifest)
 
     @property
     def model_path(self) -> Path:
-        return self.folder / MODEL_FILE
+        return self.folder / self.manifest.get("model_file", MODEL_FILE)
 
     @property
     def signature(self) -> GraphSignature:
@@ -41,6 +49,9 @@ class Artifact:
 
     @property
     def source(self) -> ModelSource:
+        if "source" not in self.manifest:
+            raise QexportError(f"{self.folder} was not written by qexport (no {MANIFEST}) and names no PyTorch source "
+                               "to compare against; evaluate or time it without the reference (--no-reference)")
         return ModelSource.from_json(self.manifest["source"])
 
     def tokenizer(self):

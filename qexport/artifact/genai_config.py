@@ -4,7 +4,8 @@ onnxruntime-genai runs any decoder whose input and output names it is told. Ours
 over past and new tokens, ``position_ids`` where the family has them, and return ``present = concat(past,
 new)``: a growing cache, so ``past_present_share_buffer`` is false. Sliding-window layers (Gemma3) keep the
 whole past and mask it inside the graph; the runtime's ``sliding_window`` setting would hand them a cache
-cut to the window, which the graph does not expect, so it is left out.
+cut to the window, which the graph does not expect, so it is left out. :func:`read_signature` goes the other way:
+the signature of a folder another tool wrote for onnxruntime-genai (the model builder's), to evaluate and time it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from qexport.errors import QexportError
 from qexport.runtimes.genai import GENAI_CONFIG
 from qexport.runtimes.signature import GraphSignature
 
@@ -85,3 +87,53 @@ def write_genai_config(folder: Path, signature: GraphSignature, config: Any, tok
         return []
     (folder / GENAI_CONFIG).write_text(json.dumps(data, indent=2) + "\n")
     return [GENAI_CONFIG]
+
+
+_PAST = ("past_key_values.%d.key", "past_key_values.%d.value")
+_PRESENT = ("present.%d.key", "present.%d.value")
+_IO_DTYPES = {1: "fp32", 10: "fp16"}  # ONNX TensorProto element types of the KV cache
+
+
+def read_signature(folder: Path) -> tuple[GraphSignature, str]:
+    """The :class:`GraphSignature` and model file of a folder that some other tool wrote for onnxruntime-genai
+    (its model builder, say): the layout from ``genai_config.json``, the cache dtype from the graph's inputs.
+
+    qexport's runner feeds a growing cache (present = concat(past, new)); a GroupQueryAttention graph built for a
+    shared buffer (``past_present_share_buffer``) also takes that, so the search setting is not a constraint.
+    """
+    import onnx
+
+    path = folder / GENAI_CONFIG
+    try:
+        decoder = json.loads(path.read_text())["model"]["decoder"]
+        inputs, outputs = decoder["inputs"], decoder["outputs"]
+        model_file = decoder["filename"]
+        layout = (int(decoder["num_hidden_layers"]), int(decoder["num_key_value_heads"]), int(decoder["head_size"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise QexportError(f"{path} is not a usable onnxruntime-genai config ({type(exc).__name__}: {exc}); "
+                           "it needs model.decoder.{filename, inputs, outputs, num_hidden_layers, "
+                           "num_key_value_heads, head_size}") from exc
+    expected = {"input_ids": ("input_ids", inputs.get("input_ids")),
+                "attention_mask": ("attention_mask", inputs.get("attention_mask")),
+                "logits": ("logits", outputs.get("logits")),
+                "past": (_PAST, (inputs.get("past_key_names"), inputs.get("past_value_names"))),
+                "present": (_PRESENT, (outputs.get("present_key_names"), outputs.get("present_value_names")))}
+    odd = {key: theirs for key, (ours, theirs) in expected.items() if theirs != ours}
+    position = inputs.get("position_ids")
+    if position not in (None, "position_ids"):
+        odd["position_ids"] = position
+    if odd:
+        raise QexportError(f"{path} names its inputs and outputs differently from qexport's runner "
+                           f"{odd}; only folders with qexport's names (those of the model builder) "
+                           "can be evaluated or timed")
+    if not (folder / model_file).is_file():
+        raise QexportError(f"{folder} has no {model_file}, the model its {GENAI_CONFIG} names")
+    graph_inputs = {v.name: v for v in onnx.load(str(folder / model_file), load_external_data=False).graph.input}
+    past = graph_inputs.get(_PAST[0] % 0)
+    if past is None or past.type.tensor_type.elem_type not in _IO_DTYPES:
+        raise QexportError(f"{folder / model_file} has no float32 or float16 input {_PAST[0] % 0}; qexport runs "
+                           "decoders with a KV cache in one of those types")
+    signature = GraphSignature(num_layers=layout[0], num_kv_heads=layout[1], head_dim=layout[2], kv_cache=True,
+                               uses_position_ids=position is not None and "position_ids" in graph_inputs,
+                               dtype=_IO_DTYPES[past.type.tensor_type.elem_type])
+    return signature, model_file
