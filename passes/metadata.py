@@ -35,6 +35,7 @@ class Meta(str, enum.Enum):
     SMOOTHED = "qexport.smoothed."  # smooth (and aqas) per smoothed site: fingerprint of the stats it used
     AFFINE = "qexport.affine."  # affine per fitted site: fingerprint of the windows it was fitted on
     AQAS_ALPHA = "qexport.aqas."  # aqas per site: the alpha it chose; the pipeline copies them to the manifest
+    PRECISION = "qexport.precision."  # quantize-gptq with w4_fraction, per linear role: "<bits>:<4-bit rel. error>"
     # value.meta (in memory, not saved)
     ACT_CALIBRATION = "qexport.act_calibration"  # quantize: {"method", "absmax", "clip", "scale"} (ActivationScale)
 
@@ -54,4 +55,4 @@ class Meta(str, enum.Enum):
         return {k[len(self.value):]: v for k, v in props.items() if k.startswith(self.value)}
 
 
-PREFIXES = frozenset({Meta.ONLINE, Meta.SMOOTHED, Meta.AFFINE, Meta.AQAS_ALPHA})
+PREFIXES = frozenset({Meta.ONLINE, Meta.SMOOTHED, Meta.AFFINE, Meta.AQAS_ALPHA, Meta.PRECISION})

@@ -26,6 +26,7 @@ SAVED = {
     Meta.SMOOTHED: "qexport.smoothed.",
     Meta.AFFINE: "qexport.affine.",
     Meta.AQAS_ALPHA: "qexport.aqas.",
+    Meta.PRECISION: "qexport.precision.",
     Meta.ACT_CALIBRATION: "qexport.act_calibration",
 }
 

@@ -17,6 +17,8 @@ from qexport.passes.discovery import sites as site_matching
 from qexport.calibration.calibrator import Calibrator
 from qexport.passes.discovery.linear_select import linear_names, selected_linears
 from qexport.passes.discovery.names import NameFilter, check_glob_fields
+from qexport.passes.metadata import Meta
+from qexport.passes.quantize.precision import choose_precision
 from qexport.passes.quantize.weight_quant import WeightClip, WeightFormat, WeightQuant, write_quantized_weight
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,10 @@ class GptqPass(ir.passes.InPlacePass):
     so a layer's Hessians come from a session over that layer and the one before it (quantized), not from the
     embedding up; the values are those of the whole graph. Where the graph cannot be cut there (no residual
     stream found, or a layer reading it other than through the cut), that layer runs the whole graph.
+    With ``w4_fraction`` below 1 (4-bit ``weights`` only), the linears whose 4-bit weights lose the most, measured
+    on the float graph's Hessians (:func:`~qexport.passes.quantize.precision.choose_precision`), get int8
+    per-channel GPTQ weights instead, up to ``1 - w4_fraction`` of the weight parameters; each linear's choice
+    and measured error are recorded in the model's metadata (``qexport.precision.<role>``) for the manifest.
     Quantized linears no longer match, so a second run changes nothing.
     """
 
@@ -120,6 +126,7 @@ class GptqPass(ir.passes.InPlacePass):
     group_size: int = 128
     weight_clip: WeightClip = WeightClip.NONE
     sequential: bool = False
+    w4_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         check_glob_fields(self, "quantize-gptq", "linears", "exclude")
@@ -130,6 +137,11 @@ class GptqPass(ir.passes.InPlacePass):
         fmt = WeightFormat(self.weights, self.group_size, self.weight_clip)  # validates the weight settings
         object.__setattr__(self, "weights", fmt.kind)
         object.__setattr__(self, "weight_clip", fmt.clip)
+        if not 0.0 < self.w4_fraction <= 1.0:
+            raise RecipeError(f"gptq w4_fraction must be within (0, 1], got {self.w4_fraction}")
+        if self.w4_fraction < 1.0 and not fmt.grouped:
+            raise RecipeError("gptq w4_fraction keeps some linears at 8 bits out of 4-bit weights: set weights "
+                              "to int4 or dint4, or leave w4_fraction at 1")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         chosen = selected_linears(model, NameFilter(self.linears, self.exclude), self.include_lm_head)
@@ -142,6 +154,8 @@ class GptqPass(ir.passes.InPlacePass):
         for linear in chosen:  # a group size that does not fit is an error before anything changes
             fmt.group_rows(linear.in_features, linear.node.name)
         start = time.perf_counter()
+        eight = self._int8_linears(model, chosen) if self.w4_fraction < 1.0 else set()
+        formats = (fmt, WeightFormat(WeightQuant.INT8, clip=self.weight_clip))
         stages = _layers(model, chosen) if self.sequential else [chosen]
         inputs = [list(dict.fromkeys(lin.input for lin in stage)) for stage in stages]
         from_cache = 0
@@ -151,23 +165,40 @@ class GptqPass(ir.passes.InPlacePass):
             from_cache += found.from_cache
             # linears reading one input are quantized as one (columns are independent)
             for value, h in found.hessians.items():
-                readers = [lin for lin in stage if lin.input is value]
-                weights = [lin.weight_in_out() for lin in readers]
-                q, scale = gptq_quantize(np.concatenate(weights, axis=1), h, self.damp, self.block_size, self.act_order,
-                                         fmt)
-                split = np.cumsum([w.shape[1] for w in weights])[:-1]
-                for linear, w, q_part, s_part in zip(readers, weights, np.split(q, split, axis=1),
-                                                     np.split(scale, split, axis=-1)):
-                    write_quantized_weight(model.graph, linear, q_part, s_part, fmt)
-                    if log.isEnabledFor(logging.DEBUG):
-                        rtn = fmt.dequantize(*fmt.quantize(w))
-                        log.debug("gptq %s: output error %.3g (round-to-nearest %.3g)", linear.node.name,
-                                  output_error(w, fmt.dequantize(q_part, np.atleast_2d(s_part)), h),
-                                  output_error(w, rtn, h))
-        log.info("gptq: quantized %d linears to %s in %d stage(s) (%d run from the cached residual stream, %d "
-                 "through the whole graph), %.1f s", len(chosen), fmt.kind.value, len(stages), from_cache,
+                for form in formats:
+                    readers = [lin for lin in stage if lin.input is value and (lin.node in eight) == (form is formats[1])]
+                    if readers:
+                        self._quantize_group(model.graph, readers, h, form)
+        log.info("gptq: quantized %d linears to %s%s in %d stage(s) (%d run from the cached residual stream, %d "
+                 "through the whole graph), %.1f s", len(chosen), fmt.kind.value,
+                 f" ({len(eight)} of them to int8)" if eight else "", len(stages), from_cache,
                  len(stages) - from_cache, time.perf_counter() - start)
         return ir.passes.PassResult(model, True)
+
+    def _quantize_group(self, graph: ir.Graph, readers: list[site_matching.Linear], h: np.ndarray,
+                        fmt: WeightFormat) -> None:
+        """GPTQ of the linears reading one input, as one weight (output channels side by side)."""
+        weights = [lin.weight_in_out() for lin in readers]
+        q, scale = gptq_quantize(np.concatenate(weights, axis=1), h, self.damp, self.block_size, self.act_order, fmt)
+        split = np.cumsum([w.shape[1] for w in weights])[:-1]
+        for linear, w, q_part, s_part in zip(readers, weights, np.split(q, split, axis=1), np.split(scale, split, axis=-1)):
+            write_quantized_weight(graph, linear, q_part, s_part, fmt)
+            if log.isEnabledFor(logging.DEBUG):
+                rtn = fmt.dequantize(*fmt.quantize(w))
+                log.debug("gptq %s: output error %.3g (round-to-nearest %.3g)", linear.node.name,
+                          output_error(w, fmt.dequantize(q_part, np.atleast_2d(s_part)), h), output_error(w, rtn, h))
+
+    def _int8_linears(self, model: ir.Model, chosen: list[site_matching.Linear]) -> set[ir.Node]:
+        """The nodes of the linears kept at int8 (measured on the float graph), recorded in the model metadata."""
+        assert self.calibrator is not None
+        inputs = list(dict.fromkeys(lin.input for lin in chosen))
+        float_hessians = next(iter(self.calibrator.hessians(model, [inputs], cached=False))).hessians
+        roles = linear_names(model)
+        fmt = WeightFormat(self.weights, self.group_size, self.weight_clip)
+        choices = choose_precision(chosen, roles, float_hessians, fmt, self.w4_fraction)
+        for choice in choices:
+            model.metadata_props[Meta.PRECISION.key(choice.role)] = f"{choice.bits}:{choice.relative_error:.6g}"
+        return {lin.node for lin, choice in zip(chosen, choices) if choice.bits == 8}
 
 
 def _layers(model: ir.Model, chosen: list[site_matching.Linear]) -> list[list[site_matching.Linear]]:

@@ -185,6 +185,10 @@ def apply_recipe(
     alphas = {k: float(v) for k, v in Meta.AQAS_ALPHA.under(model.metadata_props).items()}
     if alphas:
         report["aqas_alphas"] = alphas  # the smoothing exponent AQAS chose per site
+    precision = Meta.PRECISION.under(model.metadata_props)
+    if precision:  # quantize-gptq's w4_fraction: each linear's weight bits, and the 4-bit error that chose them
+        report["weight_precision"] = {role: {"bits": int(bits), "relative_error_4bit": float(err)}
+                                      for role, (bits, _, err) in ((r, v.partition(":")) for r, v in precision.items())}
     return report
 
 
