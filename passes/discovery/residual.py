@@ -9,7 +9,9 @@ import onnx_ir as ir
 
 from qexport.errors import PatternNotFoundError
 from qexport.passes._ir import channel_readers, const_array
-from qexport.passes.discovery.graph_match import Linear, Norm, _trace_up, find_norms, linear_producing, match_linear
+from qexport.passes.discovery.graph_match import (
+    Linear, Norm, _trace_up, find_norms, is_online_transform, linear_producing, match_linear,
+)
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +23,7 @@ class ResidualBlock:
     add: ir.Node
     pre_norm: Norm | None
     writer: Linear
-    post_norm: Norm | None  # Gemma3 post-attention / post-feedforward norm between writer and add
+    post_norm: Norm | None  # Gemma3's norm between writer and add (R1's online rotation may follow it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +83,7 @@ def find_residual_stream(model: ir.Model) -> ResidualStream:
         add = next((c for a in aliases for c in a.consumers() if c.op_type == "Add" and _residual_add(c, aliases)), None)
         if add is None:
             break
-        branch = next(i for i in add.inputs if i not in aliases)
+        branch = _before_online(next(i for i in add.inputs if i not in aliases))
         post = by_output.get(branch)
         writer = linear_producing(post.input if post is not None else branch)
         if writer is None:
@@ -114,6 +116,17 @@ def _aliases(value: ir.Value) -> list[ir.Value]:
                 found.append(c.outputs[0])
                 frontier.append(c.outputs[0])
     return found
+
+
+def _before_online(value: ir.Value) -> ir.Value:
+    """The input of the online transform (R1's rotation after a post-norm) that ends at ``value``, else ``value``."""
+    while (node := value.producer()) is not None and is_online_transform(node):
+        data = [i for i in node.inputs if i is not None and i.const_value is None
+                and not ((p := i.producer()) is not None and p.op_type == "Shape")]
+        if len(data) != 1:
+            return value
+        value = data[0]
+    return value
 
 
 def _residual_add(add: ir.Node, aliases: list[ir.Value]) -> bool:
