@@ -37,6 +37,7 @@ PASSES: dict[str, str] = {
     "quantize": "qexport.passes.quantize.insert_qdq:QuantizePass",
     "ort-int8": "qexport.passes.ort.int8:LowerOrtPass",
     "ort-attention": "qexport.passes.ort.attention:OrtAttentionPass",
+    "ort-gqa": "qexport.passes.ort.group_query_attention:OrtGqaPass",
     "ort-merge-linears": "qexport.passes.ort.merge_linears:MergeInt8LinearsPass",
     "ort-rms-norm": "qexport.passes.ort.rms_norm:OrtRmsNormPass",
     "ort-rotary": "qexport.passes.ort.rotary:OrtRotaryPass",
