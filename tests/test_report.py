@@ -152,6 +152,23 @@ def test_text_summary_lists_worst_sites_first(cli_report):
     assert "suggestion: per-token instead of per-tensor activations" in text
 
 
+def test_report_says_whether_the_evaluation_text_is_a_domain_the_calibration_saw(cli_report):
+    from qexport.exporter.text import TextSource
+    from qexport.report.build import format_text
+    from qexport.report.texts import text_agreement
+
+    texts = cli_report[0]["texts"]
+    assert texts["calibration"] == "manpages, pydoc" and texts["evaluation"] == "pydoc" and texts["agree"]
+    rows = cli_report[0]["sites"]
+    assert texts["max_clipped_fraction"] == max(r["clipped_fraction"] for r in rows)
+    assert "calibration text: manpages, pydoc; evaluation text: pydoc; the calibrated" in format_text(cli_report[0])
+    other = text_agreement({"source": {"kind": "mix", "location": "pydoc+manpages"}}, TextSource("gitnotes"), rows)
+    assert not other["agree"] and other["shared_domains"] == []
+    assert "none of whose domains the calibration saw" in format_text({**cli_report[0], "texts": other})
+    user = text_agreement({"source": {"kind": "file", "location": "a.txt"}}, TextSource("file", "a.txt"), [])
+    assert user["agree"] and user["max_clipped_fraction"] is None
+
+
 def test_suggestions_are_valid_recipes_with_measured_reasons(cli_report, static_llama):
     report, _ = cli_report
     import yaml

@@ -22,6 +22,7 @@ import onnx_ir as ir
 
 from qexport.artifact.folder import Artifact
 from qexport.errors import QexportError
+from qexport.report.texts import text_agreement, texts_line
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ def build_report(folder: str | os.PathLike, text: str | None = None, dataset: st
         "roles": role_summary(rows),
         "difficulty": recipe_report.get("difficulty") or [],
         "evaluation": evaluation,
+        "texts": text_agreement(artifact.manifest.get("calibration") or {}, source, rows),
     }
     if settings.suggest:
         from qexport.report.suggest import suggest
@@ -124,6 +126,8 @@ def format_text(report: dict[str, Any], worst: int = 12) -> str:
         lines.append(f"perplexity {ev['ppl']:.4f} vs PyTorch FP32 {ev['ppl_reference']:.4f} (ratio {ev['ppl_ratio']:.4f}); "
                      f"logit cosine {ev['logit_cosine']:.5f} (min {ev['logit_cosine_min']:.4f}); greedy tokens matching "
                      f"PyTorch: {ev['greedy_match']}/{ev['greedy_tokens']}")
+    if "texts" in report:
+        lines.append(texts_line(report["texts"]))
     lines += ["", f"worst sites (of {len(report['sites'])}): local = the error this linear adds (float weight and activation "
               "on its own input); output = the error accumulated up to its output, against the FP32 graph", _site_table(
                   report["sites"][:worst]), "", "by role", _role_table(report["roles"])]

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from qexport.report.texts import texts_line
+
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
@@ -36,6 +38,8 @@ def render_html(report: dict[str, Any], plots: dict[str, bytes]) -> str:
              f"<h1>qexport report: {_e(report['model'])}</h1>",
              f"<p>recipe <b>{_e(report['recipe'])}</b>, {len(report['sites'])} quantized linears, {report['tokens']} tokens "
              f"of {_e(report['text_source'])} ({report['windows']} windows of {report['seq_len']}).</p>"]
+    if "texts" in report:
+        parts.append(f"<p>{_e(texts_line(report['texts']))}.</p>")
     if "ppl_ratio" in ev:
         parts.append("<h2>End to end, against PyTorch FP32</h2><table>" + "".join(
             f"<tr><th>{_e(k)}</th><td class='num'>{_e(v)}</td></tr>" for k, v in (
