@@ -11,6 +11,7 @@ from qexport.passes.metadata import Meta
 from qexport.passes.ort import group_query_attention as gqa_ort
 from qexport.passes.ort.attention import OrtAttentionPass
 from qexport.passes.ort.group_query_attention import OrtGqaPass
+from qexport.passes.ort.merge_linears import MergeInt8LinearsPass
 from qexport.passes.ort.rotary import OrtRotaryPass
 
 # Lossless rewrite: only float summation order changes (logits are O(1) here).
@@ -58,6 +59,14 @@ def test_lowered_after_int8_lowering_equals_the_lowered_graph(tiny_export):
     model = quantize_and_lower(load(tiny_export("qwen2")))
     feeds = padded_feeds(model, seed=2)
     assert apply_and_check_decode(model, OrtGqaPass(), feeds, rtol=RTOL, atol=ATOL, steps=2).modified
+
+
+def test_merged_qkv_is_read_packed(tiny_export):
+    model = quantize_and_lower(load(tiny_export("llama")))
+    assert MergeInt8LinearsPass(max_columns=128)(model).modified  # q/k/v (64 + 32 + 32 columns), not gate/up
+    assert sum(n.op_type == "Split" for n in model.graph) == 2
+    assert apply_and_check_decode(model, OrtGqaPass(), padded_feeds(model, seed=6), rtol=RTOL, atol=ATOL).modified
+    assert not any(n.op_type == "Split" for n in model.graph)
 
 
 def test_rotary_embedding_nodes_are_fused_too(tiny_export):

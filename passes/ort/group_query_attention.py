@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qexport.passes._ir import append_node, new_initializer, producer_of, remove_dead_nodes, set_graph_output
+from qexport.passes._ir import append_node, const_array, new_initializer, producer_of, remove_dead_nodes, set_graph_output
 from qexport.passes.metadata import Meta
 from qexport.passes.ort.attention import MASK_MIN, AttentionMatch, match_attention
 from qexport.passes.ort.rotary import match_rotary
@@ -104,7 +104,8 @@ class OrtGqaPass(ir.passes.InPlacePass):
     ``query_seqlens = S`` for every row, which also lets a batch continue a prompt over a cache.
 
     Layout: query, key and value are read in [B, S, H * D] straight from the projections where the
-    exporter's Reshape -> Transpose allows, else transposed back; the output feeds the o_proj's Reshape.
+    exporter's Reshape -> Transpose allows, else transposed back; after ``ort-merge-linears`` the merged
+    q/k/v output is read packed (its Split goes). The output feeds the o_proj's Reshape.
     A query row whose mask is all the exporter's minimum (a padding token) gets uniform attention over all
     T keys in the decomposed graph; the node's causal softmax sees fewer, so such rows are set to the
     mean of v, inside an ``If`` that a batch without padding skips.
@@ -214,6 +215,19 @@ def _bsnh(value: ir.Value, heads: int, head_dim: int, base: str, nodes: list[ir.
     return append_node(nodes, "Reshape", [moved, shared.const("merge_heads", [0, 0, -1])], f"{base}.bsnh3")
 
 
+def _packed(query: ir.Value, key: ir.Value, value: ir.Value, heads: int, kv_heads: int, head_dim: int) -> ir.Value | None:
+    """x when query, key and value are the three outputs of ``Split(x, [H * D, H_kv * D, H_kv * D], axis=-1)``."""
+    split = query.producer()
+    if split is None or split.op_type != "Split" or split.domain != "" or list(split.outputs) != [query, key, value]:
+        return None
+    axis = split.attributes["axis"].value if "axis" in split.attributes else 0
+    sizes = const_array(split.inputs[1]) if len(split.inputs) > 1 else None
+    if sizes is None or query.shape is None or len(query.shape) != 3 or axis not in (-1, 2) \
+            or sizes.tolist() != [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]:
+        return None
+    return split.inputs[0]
+
+
 def _output_reshape(output: ir.Value, heads: int, head_dim: int) -> ir.Value | None:
     """The [B, S, H * D] value the exporter makes of the core's output (Transpose (0, 2, 1, 3) then Reshape), if any."""
     uses = output.uses()
@@ -238,6 +252,9 @@ def _fuse(graph: ir.Graph, match: GqaMatch, base: str, shared: _Shared) -> None:
     query = _bsnh(match.query, heads, head_dim, f"{base}.q", nodes, shared)
     key = _bsnh(match.key, kv_heads, head_dim, f"{base}.k", nodes, shared)
     value = _bsnh(match.value, kv_heads, head_dim, f"{base}.v", nodes, shared)
+    packed = _packed(query, key, value, heads, kv_heads, head_dim)
+    if packed is not None:  # ort-merge-linears ran first: the node reads the merged q/k/v output, no Split
+        query, key, value = packed, None, None
     seqlens, total, query_lens, total64, (dead, any_dead) = shared.lengths(core.mask, query, nodes)
     rotary = shared.caches(match.rotary, total64, head_dim, nodes) if match.rotary is not None else (None, None, None)
     inputs = [query, key, value, match.past_key, match.past_value, seqlens, total, *rotary, core.mask,
