@@ -27,6 +27,7 @@ class Meta(str, enum.Enum):
     RMS_NORM = "qexport.rms_norm"  # ort-rms-norm on the RMSNormalization nodes it inserts: "1"
     ROTARY = "qexport.rotary"  # ort-rotary on the RotaryEmbedding nodes it inserts: "1"
     GQA = "qexport.gqa"  # ort-gqa on the GroupQueryAttention nodes it inserts: "1"
+    SKIP_NORM = "qexport.skip_norm"  # ort-skip-norm on the SkipSimplifiedLayerNormalization nodes it inserts: "1"
     # node metadata_props prefix
     ONLINE = "qexport.online_"  # prefix of the online-transform node keys; match_linear skips such nodes
     # model metadata_props

@@ -40,6 +40,7 @@ PASSES: dict[str, str] = {
     "ort-gqa": "qexport.passes.ort.group_query_attention:OrtGqaPass",
     "ort-merge-linears": "qexport.passes.ort.merge_linears:MergeInt8LinearsPass",
     "ort-rms-norm": "qexport.passes.ort.rms_norm:OrtRmsNormPass",
+    "ort-skip-norm": "qexport.passes.ort.skip_norm:OrtSkipNormPass",
     "ort-rotary": "qexport.passes.ort.rotary:OrtRotaryPass",
     "ort-attention-chunks": "qexport.passes.ort.attention_chunks:OrtAttentionChunksPass",
     "ort-int4": "qexport.passes.ort.int4:LowerInt4OrtPass",
