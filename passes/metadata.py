@@ -26,6 +26,7 @@ class Meta(str, enum.Enum):
     ATTENTION_CHUNKS = "qexport.attention_chunks"  # ort-attention-chunks on the If nodes it inserts: the chunk count
     RMS_NORM = "qexport.rms_norm"  # ort-rms-norm on the RMSNormalization nodes it inserts: "1"
     ROTARY = "qexport.rotary"  # ort-rotary on the RotaryEmbedding nodes it inserts: "1"
+    KV_CACHE = "qexport.kv_cache"  # quantize-kv on the Q/DQ nodes of the int8 cache: "per_channel" or "per_head"
     GQA = "qexport.gqa"  # ort-gqa on the GroupQueryAttention nodes it inserts: "1"
     SKIP_NORM = "qexport.skip_norm"  # ort-skip-norm on the SkipSimplifiedLayerNormalization nodes it inserts: "1"
     # node metadata_props prefix

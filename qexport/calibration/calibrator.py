@@ -3,7 +3,8 @@
 Passes transform graphs; they never open ONNX Runtime sessions. A pass that needs calibration declares a
 ``calibrator: Calibrator | None`` field (the pipeline provides it, found by type) and asks it for what it needs:
 per-tensor activation scales (``quantize``), the Hessians of linear inputs stage by stage (``quantize-gptq``),
-activation rows sampled from the windows (``aqas``, ``affine``), the mean output errors of quantized linears
+activation rows sampled from the windows (``aqas``, ``affine``), the absmax of the values entering the KV cache
+(``quantize-kv``), the mean output errors of quantized linears
 (``bias-correct``). Each is computed on the graph as it is when asked, so sequential GPTQ sees its earlier layers
 quantized and ``quantize`` after GPTQ sees GPTQ's weights; each returns a typed result the pass only reads.
 
@@ -92,6 +93,20 @@ class Calibrator:
             before = runs.from_cache
             found = _hessians(values, runs.run(k))
             yield StageHessians(found, runs.from_cache > before)
+
+    def absmax(self, model: ir.Model, values: Sequence[ir.Value], keep_axes: Sequence[int]) -> dict[ir.Value, np.ndarray]:
+        """Max |x| (float64) of each value over all windows, reduced over every axis but ``keep_axes`` (e.g. (1, 3):
+        per head and channel of a [batch, heads, seq, head_dim] key or value entering the KV cache)."""
+        session = ValueSession(model, list(dict.fromkeys(v.name for v in values)), self.threads)
+        found: dict[ir.Value, np.ndarray] = {}
+        for window in self.windows:
+            outs = session.run(window)
+            for v in values:
+                x = np.abs(outs[v.name])
+                kept = {a % x.ndim for a in keep_axes}
+                peak = x.max(axis=tuple(i for i in range(x.ndim) if i not in kept)).astype(np.float64)
+                found[v] = np.maximum(found[v], peak) if v in found else peak
+        return found
 
     def sample_rows(self, model: ir.Model, names: Sequence[str], tokens: int, seed: int = 0) -> dict[str, np.ndarray]:
         """``tokens`` rows (float64, in window order) of each graph value in ``names``, the same token positions
