@@ -46,6 +46,7 @@ PASSES: dict[str, str] = {
     "ort-int4": "qexport.passes.ort.int4:LowerInt4OrtPass",
     "quantize-gptq": "qexport.passes.quantize.gptq:GptqPass",
     "bias-correct": "qexport.passes.quantize.bias_correction:BiasCorrectPass",
+    "quantize-kv": "qexport.passes.quantize.kv_cache:QuantizeKvPass",
     "aqas": "qexport.passes.transforms.aqas:AqasPass",
 }
 _SCALARS = (bool, int, float, str)

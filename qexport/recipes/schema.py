@@ -20,6 +20,16 @@ final graph must pass :func:`qexport.runtimes.tensorrt.check.require_compatible`
       windows: 4
     check: tensorrt
 
+A third, ``kv_cache`` (:class:`KvCache`: ``float``, the default, or ``int8``), is shorthand for the ``quantize-kv`` pass
+with its default settings, placed where it must run: after the quantization passes, before the first ORT lowering
+(``ort-*``). It is expanded when the recipe is read, so :attr:`Recipe.passes` holds that entry and :meth:`Recipe.to_dict`
+writes it; write the pass entry yourself for other settings (``granularity: per_head``, ``margin``)::
+
+    kv_cache: int8
+
+A pass class may refuse its place in a recipe (its ``recipe_conflict`` classmethod: the pass names, its index and
+the checks -> a reason or None); the reason is raised when the recipe is read.
+
 An unknown key, value or type raises :class:`RecipeError` naming the key and what is allowed; so does a value that
 the pass's own checks reject (its ``__post_init__``, run at load time with the run-time fields empty). The pass names and
 the conversion of YAML values to pass fields are in :mod:`qexport.recipes.registry`; pass modules are imported only
@@ -48,7 +58,8 @@ from qexport.recipes.registry import PASSES, check_settings, convert_setting, pa
 
 log = logging.getLogger(__name__)
 
-_RECIPE_KEYS = ("name", "description", "calibration", "check", "passes")
+_RECIPE_KEYS = ("name", "description", "calibration", "check", "kv_cache", "passes")
+KV_PASS = "quantize-kv"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +146,34 @@ class CalibrationSettings:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
+class KvCache(str, enum.Enum):
+    FLOAT = "float"  # the exported cache, in the model's dtype
+    INT8 = "int8"  # the quantize-kv pass: an INT8 cache with static scales
+
+
+def _with_kv_cache(passes: tuple[PassEntry, ...], kv_cache: KvCache, where: str) -> tuple[PassEntry, ...]:
+    """``passes`` with ``quantize-kv`` (default settings) before the first ORT lowering, for ``kv_cache: int8``."""
+    has_pass = any(e.name == KV_PASS for e in passes)
+    if kv_cache is KvCache.FLOAT:
+        if has_pass:
+            raise RecipeError(f"{where}: kv_cache is float, but the passes include {KV_PASS}; keep one of them")
+        return passes
+    if has_pass:
+        raise RecipeError(f"{where}: kv_cache: int8 adds {KV_PASS}, which the passes already include; keep one of them")
+    at = next((i for i, e in enumerate(passes) if e.name.startswith("ort-")), len(passes))
+    return passes[:at] + (PassEntry.parse({"pass": KV_PASS}, where),) + passes[at:]
+
+
+def _check_places(passes: tuple[PassEntry, ...], checks: tuple[RecipeCheck, ...], source: str) -> None:
+    """Each pass's ``recipe_conflict`` (where it has one) on the whole list; the first reason is raised."""
+    names = [e.name for e in passes]
+    for index, entry in enumerate(passes):
+        rule = getattr(pass_class(entry.name), "recipe_conflict", None)
+        reason = rule(names, index, [c.value for c in checks]) if rule is not None else None
+        if reason:
+            raise RecipeError(f"{source}.passes[{index}] ({entry.name}): {reason}")
+
+
 def _parse_checks(data: Any, where: str) -> tuple[RecipeCheck, ...]:
     items = data if isinstance(data, list) else [data]
     return tuple(convert_setting(where, item, RecipeCheck) for item in items)
@@ -165,7 +204,25 @@ class Recipe:
         calibration = CalibrationSettings.parse(data.get("calibration", {}), f"{source}.calibration")
         checks = _parse_checks(data["check"], f"{source}.check") if "check" in data else ()
         passes = tuple(PassEntry.parse(e, f"{source}.passes[{i}]") for i, e in enumerate(entries))
+        if "kv_cache" in data:  # unstated: the passes say
+            passes = _with_kv_cache(passes, convert_setting(f"{source}.kv_cache", data["kv_cache"], KvCache),
+                                    f"{source}.kv_cache")
+        _check_places(passes, checks, source)
         return cls(name, passes, description, calibration, checks)
+
+    @property
+    def kv_cache(self) -> KvCache:
+        return KvCache.INT8 if any(e.name == KV_PASS for e in self.passes) else KvCache.FLOAT
+
+    def with_kv_cache(self, kv_cache: KvCache | str) -> "Recipe":
+        """This recipe with the KV cache asked for (``--kv-cache``): ``int8`` adds ``quantize-kv`` unless it is
+        there; ``float`` refuses a recipe that quantizes the cache."""
+        kv_cache = convert_setting("kv_cache", kv_cache.value if isinstance(kv_cache, KvCache) else kv_cache, KvCache)
+        if kv_cache is self.kv_cache:
+            return self
+        passes = _with_kv_cache(self.passes, kv_cache, f"recipe {self.name!r}")
+        _check_places(passes, self.checks, f"recipe {self.name!r}")
+        return dataclasses.replace(self, passes=passes)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}
