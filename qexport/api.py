@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform
@@ -21,7 +22,7 @@ from qexport.artifact.outdir import atomic_output_dir, checksums, write_manifest
 from qexport.recipes.adapt import adapt_recipe, is_preset_name
 from qexport.recipes.pipeline import PipelineSettings, apply_recipe
 from qexport.recipes.preflight import check_recipe_applies
-from qexport.recipes.schema import Recipe, load_recipe
+from qexport.recipes.schema import KvCache, Recipe, load_recipe
 from qexport.exporter.text import default_bos, load_text, parse_source, token_windows
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ def export(
     calib_windows: int | None = None,
     calib_seq_len: int | None = None,
     measure_difficulty: bool = True,
+    kv_cache_dtype: str | None = None,
 ) -> Path:
     """Export MODEL (hub id, folder, .gguf, or the embedded default) to the folder ``out``; returns it.
 
@@ -89,10 +91,14 @@ def export(
     (a text file or dataset name; default: the calibration half of Python's documentation) in
     ``calib_windows`` windows of ``calib_seq_len`` tokens. Left as ``None``, these come from the recipe's
     ``calibration:`` settings, else 16 windows of 512 tokens; the manifest records which applied.
+    ``kv_cache_dtype`` (``float`` or ``int8``) overrides the recipe's ``kv_cache`` setting; ``int8`` needs a recipe
+    (its scales are calibrated) and the KV cache.
     """
     settings = ExportSettings(dtype=dtype, kv_cache=kv_cache)
     source = resolve_source(model, revision=revision)
     loaded_recipe = load_recipe(recipe) if recipe is not None else None  # a bad recipe fails before the slow part
+    if kv_cache_dtype is not None:
+        loaded_recipe = _with_kv_cache(loaded_recipe, kv_cache_dtype, kv_cache)
     out = Path(out)
     if out.exists() and not force:  # fail before the slow part; atomic_output_dir checks again
         from qexport.errors import OutputExistsError
@@ -119,6 +125,7 @@ def export(
                            "tokens": int(sum(len(w) for w in windows)), "settings_from": shape["from"],
                            "bos_prefixed": default_bos(tokenizer) is not None}
             recipe_report = apply_recipe(ir_model, loaded_recipe, windows, PipelineSettings(measure_difficulty=measure_difficulty))
+            signature = _cache_type(signature, ir_model)
         files = save_model(ir_model, tmp)
         tokenizer.save_pretrained(tmp)
         config_dict = config.to_dict()
@@ -149,3 +156,19 @@ def export(
         }
         write_manifest(tmp, manifest)
     return out
+
+
+def _with_kv_cache(recipe: Recipe | None, kv_cache_dtype: str, kv_cache: bool) -> Recipe | None:
+    """The recipe with the KV cache type asked for; an int8 cache without a recipe or a cache is an error."""
+    from qexport.errors import RecipeError
+
+    if kv_cache_dtype == KvCache.INT8.value and (recipe is None or not kv_cache):
+        raise RecipeError("an int8 KV cache needs a recipe (its scales are calibrated; e.g. --recipe w8a8-dynamic) "
+                          "and the KV cache (drop --no-kv-cache)")
+    return recipe.with_kv_cache(kv_cache_dtype) if recipe is not None else None
+
+
+def _cache_type(signature, model: ir.Model):
+    """The signature with the past inputs' type where a pass changed it (quantize-kv: int8)."""
+    types = {v.dtype for v in model.graph.inputs if v.name in set(signature.past_names)}
+    return dataclasses.replace(signature, kv_dtype="int8") if types == {ir.DataType.INT8} else signature

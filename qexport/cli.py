@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     p.add_argument("--no-kv-cache", action="store_true", help="export without past/present key-value inputs")
+    p.add_argument("--kv-cache", choices=["float", "int8"], default=None, dest="kv_cache_dtype",
+                   help="KV cache type (default: the recipe's kv_cache, else float); int8 adds quantize-kv to the recipe")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--recipe", default=None, help="recipe YAML file or preset name (see samples/recipes)")
@@ -136,7 +138,8 @@ def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 
     out = export(args.model, args.out, dtype=args.dtype, kv_cache=not args.no_kv_cache, force=args.force,
                  revision=args.revision, recipe=args.recipe, calib=args.calib, calib_windows=args.calib_windows,
-                 calib_seq_len=args.calib_seq_len, measure_difficulty=not args.no_difficulty)
+                 calib_seq_len=args.calib_seq_len, measure_difficulty=not args.no_difficulty,
+                 kv_cache_dtype=args.kv_cache_dtype)
     manifest = read_manifest(out)
     if not args.json:
         from qexport.recipes.adapt import describe

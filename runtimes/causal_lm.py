@@ -7,7 +7,7 @@ import numpy as np
 from qexport.runtimes.signature import GraphSignature
 from qexport.runtimes.base import Runner
 
-NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
 
 
 def position_ids_from_mask(attention_mask: np.ndarray, seq_len: int) -> np.ndarray:
@@ -23,7 +23,7 @@ class CausalLM:
     def __init__(self, runner: Runner, signature: GraphSignature) -> None:
         self.runner = runner
         self.signature = signature
-        self.kv_dtype = NUMPY_DTYPES[signature.dtype]
+        self.kv_dtype = NUMPY_DTYPES[signature.cache_dtype]
 
     @property
     def name(self) -> str:

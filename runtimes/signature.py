@@ -15,6 +15,12 @@ class GraphSignature:
     kv_cache: bool
     uses_position_ids: bool
     dtype: str
+    kv_dtype: str | None = None  # the cache's type where it is not ``dtype``: "int8" (quantize-kv)
+
+    @property
+    def cache_dtype(self) -> str:
+        """The type of the past inputs and present outputs: ``kv_dtype``, else the model's ``dtype``."""
+        return self.kv_dtype or self.dtype
 
     @property
     def past_names(self) -> list[str]:
@@ -40,8 +46,12 @@ class GraphSignature:
         return ["logits"] + self.present_names
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["kv_dtype"] is None:  # a float cache: the manifest reads as it always has
+            del data["kv_dtype"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "GraphSignature":
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)
+                      if f.name in data or f.default is dataclasses.MISSING})

@@ -90,5 +90,5 @@ class Artifact:
         from qexport.runtimes.torch_runner import TorchRunner
 
         _, _, model, _ = load_model(self.source)
-        signature = dataclasses.replace(self.signature, dtype="fp32")
+        signature = dataclasses.replace(self.signature, dtype="fp32", kv_dtype=None)  # PyTorch's own float cache
         return CausalLM(TorchRunner(model, signature, threads=threads), signature)
