@@ -33,7 +33,7 @@ EXPECTED_ADAPTATIONS = {
     "llama": [],
     "qwen2": [],
     "opt": [("layernorm-to-rms", "inserted")],  # LayerNorm stream: converted exactly, then R1
-    "gemma3": [("rotate-residual", "removed"), ("smooth", "inserted")],  # post-norms: no R1; norm smoothing instead
+    "gemma3": [("rotate-residual", "changed")],  # post-norms: R1 with post_norm: online
 }
 # the transforms that must find their sites on every family (fold-norm has nothing to fold: the tiny gammas are 1)
 TRANSFORMS = ("smooth", "layernorm-to-rms", "rotate-residual", "rotate-heads", "online-hadamard")

@@ -1,6 +1,7 @@
-"""A preset by name adapts to the exported graph (issue 14): LayerNorm to RMSNorm before R1 on OPT, no R1 on
-Gemma3's post-norms (SmoothQuant at the norm sites in its place when activations are quantized); every change
-recorded with its sites and reason; a recipe file is never adapted."""
+"""A preset by name adapts to the exported graph (issue 14): LayerNorm to RMSNorm before R1 on OPT, R1 with its
+post-norms rotated online on Gemma3 (or, for an R1 without Hadamard structure, no R1 and SmoothQuant at the norm
+sites in its place when activations are quantized); every change recorded with its sites and reason; a recipe file
+is never adapted."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from pass_testing import load
 from qexport.recipes import schema as rc
 from qexport.recipes.adapt import Action, adapt_recipe, is_preset_name, stream_needs
+from qexport.passes.transforms.rotate_residual import PostNorm
 from qexport.recipes.preflight import check_recipe_applies
 
 WITH_R1 = [name for name in rc.preset_names() if "rotate-residual" in [e.name for e in rc.load_recipe(name).passes]]
@@ -19,10 +21,6 @@ NORM_SITES = ("layers.0.attn_norm", "layers.0.mlp_norm", "layers.1.attn_norm", "
 
 def _names(recipe: rc.Recipe) -> list[str]:
     return [e.name for e in recipe.passes]
-
-
-def _quantizes_activations(recipe: rc.Recipe) -> bool:
-    return any(e.name == "quantize" for e in recipe.passes)  # every preset's quantize has int8 activations
 
 
 def test_the_presets_with_r1_include_every_quantization_preset():
@@ -42,38 +40,46 @@ def test_each_family_gets_what_its_graph_needs_and_the_result_applies(tiny_expor
         assert changes[0].sites == (*NORM_SITES, "final_norm")  # every residual LayerNorm
         fold = before.index("fold-norm")
         assert names == before[:fold + 1] + ["layernorm-to-rms"] + before[fold + 1:]
-    else:  # gemma3
-        r1 = before.index("rotate-residual")
-        assert changes[0].pass_name == "rotate-residual" and changes[0].action is Action.REMOVED
-        assert changes[0].sites == POST_NORMS and "post-norms" in changes[0].reason
-        if _quantizes_activations(written):
-            lm_head = any(dict(e.settings).get("include_lm_head") for e in written.passes)
-            assert [(c.pass_name, c.action) for c in changes[1:]] == [("smooth", Action.INSERTED)]
-            assert changes[1].sites == NORM_SITES + (("final_norm",) if lm_head else ())
-            smooth = adapted.passes[r1]
-            assert smooth.name == "smooth" and dict(smooth.settings)["alpha"] == 0.5
-            assert names == before[:r1] + ["smooth"] + before[r1 + 1:]
-        else:  # nothing is quantized: the rotations that apply, nothing in R1's place
-            assert len(changes) == 1 and names == before[:r1] + before[r1 + 1:]
-        assert {"rotate-heads", "online-hadamard"} <= set(names)
+    else:  # gemma3: R1 kept, with its post-norms rotated online; nothing else changes
+        assert [(c.pass_name, c.action) for c in changes] == [("rotate-residual", Action.CHANGED)]
+        assert changes[0].sites == POST_NORMS and "post_norm: online" in changes[0].reason
+        assert names == before
+        for entry, was in zip(adapted.passes, written.passes):
+            settings = dict(entry.settings)
+            if entry.name == "rotate-residual":
+                assert settings.pop("post_norm") is PostNorm.ONLINE and "post_norm" not in dict(was.settings)
+            assert settings == dict(was.settings)
     assert all(c.sites and c.reason for c in changes)
     check_recipe_applies(model, adapted)  # every structural pass of the adapted preset finds its sites
     again, more = adapt_recipe(adapted, model)
     assert again is adapted and more == ()  # adapting an adapted recipe changes nothing
 
 
-def test_norm_smoothing_is_inserted_only_where_activations_are_quantized_and_unsmoothed(tiny_export):
+def test_an_r1_without_hadamard_structure_is_removed_on_post_norms(tiny_export):
+    """An orthogonal R1 would cost a dense hidden x hidden MatMul per post-norm online: it is removed, and norm
+    smoothing goes in its place only where activations are quantized and the norm sites are not smoothed yet."""
     model = load(tiny_export("gemma3"))
-    prefix = [{"pass": "untie-embeddings"}, {"pass": "fold-norm"}, {"pass": "rotate-residual"}]
+    prefix = [{"pass": "untie-embeddings"}, {"pass": "fold-norm"}, {"pass": "rotate-residual", "rotation": "orthogonal"}]
     weight_only = rc.Recipe.from_dict({"name": "w8", "passes": prefix + [{"pass": "quantize", "activations": "none"}]})
     _, changes = adapt_recipe(weight_only, model)
-    assert [c.pass_name for c in changes] == ["rotate-residual"]  # smoothing would only make the weights harder
+    assert [(c.pass_name, c.action) for c in changes] == [("rotate-residual", Action.REMOVED)]
+    assert changes[0].sites == POST_NORMS and "post-norms" in changes[0].reason
     smoothed = rc.Recipe.from_dict({"name": "sq", "passes": [{"pass": "smooth", "sites": ["layers.*_norm"]}] + prefix
                                     + [{"pass": "quantize", "activations": "per_tensor"}]})
     adapted, changes = adapt_recipe(smoothed, model)
     assert [c.pass_name for c in changes] == ["rotate-residual"] and _names(adapted).count("smooth") == 1
     default = rc.Recipe.from_dict({"name": "q", "passes": prefix + [{"pass": "quantize"}]})  # per_token by default
-    assert [c.pass_name for c in adapt_recipe(default, model)[1]] == ["rotate-residual", "smooth"]
+    adapted, changes = adapt_recipe(default, model)
+    assert [c.pass_name for c in changes] == ["rotate-residual", "smooth"]
+    assert changes[1].sites == NORM_SITES and _names(adapted) == ["untie-embeddings", "fold-norm", "smooth", "quantize"]
+    check_recipe_applies(model, adapted)
+
+
+def test_a_recipe_with_online_post_norms_already_is_left_alone(tiny_export):
+    model = load(tiny_export("gemma3"))
+    online = rc.Recipe.from_dict({"name": "r1", "passes": [
+        {"pass": "untie-embeddings"}, {"pass": "fold-norm"}, {"pass": "rotate-residual", "post_norm": "online"}]})
+    assert adapt_recipe(online, model) == (online, ())
 
 
 def test_recipes_without_r1_and_graphs_without_a_residual_stream_are_left_alone(tiny_export):

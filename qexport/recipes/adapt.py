@@ -7,12 +7,13 @@ name) and returns the recipe that runs the equivalent transforms on it, with one
 1. LayerNormalization on the residual stream (OPT): R1 (``rotate-residual``) needs RMSNorm, so
    ``layernorm-to-rms`` (exact: mean-centred embeddings, positions and writers) is inserted after ``fold-norm``,
    as the ``rotate-opt`` preset has it;
-2. norms between a residual branch and its add (Gemma3's post-norms): their gamma cannot be folded, so R1 would
-   not be exact. R1 is removed; R2 (``rotate-heads``) and R4 (``online-hadamard``) do not touch the residual
-   stream and stay. When the recipe quantizes activations and nothing smooths the norm sites yet, SmoothQuant
-   at the norm sites (alpha 0.5, as the ``smoothquant`` preset) is inserted in R1's place: the norm-site
-   outliers that R1 spread over all channels are then moved into the weights instead (a rotation commutes with
-   no non-unit gamma, which is why smoothing there needs R1 gone).
+2. norms between a residual branch and its add (Gemma3's post-norms): their gamma cannot be folded into a
+   linear, but R1 stays exact with ``post_norm: online`` (each post-norm's gamma carries the rotation as a small
+   online Hadamard transform before the add), so R1 runs with that setting, as on the other families; R2
+   (``rotate-heads``) and R4 (``online-hadamard``) do not touch the residual stream and run as written.
+   An R1 whose rotation has no Hadamard structure (``orthogonal``) would cost a dense hidden x hidden MatMul per
+   post-norm instead: it is removed, and when the recipe quantizes activations and nothing smooths the norm sites
+   yet, SmoothQuant at the norm sites (alpha 0.5, as the ``smoothquant`` preset) is inserted in its place.
 
 Only presets loaded by name adapt (:func:`is_preset_name`); a recipe file runs exactly as written, and the
 preflight check names the pass that cannot apply. A graph whose residual stream is not recognised is left to
@@ -46,6 +47,7 @@ _NORM_SMOOTHING = {"pass": "smooth", "method": "smoothquant", "alpha": 0.5}  # t
 class Action(str, enum.Enum):
     INSERTED = "inserted"
     REMOVED = "removed"
+    CHANGED = "changed"  # kept, with a setting changed (named in the reason)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +109,13 @@ def adapt_recipe(recipe: Recipe, model: ir.Model) -> tuple[Recipe, tuple[Adaptat
     if not any(e.name == R1 for e in recipe.passes) or (needs := stream_needs(model)) is None:
         return recipe, ()
     if needs.post_norms:
-        passes, changes = _without_r1(list(recipe.passes), needs)
+        r1s = [e for e in recipe.passes if e.name == R1]
+        if all(_settings(e)["post_norm"].value == "online" for e in r1s):
+            return recipe, ()
+        if any(_settings(e)["rotation"].value == "orthogonal" for e in r1s):
+            passes, changes = _without_r1(list(recipe.passes), needs)
+        else:
+            passes, changes = _with_online_post_norms(list(recipe.passes), needs)
     elif needs.layer_norms and not _converted_before_r1(recipe.passes):
         passes, changes = _with_layernorm_to_rms(list(recipe.passes), needs.layer_norms)
     else:
@@ -133,14 +141,26 @@ def _with_layernorm_to_rms(passes: list[PassEntry], sites: tuple[str, ...]) -> t
     return passes, [Adaptation("layernorm-to-rms", Action.INSERTED, sites, reason)]
 
 
+def _with_online_post_norms(passes: list[PassEntry], needs: StreamNeeds) -> tuple[list[PassEntry], list[Adaptation]]:
+    """R1 with ``post_norm: online``, its other settings as written."""
+    passes = [PassEntry.parse({**e.to_dict(), "post_norm": "online"}, "adaptation") if e.name == R1 else e
+              for e in passes]
+    return passes, [Adaptation(R1, Action.CHANGED, needs.post_norms, (
+        "post_norm: online. Norms sit between each residual branch and its add (post-norms), and their gamma "
+        "cannot be folded into a linear; RMS commutes with the rotation, so each post-norm's gamma carries it "
+        "instead, as an online Hadamard transform before the residual add (exact; its run-time cost is in "
+        "docs/measurements.md)"))]
+
+
 def _without_r1(passes: list[PassEntry], needs: StreamNeeds) -> tuple[list[PassEntry], list[Adaptation]]:
-    """Remove R1; put SmoothQuant at the norm sites in its place when activations are quantized and unsmoothed."""
+    """Remove R1 (its rotation cannot be applied online); put SmoothQuant at the norm sites in its place when
+    activations are quantized and unsmoothed."""
     first = next(i for i, e in enumerate(passes) if e.name == R1)
     passes = [e for e in passes if e.name != R1]
     changes = [Adaptation(R1, Action.REMOVED, needs.post_norms, (
-        "norms sit between each residual branch and its add (post-norms); their gamma cannot be folded, so a "
-        "rotation of the residual stream would not be exact. R2 (rotate-heads) and R4 (online-hadamard) do not "
-        "touch the residual stream and still run"))]
+        "norms sit between each residual branch and its add (post-norms); their gamma cannot be folded, and an "
+        "orthogonal rotation has no Hadamard structure to apply online cheaply. R2 (rotate-heads) and R4 "
+        "(online-hadamard) do not touch the residual stream and still run"))]
     globs = ("layers.*_norm",) + (("final_norm",) if _quantizes_lm_head(passes) else ())
     if _quantizes_activations(passes) and not _smooths_any(passes, needs.norm_sites):
         passes.insert(first, PassEntry.parse({**_NORM_SMOOTHING, "sites": list(globs)}, "adaptation"))
