@@ -158,10 +158,10 @@ def test_report_says_whether_the_evaluation_text_is_a_domain_the_calibration_saw
     from qexport.report.texts import text_agreement
 
     texts = cli_report[0]["texts"]
-    assert texts["calibration"] == "manpages, pydoc" and texts["evaluation"] == "pydoc" and texts["agree"]
+    assert texts["calibration"] == "pydoc" and texts["evaluation"] == "pydoc" and texts["agree"]
     rows = cli_report[0]["sites"]
     assert texts["max_clipped_fraction"] == max(r["clipped_fraction"] for r in rows)
-    assert "calibration text: manpages, pydoc; evaluation text: pydoc; the calibrated" in format_text(cli_report[0])
+    assert "calibration text: pydoc; evaluation text: pydoc; the calibrated" in format_text(cli_report[0])
     other = text_agreement({"source": {"kind": "mix", "location": "pydoc+manpages"}}, TextSource("gitnotes"), rows)
     assert not other["agree"] and other["shared_domains"] == []
     assert "none of whose domains the calibration saw" in format_text({**cli_report[0], "texts": other})

@@ -106,25 +106,23 @@ def test_manpage_halves_are_disjoint_and_few_pages_per_tool(tmp_path, monkeypatc
     assert "\\f" not in halves[0] and ".SH" not in halves[0]
 
 
-def test_a_missing_domain_is_a_clear_error_and_the_default_mix_falls_back(tmp_path, monkeypatch):
+def test_a_missing_domain_is_a_clear_error(tmp_path, monkeypatch):
     from qexport.errors import TextSourceError
     from qexport.exporter import machine_text, text
 
     monkeypatch.setattr(machine_text, "MAN_ROOT", tmp_path / "nothing")
     with pytest.raises(TextSourceError, match="manual pages"):
         load_text(parse_source("manpages"), "evaluation")
-    assert text.parse_source(None) == TextSource()  # the Python documentation alone, with a warning
+    assert text.parse_source(None) == TextSource()  # the default needs no manual pages
 
 
-def test_the_default_calibration_mix_alternates_its_domains(tmp_path, monkeypatch):
+def test_a_mix_alternates_its_domains(tmp_path, monkeypatch):
     from qexport.exporter import text
 
     fake = {"pydoc": lambda p: "\n\n".join(f"P{p[0]}{i} " + "p" * 900 for i in range(8)),
             "manpages": lambda p: "\n\n".join(f"M{p[0]}{i} " + "m" * 900 for i in range(20))}
     monkeypatch.setattr(text, "DOMAINS", fake)
-    monkeypatch.setattr(text.machine_text, "MAN_ROOT", tmp_path)
-    (tmp_path / "man1").mkdir()
-    source = text.parse_source(None)
+    source = text.parse_source("pydoc+manpages")
     assert source == TextSource("mix", "pydoc+manpages")
     mixed = text.load_text(source, "calibration")
     order = [piece[:1] for piece in mixed.split("\n\n")]

@@ -3,9 +3,8 @@
 Built-in domains (``machine_text``): the Python documentation (``pydoc``, on every Python install), the English
 manual pages (``manpages``) and git's release notes (``gitnotes``), each split in two disjoint halves, one for
 evaluation and one for calibration, so calibration text never leaks into evaluation. ``a+b`` mixes domains,
-alternating chunks of each. Evaluation defaults to the Python documentation; calibration defaults to the
-Python documentation mixed with the manual pages (where the machine has them), so that the calibrated scales and
-GPTQ's Hessians are not fitted to one narrow domain.
+alternating chunks of each, so that calibrated scales and GPTQ's Hessians need not fit one narrow domain.
+Evaluation and calibration both default to the Python documentation (their disjoint halves).
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ log = logging.getLogger(__name__)
 
 DATASET_SPLITS = {"evaluation": ("test", "validation"), "calibration": ("train", "validation")}
 MIX_CHUNK_CHARS = 2_000  # about 500 tokens: a 512-token window sees both domains of a two-domain mix
-DEFAULT_CALIBRATION_MIX = ("pydoc", "manpages")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +53,9 @@ def _builtin(spec: str) -> TextSource | None:
 
 
 def default_calibration_source() -> TextSource:
-    """The Python documentation mixed with the manual pages; the documentation alone where there are none."""
-    if any((machine_text.MAN_ROOT / s).is_dir() for s in machine_text.MAN_SECTIONS):
-        return TextSource("mix", "+".join(DEFAULT_CALIBRATION_MIX))
-    log.warning("no English manual pages in %s: calibrating on the Python documentation alone", machine_text.MAN_ROOT)
+    """The calibration half of the Python documentation. A mix (``--calib pydoc+manpages``) carries over better to
+    text of other domains but costs perplexity on the documentation itself (docs/measurements.md), so it is not
+    the default yet."""
     return TextSource()
 
 
@@ -77,7 +74,7 @@ def text_source(text_file: str | None = None, dataset: str | None = None) -> Tex
 
 def parse_source(spec: str | None) -> TextSource:
     """``--calib SOURCE``: an existing file path, a built-in domain or mix, else a dataset name; None means the
-    default calibration mix."""
+    default calibration text."""
     if not spec:
         return default_calibration_source()
     if Path(spec).expanduser().exists():
