@@ -62,7 +62,7 @@ def test_unknown_preset_lists_presets():
 
 
 def test_unknown_top_level_key():
-    with pytest.raises(RecipeError, match="unknown key 'pases'; allowed keys: name, description, calibration, check, passes"):
+    with pytest.raises(RecipeError, match="unknown key 'pases'; allowed keys: name, description, calibration, check, kv_cache, passes"):
         rc.Recipe.from_dict({"name": "t", "pases": []})
 
 
@@ -116,7 +116,7 @@ def test_run_time_inputs_are_found_by_field_type():
     assert {name: found for name, found in calibrated.items() if found} == {
         "smooth": {"stats": "stats"}, "aqas": {"stats": "stats", "calibrator": "calibrator"},
         "affine": {"calibrator": "calibrator"}, "quantize": {"calibrator": "calibrator"},
-        "quantize-gptq": {"calibrator": "calibrator"},
+        "quantize-gptq": {"calibrator": "calibrator"}, "quantize-kv": {"calibrator": "calibrator"},
         "bias-correct": {"reference": "reference", "calibrator": "calibrator"}}
 
     @dataclasses.dataclass(frozen=True)
