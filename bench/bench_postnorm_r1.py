@@ -36,6 +36,7 @@ from qexport import numerics
 from qexport.artifact.folder import MODEL_FILE, Artifact
 from qexport.evaluation.benchmark import BenchSettings, time_model
 from qexport.recipes.schema import Recipe, load_recipe
+from recipe_run import apply_to_export  # bench/recipe_run.py, beside this script
 from table import markdown_table  # bench/table.py, beside this script
 
 log = logging.getLogger("bench_postnorm_r1")
@@ -90,17 +91,7 @@ def variants(blocks: list[int], dense: bool) -> dict[str, Recipe]:
 
 def apply(fp32: Path, out: Path, recipe: Recipe, windows: list) -> float:
     """``recipe`` applied to the FP32 export and saved beside a copy of its other files; returns seconds."""
-    import onnx_ir as ir
-
-    from qexport.api import save_model
-    from qexport.recipes.pipeline import PipelineSettings, apply_recipe
-
-    shutil.copytree(fp32, out, ignore=shutil.ignore_patterns(MODEL_FILE))
-    start = time.perf_counter()
-    model = ir.load(fp32 / MODEL_FILE)
-    apply_recipe(model, recipe, windows, PipelineSettings(measure_difficulty=False))
-    save_model(model, out)
-    return time.perf_counter() - start
+    return apply_to_export(fp32, out, recipe, windows)
 
 
 def logits_agreement(folder: Path, fp32: Path, tokens: int, vocab: int) -> tuple[float, float]:

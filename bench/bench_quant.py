@@ -45,29 +45,17 @@ from qexport.evaluation.perplexity import EvalSettings, evaluate
 from qexport.errors import QexportError, TextSourceError
 from qexport.exporter.machine_text import DOMAINS
 from qexport.exporter.text import TextSource, load_text, parse_source, text_source, token_windows
+from recipe_run import apply_to_export  # bench/recipe_run.py, beside this script
 from table import markdown_table  # bench/table.py, beside this script
 
 log = logging.getLogger("bench_quant")
 
 
 def _qexport_preset(fp32: Path, out: Path, preset: str, windows: list) -> float:
-    """Apply ``preset`` to the FP32 export (load, calibrate, run the passes, save); returns seconds.
-
-    The passes run as `qexport export --recipe` runs them, less the per-pass difficulty measurement (a
-    report metric, not part of quantizing), so the time is calibration and passes only.
-    """
-    import onnx_ir as ir
-
-    from qexport.api import save_model
-    from qexport.recipes.pipeline import PipelineSettings, apply_recipe
+    """Apply ``preset`` to the FP32 export (load, calibrate, run the passes, save); returns seconds."""
     from qexport.recipes.schema import load_recipe
 
-    shutil.copytree(fp32, out, ignore=shutil.ignore_patterns(MODEL_FILE))
-    start = time.perf_counter()
-    model = ir.load(fp32 / MODEL_FILE)
-    apply_recipe(model, load_recipe(preset), windows, PipelineSettings(measure_difficulty=False))
-    save_model(model, out)
-    return time.perf_counter() - start
+    return apply_to_export(fp32, out, load_recipe(preset), windows)
 
 
 def _fp32_fused(fp32: Path, out: Path) -> float:

@@ -29,6 +29,7 @@ import qexport
 from qexport.artifact.folder import MODEL_FILE, Artifact
 from qexport.evaluation.perplexity import token_nll
 from qexport.exporter.text import load_text, parse_source, text_source, token_windows
+from recipe_run import apply_to_export  # bench/recipe_run.py, beside this script
 from table import markdown_table  # bench/table.py, beside this script
 
 log = logging.getLogger("bench_w4a8_domains")
@@ -87,17 +88,7 @@ def _recipe(preset: str, variant: str):
 
 
 def _quantize(fp32: Path, out: Path, recipe, windows: list) -> float:
-    import onnx_ir as ir
-
-    from qexport.api import save_model
-    from qexport.recipes.pipeline import PipelineSettings, apply_recipe
-
-    shutil.copytree(fp32, out, ignore=shutil.ignore_patterns(MODEL_FILE))
-    start = time.perf_counter()
-    model = ir.load(fp32 / MODEL_FILE)
-    apply_recipe(model, recipe, windows, PipelineSettings(measure_difficulty=False))
-    save_model(model, out)
-    return time.perf_counter() - start
+    return apply_to_export(fp32, out, recipe, windows)
 
 
 def _nll(lm, windows: list) -> np.ndarray:
