@@ -162,6 +162,15 @@ def test_ort_attention_rotary_and_chunks_still_match_the_int8_cache(tiny_export)
             np.testing.assert_allclose(got[name], want[name], rtol=RTOL, atol=ATOL, err_msg=name)
 
 
+def test_ort_gqa_leaves_an_int8_cache_alone(tiny_export):
+    """GroupQueryAttention would read the dequantized cache as a cache-less key: the pass must not match it."""
+    model = load(tiny_export("llama"))
+    QuantizeKvPass(calibrator=_calibrator())(model)
+    before = [n.op_type for n in model.graph]
+    assert not OrtGqaPass()(model).modified
+    assert [n.op_type for n in model.graph] == before
+
+
 def test_a_lowered_cache_or_no_cache_is_a_clear_error(tiny_export):
     model = load(tiny_export("qwen2"))
     assert OrtGqaPass()(model).modified

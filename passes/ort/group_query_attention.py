@@ -60,11 +60,24 @@ def _split_cache(value: ir.Value) -> tuple[ir.Value | None, ir.Value] | None:
     not a concat at all, None for any other concat."""
     concat = producer_of(value, "Concat")
     if concat is None:
-        return None, value
+        return None if _reads_a_cache(value) else (None, value)
     axis = concat.attributes["axis"].value if "axis" in concat.attributes else None
     if len(concat.inputs) != 2 or axis not in (2, -2) or not concat.inputs[0].is_graph_input():
         return None
     return concat.inputs[0], concat.inputs[1]
+
+
+def _reads_a_cache(value: ir.Value, depth: int = 4) -> bool:
+    """Whether ``value`` is computed from a graph-input cache through a few elementwise steps (an int8 cache's
+    DequantizeLinear and scale, a Cast): GroupQueryAttention would take it for a cache-less key."""
+    node = value.producer()
+    if node is None or depth == 0:
+        return False
+    if node.op_type == "Concat" and any(v is not None and v.is_graph_input() for v in node.inputs):
+        return True
+    if node.op_type not in ("DequantizeLinear", "Mul", "Cast", "Identity"):
+        return False
+    return any(v is not None and _reads_a_cache(v, depth - 1) for v in node.inputs)
 
 
 def match_gqa(softmax: ir.Node) -> GqaMatch | None:
