@@ -84,3 +84,10 @@ def test_other_io_names_are_a_clear_error(built, tmp_path):
     (copy / "genai_config.json").write_text("{}")
     with pytest.raises(QexportError, match="not a usable onnxruntime-genai config"):
         Artifact.open(copy)
+
+
+def test_report_on_a_builder_folder_says_what_to_use_instead(built):
+    from qexport.report.build import build_report
+
+    with pytest.raises(QexportError, match="not written by qexport .* use qexport eval --no-reference"):
+        build_report(built[1])

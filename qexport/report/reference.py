@@ -77,6 +77,10 @@ def reference_model(artifact: Artifact, reference: str | os.PathLike | None = No
 
     manifest = artifact.manifest
     report = manifest.get("recipe")
+    if "foreign" in manifest:
+        raise ReportError(f"{artifact.folder} was not written by qexport (it has a {manifest['foreign']} but no "
+                          "qexport.json): the report compares a qexport-quantized export with its FP32 twin; "
+                          "use qexport eval --no-reference to score this folder")
     if not report:
         raise ReportError(f"{artifact.folder} was exported without a recipe: there is no quantized model to report on; "
                           "export with --recipe w8a8-static (or another quantization preset)")
