@@ -133,8 +133,7 @@ class OrtGqaPass(ir.passes.InPlacePass):
         matches = [m for node in graph if (m := match_gqa(node)) is not None]
         if not matches:
             return ir.passes.PassResult(model, False)
-        if graph.opset_imports.get(MS_DOMAIN) is None:
-            graph.opset_imports[MS_DOMAIN] = 1
+        graph.opset_imports.setdefault(MS_DOMAIN, 1)
         shared = _Shared(graph)
         for index, match in enumerate(matches):
             _fuse(graph, match, f"qexport.gqa.{index}", shared)

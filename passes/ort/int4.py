@@ -88,8 +88,7 @@ class LowerInt4OrtPass(ir.passes.InPlacePass):
         matches = [m for node in graph if (m := match_int4_linear(node)) is not None]
         if not matches:
             return ir.passes.PassResult(model, False)
-        if graph.opset_imports.get(MS_DOMAIN) is None:
-            graph.opset_imports[MS_DOMAIN] = 1
+        graph.opset_imports.setdefault(MS_DOMAIN, 1)
         for match in matches:
             _lower(graph, match, self.accuracy_level)
         log.info("lowered %d int4 linears to MatMulNBits (accuracy level %d)", len(matches), self.accuracy_level)

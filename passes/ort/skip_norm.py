@@ -72,8 +72,7 @@ class OrtSkipNormPass(ir.passes.InPlacePass):
                 matches.append(match)
         if not matches:
             return ir.passes.PassResult(model, False)
-        if graph.opset_imports.get(MS_DOMAIN) is None:
-            graph.opset_imports[MS_DOMAIN] = 1
+        graph.opset_imports.setdefault(MS_DOMAIN, 1)
         for index, match in enumerate(matches):
             _fuse(graph, match, f"qexport.skip_norm.{index}")
         log.info("fused %d residual Adds into SkipSimplifiedLayerNormalization nodes", len(matches))
