@@ -17,7 +17,7 @@ import numpy as np
 
 from qexport.errors import TextSourceError
 from qexport.exporter import machine_text
-from qexport.exporter.machine_text import DOMAINS, PURPOSES
+from qexport.exporter.machine_text import DOMAINS, PURPOSES, pydoc_text  # noqa: F401 (pydoc_text: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,6 @@ def parse_source(spec: str | None) -> TextSource:
     if spec.startswith((".", "/", "~")) or spec.endswith((".txt", ".md")):
         raise TextSourceError(f"text file not found: {spec}")
     return TextSource("dataset", spec)
-
-
-def pydoc_text(purpose: str) -> str:
-    """One of two disjoint halves of the Python documentation topics, chosen by a stable hash of the topic name."""
-    return machine_text.pydoc_text(purpose)
 
 
 def _chunks(text: str, size: int) -> list[str]:
