@@ -8,6 +8,9 @@ so only the graph structure is serialized. The model is left exactly as it was.
 
 from __future__ import annotations
 
+import functools
+import platform
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -15,6 +18,7 @@ import onnx_ir as ir
 
 IN_MEMORY = "qexport-in-memory"  # the external-data location of the stubs; ONNX Runtime never opens it
 MIN_ELEMENTS = 1024  # smaller initializers are serialized inline
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # /proc/cpuinfo names of u8 x s8 dot products
 _NUMPY_NATIVE = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8, ir.DataType.UINT8,
                  ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64, ir.DataType.BOOL}
 
@@ -62,12 +66,33 @@ def session_from_bytes(data: bytes, threads: int | None = None, names: Sequence[
     return session
 
 
+@functools.cache
+def u8s8_saturates() -> bool:
+    """Whether this CPU is x86-64 without a u8 x s8 dot-product instruction (AVX-512 VNNI, AVX-VNNI, AMX), where
+    ONNX Runtime's U8S8 integer kernel sums pairs of products in saturating 16-bit lanes. False where unknown."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), None)
+    return flags is not None and not VNNI_FLAGS & set(flags)
+
+
 def session_options(threads: int | None = None, inter_op_threads: int | None = None):
-    """The options of every qexport session: default graph optimizations, warnings off, ``threads`` intra-op."""
+    """The options of every qexport session: default graph optimizations, warnings off, ``threads`` intra-op.
+
+    Where the U8S8 kernel saturates (:func:`u8s8_saturates`), ONNX Runtime's own fusion of 8-bit QDQ nodes into
+    integer kernels is turned off, so a QDQ graph (``w8a8-static``) runs as written, in float, rather than on a
+    kernel that clips large products; qexport's own lowering (``ort-int8``) picks exact kernels itself.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if u8s8_saturates():
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     if threads:
         options.intra_op_num_threads = threads
         if inter_op_threads:

@@ -13,6 +13,7 @@ from qexport.passes.discovery import sites
 from qexport.passes._ir import const_f64, set_const_input
 from qexport.passes.quantize.insert_qdq import QuantizePass
 from qexport.passes.ort.int8 import LowerOrtPass
+from qexport.runtimes.ort_session import session_options
 
 # FP32 equivalence of lossless passes: float64 folding, then one float32 rounding per weight
 RTOL, ATOL = 1e-4, 1e-5
@@ -24,9 +25,10 @@ def load(folder: Path) -> ir.Model:
 
 def run(model: ir.Model, feeds: dict[str, np.ndarray], optimize: bool = True) -> dict[str, np.ndarray]:
     """All outputs of ``model`` in ONNX Runtime CPU. ``optimize=False`` runs a QDQ graph as written: ORT's default
-    fuses an INT4 DequantizeLinear -> MatMul into MatMulNBits, which also rounds the activation to int8 per block."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    fuses an INT4 DequantizeLinear -> MatMul into MatMulNBits, which also rounds the activation to int8 per block.
+    The options are qexport's own (``session_options``: no 8-bit QDQ fusion on a CPU where the U8S8 kernel
+    saturates)."""
+    options = session_options()
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])

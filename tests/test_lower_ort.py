@@ -14,6 +14,7 @@ from qexport.passes.quantize.insert_qdq import QuantizePass
 from qexport.passes._ir import const_array
 from qexport.passes.metadata import Meta
 from qexport.passes.ort.int8 import LowerOrtPass, match_quant_linear
+from qexport.runtimes.ort_session import u8s8_saturates
 
 # Lowered vs QDQ logits, relative to max |logit|: float accumulation order and rare rounding ties only.
 # The quantization error itself is ~2e-2 here, so a different quantizer (e.g. per-tensor
@@ -50,17 +51,48 @@ def test_lowered_equals_qdq_within_rounding(tiny_export, family, activations):
     assert not any(n.metadata_props.get(Meta.QUANT) == "weight" for n in model.graph)
 
 
-def test_lowered_graph_uses_uint8_activations_and_int8_weights(tiny_export):
+def test_lowered_graph_uses_uint8_activations_and_uint8_weights_by_default(tiny_export):
+    """The default kernel: uint8 B = int8 weight + 128 with B zero point 128 (MLAS's U8U8, exact on every CPU)."""
     model = _quantized(tiny_export, "llama", "per_token")
+    codes = {m.matmul.name: const_array(m.weight_int8) for node in model.graph if (m := match_quant_linear(node))}
     LowerOrtPass()(model)
+    seen = 0
     for node in model.graph:
         if node.op_type == "MatMulIntegerToFloat":
             assert node.domain == "com.microsoft" and Meta.LOWERED in node.metadata_props
-            a, b, zero_point = node.inputs[0], node.inputs[1], node.inputs[4]
-            assert a.dtype.name == "UINT8" and b.const_value.numpy().dtype == np.int8
-            assert int(zero_point.const_value.numpy()) == 128
+            a, b, zero_point, b_zero_point = node.inputs[0], node.inputs[1], node.inputs[4], node.inputs[5]
+            assert a.dtype.name == "UINT8" and b.const_value.numpy().dtype == np.uint8
+            assert int(zero_point.const_value.numpy()) == 128 and int(b_zero_point.const_value.numpy()) == 128
+            original = codes[node.name.removesuffix(".int")]
+            assert np.array_equal(b.const_value.numpy().astype(np.int16) - 128, original)  # the same integers
             assert node.inputs[2].producer().metadata_props.get(Meta.QUANT) == "per_token"  # s_t scales the output rows
+            seen += 1
+    assert seen == len(codes) > 0
     assert model.graph.opset_imports.get("com.microsoft") == 1
+
+
+def test_int8_kernel_keeps_int8_weights_without_a_zero_point(tiny_export):
+    model = _quantized(tiny_export, "llama", "per_token")
+    LowerOrtPass(weights="int8")(model)
+    lowered = [n for n in model.graph if n.op_type == "MatMulIntegerToFloat"]
+    assert lowered and all(n.inputs[1].const_value.numpy().dtype == np.int8 for n in lowered)
+    assert all(len(n.inputs) < 6 or n.inputs[5] is None for n in lowered)
+
+
+def test_int8_kernel_equals_qdq_where_the_cpu_has_vnni(tiny_export):
+    if u8s8_saturates():
+        pytest.skip("this CPU has no VNNI: ONNX Runtime's U8S8 kernel saturates here (the reason uint8 is the default)")
+    model = _quantized(tiny_export, "qwen2", "per_token")
+    feeds = make_feeds(model)
+    qdq = run(model, feeds)["logits"]
+    LowerOrtPass(weights="int8")(model)
+    diff = np.abs(run(model, feeds)["logits"] - qdq).max() / np.abs(qdq).max()
+    assert diff < LOWERED_RTOL
+
+
+def test_unknown_kernel_weights_are_an_error():
+    with pytest.raises(ValueError):
+        LowerOrtPass(weights="int4")
 
 
 def test_second_run_and_float_graph_change_nothing(tiny_export):

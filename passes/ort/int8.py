@@ -1,8 +1,9 @@
-"""Lower W8A8 QDQ linears to ONNX Runtime's CPU integer kernels (uint8 activations x int8 weights)."""
+"""Lower W8A8 QDQ linears to ONNX Runtime's CPU integer kernels (uint8 activations; uint8 or int8 weights)."""
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 from typing import ClassVar
 
@@ -16,6 +17,13 @@ from qexport.passes.quantize.insert_qdq import ActQuant
 log = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
+
+
+class KernelWeights(str, enum.Enum):
+    """The integer type of the lowered weights, which picks ONNX Runtime's CPU kernel (MLAS) for the product."""
+
+    UINT8 = "uint8"  # w + 128 with B zero point 128: the U8U8 kernel, exact on every CPU
+    INT8 = "int8"  # the U8S8 kernel: the fast path with AVX-512 VNNI, AVX-VNNI or AMX; without them it saturates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +85,14 @@ def match_quant_linear(node: ir.Node) -> QuantLinear | None:
 
 @dataclasses.dataclass(frozen=True)
 class LowerOrtPass(ir.passes.InPlacePass):
-    """Rewrite QDQ linears into ``com.microsoft.MatMulIntegerToFloat`` (u8 x s8, the VNNI fast path on CPU).
+    """Rewrite QDQ linears into ``com.microsoft.MatMulIntegerToFloat`` (uint8 activations).
+
+    ``weights`` picks the kernel. ``uint8`` (the default) stores w + 128 with a B zero point of 128, the same
+    integers, for MLAS's U8U8 kernel, which widens to 16 bits and is exact on every CPU. ``int8`` keeps the int8
+    weights for the U8S8 kernel: the fast path on CPUs with AVX-512 VNNI, AVX-VNNI or AMX; on x86 CPUs with AVX2
+    only, that kernel sums pairs of u8 x s8 products in saturating 16-bit lanes (``vpmaddubsw``), so large
+    activations times large weights clip and the model loses accuracy (docs/measurements.md). Use ``int8`` only
+    for a deployment CPU known to have VNNI.
 
     Rewrite cases (the QDQ graph's integers, up to rounding ties and float accumulation order):
 
@@ -96,7 +111,11 @@ class LowerOrtPass(ir.passes.InPlacePass):
     is reported unmodified.
     """
 
+    weights: KernelWeights = KernelWeights.UINT8
     lossless: ClassVar[bool] = False  # equal to the QDQ graph only up to rounding ties, not to FP32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weights", KernelWeights(self.weights))
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -109,7 +128,7 @@ class LowerOrtPass(ir.passes.InPlacePass):
         for match in matches:
             if match.act_q not in lowered_q:
                 lowered_q[match.act_q] = _uint8_activation(graph, match, zero_point, blocked_zero_points)
-            _lower_matmul(graph, match, lowered_q[match.act_q], zero_point)
+            _lower_matmul(graph, match, lowered_q[match.act_q], zero_point, self.weights)
         for match in matches:  # the QDQ nodes are unused now
             for node in (match.weight_dq, match.act_dq, match.act_q):
                 if node.graph is graph and not any(o.uses() for o in node.outputs):
@@ -118,7 +137,8 @@ class LowerOrtPass(ir.passes.InPlacePass):
                     for value in inputs:
                         if value is not None:
                             drop_if_unused(graph, value)
-        log.info("lowered %d linears onto MatMulIntegerToFloat (%d quantized activations)", len(matches), len(lowered_q))
+        log.info("lowered %d linears onto MatMulIntegerToFloat (%d quantized activations, %s weights)", len(matches),
+                 len(lowered_q), self.weights.value)
         return ir.passes.PassResult(model, True)
 
 
@@ -166,18 +186,27 @@ def _blocked_zero_points(x: ir.Value, scale: ir.Value, base: str, nodes: list[ir
     return zeros.outputs[0]
 
 
-def _lower_matmul(graph: ir.Graph, match: QuantLinear, q_u8: ir.Value, zero_point: ir.Value) -> None:
+def _lower_matmul(graph: ir.Graph, match: QuantLinear, q_u8: ir.Value, zero_point: ir.Value,
+                  weights: KernelWeights) -> None:
     """Replace the MatMul (Gemm) by MatMulIntegerToFloat (then the bias Add for per-token scales)."""
     out = match.output
     per_token = match.mode is ActQuant.PER_TOKEN
     a_scale = match.act_q.inputs[1]  # per-token [..., 1] or per-tensor scalar
     base = match.matmul.name or out.name
     weight = match.weight_int8
-    if match.transposed:  # MatMulIntegerToFloat reads B as [in, out]
-        weight = new_initializer(graph, f"{weight.name}.in_out", np.ascontiguousarray(const_array(weight).T))
+    if match.transposed or weights is KernelWeights.UINT8:  # MatMulIntegerToFloat reads B as [in, out]
+        codes = const_array(weight).T if match.transposed else const_array(weight)
+        if weights is KernelWeights.UINT8:  # the same integers, offset by the zero point 128
+            codes, suffix = (codes.astype(np.int16) + 128).astype(np.uint8), "u8"
+        else:
+            suffix = "in_out"
+        weight = new_initializer(graph, f"{weight.name}.{suffix}", np.ascontiguousarray(codes))
     inputs = [q_u8, weight, a_scale, match.weight_scale, zero_point]
+    weight_zero_point = zero_point if weights is KernelWeights.UINT8 else None
+    if weight_zero_point is not None or (match.bias is not None and not per_token):
+        inputs.append(weight_zero_point)
     if match.bias is not None and not per_token:
-        inputs += [None, match.bias]  # fused bias, added after the scales
+        inputs.append(match.bias)  # fused bias, added after the scales
     nodes = [_mark(ir.node("MatMulIntegerToFloat", inputs, domain=MS_DOMAIN, version=1, name=f"{base}.int"))]
     if per_token and match.bias is not None:  # the kernel scales its bias input by a non-scalar a_scale too
         nodes.append(_mark(ir.node("Add", [nodes[-1].outputs[0], match.bias], name=f"{base}.bias")))

@@ -18,18 +18,23 @@ log = logging.getLogger(__name__)
 
 
 def _key(node: ir.Node) -> tuple | None:
-    """What the linears that may merge share (A, its scale, its zero point), or None if ``node`` cannot merge:
-    a lowered MatMulIntegerToFloat with a constant 2-D int8 B, 1-D per-column B scales, no B zero point."""
+    """What the linears that may merge share (A, its scale, its zero point, B's zero point), or None if ``node``
+    cannot merge: a lowered MatMulIntegerToFloat with a constant 2-D int8 B and no B zero point, or uint8 B with a
+    scalar B zero point (:class:`~qexport.passes.ort.int8.KernelWeights`), and 1-D per-column B scales."""
     if node.domain != MS_DOMAIN or node.op_type != "MatMulIntegerToFloat" or Meta.LOWERED not in node.metadata_props:
         return None
     inputs = list(node.inputs) + [None] * (7 - len(node.inputs))
     a, b, a_scale, b_scale, a_zp, b_zp, bias = inputs
     weight, scale = const_array(b), const_array(b_scale)
-    if weight is None or weight.dtype != np.int8 or weight.ndim != 2 or scale is None or scale.shape != weight.shape[1:]:
+    if weight is None or weight.dtype not in (np.int8, np.uint8) or weight.ndim != 2 or scale is None \
+            or scale.shape != weight.shape[1:]:
         return None
-    if b_zp is not None or (bias is not None and (const_array(bias) is None or const_array(bias).ndim != 1)):
+    zp = const_array(b_zp) if b_zp is not None else None
+    if (weight.dtype == np.int8) != (b_zp is None) or (zp is not None and (zp.ndim != 0 or zp.dtype != np.uint8)):
         return None
-    return (a, a_scale, a_zp, weight.shape[0], bias is not None)
+    if bias is not None and (const_array(bias) is None or const_array(bias).ndim != 1):
+        return None
+    return (a, a_scale, a_zp, b_zp, weight.shape[0], bias is not None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +42,11 @@ class MergeInt8LinearsPass(ir.passes.InPlacePass):
     """Replace the ``MatMulIntegerToFloat`` nodes that share their uint8 activation by one node and a Split.
 
     Rewrite, for each group of >= 2 lowered linears (from :class:`~qexport.passes.ort.int8.LowerOrtPass`)
-    with the same A, A scale and A zero point, constant int8 weights B_i [K, N_i] and per-column scales s_i:
+    with the same A, A scale and A zero point, constant weights B_i [K, N_i] (int8, or uint8 with one shared
+    scalar B zero point) and per-column scales s_i:
 
     1. B = concat_i B_i along N, s = concat_i s_i (and the fused biases, when every member has one);
-    2. ``MatMulIntegerToFloat(A, B, a_scale, s, a_zp[, None, bias])`` then ``Split(axis=-1, [N_1, ...])``,
+    2. ``MatMulIntegerToFloat(A, B, a_scale, s, a_zp[, b_zp, bias])`` then ``Split(axis=-1, [N_1, ...])``,
        each piece taking the place (and the consumers, graph output names included) of one old node.
 
     Exact: each output column is the same integer dot product scaled by the same two factors, so the merged
@@ -90,8 +96,12 @@ def _merge(graph: ir.Graph, nodes: list[ir.Node]) -> None:
     weight = new_initializer(graph, f"{base}.w", np.concatenate([const_array(n.inputs[1]) for n in nodes], axis=1))
     scale = new_initializer(graph, f"{base}.w_scale", np.concatenate([const_array(n.inputs[3]) for n in nodes]))
     inputs = [first.inputs[0], weight, first.inputs[2], scale, first.inputs[4]]
-    if len(first.inputs) > 6 and first.inputs[6] is not None:
-        inputs += [None, new_initializer(graph, f"{base}.bias", np.concatenate([const_array(n.inputs[6]) for n in nodes]))]
+    b_zp = first.inputs[5] if len(first.inputs) > 5 else None  # shared: part of the merge key
+    has_bias = len(first.inputs) > 6 and first.inputs[6] is not None
+    if b_zp is not None or has_bias:
+        inputs.append(b_zp)
+    if has_bias:
+        inputs.append(new_initializer(graph, f"{base}.bias", np.concatenate([const_array(n.inputs[6]) for n in nodes])))
     matmul = ir.node("MatMulIntegerToFloat", inputs, domain=MS_DOMAIN, version=1, name=base)
     matmul.metadata_props[Meta.LOWERED] = "1"
     matmul.metadata_props[Meta.MERGED_LINEARS] = ",".join(n.name or "" for n in nodes)
