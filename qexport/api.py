@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from qexport.artifact.folder import MODEL_FILE
 from qexport.artifact.genai_config import write_genai_config
-from qexport.exporter.graph_export import ExportSettings, export_graph
+from qexport.exporter.graph_export import ExportSettings, export_graph, export_path_of
 from qexport.exporter.loading import load_model, resolve_source
 from qexport.artifact.outdir import atomic_output_dir, checksums, write_manifest
 from qexport.recipes.adapt import adapt_recipe, is_preset_name
@@ -117,8 +117,10 @@ def export(
             if is_preset_name(recipe):  # a preset is an intent, fitted to this graph; a recipe file runs as written
                 loaded_recipe, adaptations = adapt_recipe(loaded_recipe, ir_model)
             check_recipe_applies(ir_model, loaded_recipe)  # seconds; before the calibration text and statistics
-            text = parse_source(calib)
             shape = calibration_shape(loaded_recipe, calib_windows, calib_seq_len)
+            shape["from"]["text"] = ("argument" if calib is not None else
+                                     "recipe" if loaded_recipe.calibration.text is not None else "default")
+            text = parse_source(calib if calib is not None else loaded_recipe.calibration.text)
             windows = token_windows(tokenizer, load_text(text, "calibration"), shape["seq_len"], shape["windows"],
                                     text.describe())
             calibration = {"source": text.to_json(), "windows": len(windows), "seq_len": shape["seq_len"],
@@ -149,6 +151,8 @@ def export(
                 "total_seconds": round(time.perf_counter() - start, 2),
                 "peak_memory_mib": round(peak_memory_mib(), 1),
                 "nodes": len(ir_model.graph),
+                "path": getattr(export_path_of(ir_model), "path", None),  # "layerwise" or "whole-model"
+                "path_reason": getattr(export_path_of(ir_model), "reason", None),
             },
             "recipe": recipe_report,
             "recipe_adaptations": None if adaptations is None else [a.to_json() for a in adaptations],

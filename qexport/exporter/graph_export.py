@@ -12,12 +12,27 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 import torch
 
+from qexport.exporter import layerwise
 from qexport.exporter.families import Family
 from qexport.runtimes.signature import GraphSignature
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+EXPORT_PATH_KEY = "qexport.export_path"  # in ir.Model.meta (in memory, not saved): the ExportPath taken
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportPath:
+    """How the graph was traced: ``"layerwise"`` (a shallow trace, layers stamped) or ``"whole-model"``, and why."""
+
+    path: str
+    reason: str
+
+
+def export_path_of(model: ir.Model) -> ExportPath | None:
+    """The path ``export_graph`` took for ``model``; ``None`` for a model it did not produce in this process."""
+    return model.meta.get(EXPORT_PATH_KEY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +42,11 @@ class ExportSettings:
     dtype: str = "fp32"
     kv_cache: bool = True
     opset: int = 21
+    layerwise: bool = True  # trace a few layers and stamp the rest where the model allows; False: trace it whole
 
     def __post_init__(self) -> None:
+        if not isinstance(self.layerwise, bool):
+            raise ValueError(f"layerwise must be True or False, got {self.layerwise!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.opset < 21:
@@ -111,12 +129,41 @@ def _dynamic_shapes(signature: GraphSignature):
 
 
 def export_graph(model: torch.nn.Module, family: Family, settings: ExportSettings) -> tuple[ir.Model, GraphSignature]:
-    """Export ``model`` (float32, eval mode) to an ONNX IR model with the Optimum-style signature."""
+    """Export ``model`` (float32, eval mode) to an ONNX IR model with the Optimum-style signature.
+
+    Layer-wise where the model allows (see :mod:`qexport.exporter.layerwise`), else the whole model is traced;
+    ``export_path_of(model)`` tells which and why.
+    """
     dtype = DTYPES[settings.dtype]
     model = model.to(dtype)
     signature = probe_signature(model, family, settings)
-    wrapper = CausalLMWithCache(model, signature).eval()
     log.info("exporting %d layers (kv cache: %s, %s)", signature.num_layers, settings.kv_cache, settings.dtype)
+    ir_model, path = None, ExportPath("whole-model", "layerwise disabled in the export settings")
+    plan = layerwise.plan_layers(model, family, signature.num_layers) if settings.layerwise else None
+    if isinstance(plan, str):
+        path = ExportPath("whole-model", plan)
+    elif plan is not None:
+        try:
+            ir_model = layerwise.trace_layerwise(model, plan, lambda: _trace(model, signature, settings))
+            path = ExportPath("layerwise", f"traced layers {list(plan.shallow)} of {signature.num_layers}, "
+                                           f"stamped the rest")
+        except Exception as error:  # noqa: BLE001  (any failure of the shortcut: trace the whole model instead)
+            log.warning("layer-wise export failed, tracing the whole model: %s: %s", type(error).__name__, error)
+            ir_model, path = None, ExportPath("whole-model", f"layer-wise export failed: {type(error).__name__}: {error}")
+    if ir_model is None:
+        ir_model = _trace(model, signature, settings)
+    log.info("export path: %s (%s)", path.path, path.reason)
+    cleanup(ir_model)
+    ir_model.producer_name = "qexport"
+    ir_model.producer_version = _version()
+    ir_model.meta[EXPORT_PATH_KEY] = path
+    return ir_model, signature
+
+
+def _trace(model: torch.nn.Module, signature: GraphSignature, settings: ExportSettings) -> ir.Model:
+    """The raw dynamo trace of ``model`` behind the flat-tensor wrapper, before ``cleanup``."""
+    dtype = DTYPES[settings.dtype]
+    wrapper = CausalLMWithCache(model, signature).eval()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), _quiet_exporter():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -130,11 +177,7 @@ def export_graph(model: torch.nn.Module, family: Family, settings: ExportSetting
             optimize=False,
             verbose=False,
         )
-    ir_model = program.model
-    cleanup(ir_model)
-    ir_model.producer_name = "qexport"
-    ir_model.producer_version = _version()
-    return ir_model, signature
+    return program.model
 
 
 @contextlib.contextmanager

@@ -1,0 +1,443 @@
+"""Layer-wise export: trace a shallow copy of the model, then stamp one template layer per real layer.
+
+The shallow model keeps the real modules and the full graph signature (every ``past_key_values.i``), but its
+layer list holds only layer 0 and, for each layer kind (``config.layer_types``; one kind where absent), two
+more layers of that kind, one after the other. Stamping works on the raw exporter graph, before ``cleanup``
+(so no computation is yet shared between layers by CSE):
+
+* the graph is cut by ``pkg.torch.onnx.name_scopes`` into a prefix, layer sections 0..S-1 and a suffix;
+* layer 0 stays; every real layer 1..N-1 is a copy of its kind's second shallow layer, wired to the previous
+  layer's residual output, its own past inputs and its own weights (``model.<layers>.<i>.<name>``);
+* node and value names of the copies and the suffix are shifted by the per-layer step of each exporter
+  counter (``val_N``, ``node_Op_N``, FX names such as ``mul_741``), measured between the two layers of a kind,
+  so that ``cleanup`` names folded and lifted initializers as the whole-model export does.
+
+Anything off that pattern raises :class:`LayerwiseError`; the caller then traces the whole model.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import contextlib
+import dataclasses
+import logging
+import re
+from typing import Callable, Iterator
+
+import onnx_ir as ir
+import torch
+from onnx_ir.tensor_adapters import TorchTensor
+
+from qexport.exporter.families import Family
+
+log = logging.getLogger(__name__)
+
+SCOPES = "pkg.torch.onnx.name_scopes"
+# Where each family keeps its decoder layers, as attribute names under the causal LM.
+LAYER_PATHS: dict[str, tuple[str, ...]] = {
+    "llama": ("model", "layers"),
+    "qwen2": ("model", "layers"),
+    "gemma3": ("model", "layers"),
+    "opt": ("model", "decoder", "layers"),
+}
+_PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
+_PRESENT = re.compile(r"present\.(\d+)\.(key|value)")
+
+
+class LayerwiseError(RuntimeError):
+    """The shallow trace does not have the shape the stamping relies on; the whole model is traced instead."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """Which real layers the shallow model holds (``shallow``, in its order) and the kind of every real layer."""
+
+    path: tuple[str, ...]
+    kinds: tuple[str, ...]
+    shallow: tuple[int, ...]
+
+    @property
+    def scope(self) -> str:
+        """The exporter's name scope of the layer list (the wrapper adds ``model.``)."""
+        return ".".join(("model",) + self.path)
+
+    @property
+    def shallow_kinds(self) -> tuple[str, ...]:
+        return tuple(self.kinds[i] for i in self.shallow)
+
+    def template(self, kind: str) -> int:
+        """The shallow position of the second layer of ``kind`` after layer 0 (the one copied)."""
+        return [pos for pos, k in enumerate(self.shallow_kinds) if k == kind and pos > 0][1]
+
+    def probes(self) -> dict[str, "LayerPlan"]:
+        """For each kind with layers left out, the shallow plan plus one more layer of it at the end: traced
+        too, it shows how every name of the trace moves per extra layer of that kind."""
+        extra = {}
+        for i, kind in enumerate(self.kinds):
+            if i not in self.shallow and kind not in extra:
+                extra[kind] = dataclasses.replace(self, shallow=self.shallow + (i,))
+        return extra
+
+
+def _layer_list(model: torch.nn.Module, path: tuple[str, ...]) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    owner = model
+    for name in path[:-1]:
+        owner = getattr(owner, name, None)
+        if owner is None:
+            return model, None
+    return owner, getattr(owner, path[-1], None)
+
+
+def plan_layers(model: torch.nn.Module, family: Family, num_layers: int) -> LayerPlan | str:
+    """The shallow model's layers, or a sentence saying why this model is left to the whole-model trace."""
+    path = LAYER_PATHS.get(family.name)
+    if path is None:
+        return f"no layer-wise plan for family {family.name!r}"
+    _, layers = _layer_list(model, path)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) != num_layers:
+        return f"{'.'.join(path)} is not a list of {num_layers} layers"
+    types = getattr(model.config, "layer_types", None)
+    kinds = tuple(types) if types else ("layer",) * num_layers
+    if len(kinds) != num_layers:
+        return f"config.layer_types has {len(kinds)} entries for {num_layers} layers"
+    by_kind: dict[str, list[int]] = collections.defaultdict(list)
+    for i in range(1, num_layers):
+        by_kind[kinds[i]].append(i)
+    shallow = [0]
+    for kind, indices in by_kind.items():
+        if len(indices) < 2:
+            return f"fewer than two {kind!r} layers after layer 0 (a template's step cannot be measured)"
+        shallow += indices[:2]
+    classes = {(kinds[i], type(layers[i])) for i in range(1, num_layers)}
+    if len(classes) != len(by_kind):
+        return "layers of one kind are of different classes"
+    return LayerPlan(path, kinds, tuple(shallow))
+
+
+@contextlib.contextmanager
+def shallow_model(model: torch.nn.Module, plan: LayerPlan) -> Iterator[None]:
+    """Swap the model's layer list for the plan's shallow one (config and ``layer_idx`` to match); restore it after."""
+    owner, layers = _layer_list(model, plan.path)
+    picked = [layers[i] for i in plan.shallow]
+    configs = {id(c): c for c in (model.config, getattr(owner, "config", None)) if c is not None}.values()
+    saved_config = [(c, c.num_hidden_layers, getattr(c, "layer_types", None)) for c in configs]
+    saved_idx = [(m, m.layer_idx) for layer in picked for m in layer.modules() if hasattr(m, "layer_idx")]
+    try:
+        setattr(owner, plan.path[-1], torch.nn.ModuleList(picked))
+        for config, _, types in saved_config:
+            config.num_hidden_layers = len(picked)
+            if types is not None:
+                config.layer_types = list(plan.shallow_kinds)
+        for pos, layer in enumerate(picked):
+            for module in layer.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = pos
+        yield
+    finally:
+        setattr(owner, plan.path[-1], layers)
+        for config, num, types in saved_config:
+            config.num_hidden_layers = num
+            if types is not None:
+                config.layer_types = types
+        for module, idx in saved_idx:
+            module.layer_idx = idx
+
+
+@dataclasses.dataclass(frozen=True)
+class _Name:
+    """A generated name: ``counter`` is "#val" or "#node" for the exporter's ``val_N`` and ``node_Op_N`` counters,
+    else ``fx:<base>`` for an FX node name (``base``, ``base_1``, ...); ``form`` rebuilds it from a number."""
+
+    counter: str
+    number: int
+    form: str
+
+    def with_number(self, number: int) -> str:
+        if self.counter.startswith("#"):
+            return f"{self.form}_{number}"
+        return self.form if number == 0 else f"{self.form}_{number}"
+
+
+def _parse(name: str | None) -> _Name | None:
+    if not name:
+        return None
+    if m := re.fullmatch(r"(val|node_[A-Z][A-Za-z0-9]*)_(\d+)", name):
+        return _Name("#val" if m.group(1) == "val" else "#node", int(m.group(2)), m.group(1))
+    prefix, rest = ("node_", name[5:]) if name.startswith("node_") else ("", name)
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", rest):
+        return None
+    m = re.fullmatch(r"(.+)_(\d+)", rest)
+    base, number = (m.group(1), int(m.group(2))) if m else (rest, 0)
+    return _Name(f"fx:{base}", number, prefix + base)
+
+
+def _shift(name: str | None, offsets: dict[str, int]) -> str | None:
+    parsed = _parse(name)
+    if parsed is None or not offsets.get(parsed.counter):
+        return name
+    return parsed.with_number(parsed.number + offsets[parsed.counter])
+
+
+def _steps(first: list[ir.Node], second: list[ir.Node]) -> dict[str, int]:
+    """How far each name counter moves from one layer to the next layer of the same kind."""
+    if [n.op_type for n in first] != [n.op_type for n in second]:
+        raise LayerwiseError("two layers of one kind trace to different nodes")
+    steps: dict[str, int] = {}
+    for a, b in zip(first, second):
+        pairs = [(a.name, b.name)] + [(x.name, y.name) for x, y in zip(a.outputs, b.outputs)]
+        for x, y in pairs:
+            px, py = _parse(x), _parse(y)
+            if px is None and py is None:
+                continue
+            if px is None or py is None or (px.counter, px.form) != (py.counter, py.form):
+                raise LayerwiseError(f"names {x!r} and {y!r} of two layers of one kind do not correspond")
+            if steps.setdefault(px.counter, py.number - px.number) != py.number - px.number:
+                raise LayerwiseError(f"name counter {px.counter!r} does not move by a fixed step per layer")
+    return steps
+
+
+def _offsets(steps: dict[str, dict[str, int]], real: tuple[str, ...], shallow: tuple[str, ...]) -> dict[str, int]:
+    """Counter shifts from a position after the ``shallow`` layers to one after the ``real`` layers."""
+    total: collections.Counter[str] = collections.Counter()
+    for kind in real:
+        total.update(steps[kind])
+    for kind in shallow:
+        total.subtract(steps[kind])
+    return dict(total)
+
+
+def _sections(graph: ir.Graph, plan: LayerPlan) -> tuple[list[ir.Node], list[list[ir.Node]], list[ir.Node]]:
+    """The nodes before the layers, each layer's nodes and the nodes after, read off the name scopes."""
+    pattern = re.compile(re.escape(plan.scope) + r"\.(\d+)")
+    pre: list[ir.Node] = []
+    layers: list[list[ir.Node]] = []
+    post: list[ir.Node] = []
+    for node in graph:
+        layer = None
+        for scope in ast.literal_eval(node.metadata_props.get(SCOPES, "[]")):
+            if m := pattern.fullmatch(scope):
+                layer = int(m.group(1))
+                break
+        if layer is None:
+            (post if layers else pre).append(node)
+        elif post or layer not in (len(layers) - 1, len(layers)):
+            raise LayerwiseError(f"the nodes of layer {layer} are not one run in graph order")
+        else:
+            if layer == len(layers):
+                layers.append([])
+            layers[layer].append(node)
+    if len(layers) != len(plan.shallow):
+        raise LayerwiseError(f"the shallow trace has {len(layers)} layer sections, not {len(plan.shallow)}")
+    return pre, layers, post
+
+
+def _one(values: list[ir.Value], what: str) -> ir.Value:
+    unique = list(dict.fromkeys(values))
+    if len(unique) != 1:
+        raise LayerwiseError(f"{what}: {len(unique)} values where one residual stream was expected")
+    return unique[0]
+
+
+def _external(nodes: list[ir.Node]) -> list[ir.Value]:
+    inside = {o for n in nodes for o in n.outputs}
+    return list(dict.fromkeys(v for n in nodes for v in n.inputs if v is not None and v not in inside))
+
+
+def _past_key(node: ir.Node) -> tuple | None:
+    """A node of the prefix reading one layer's past input, keyed without the layer index."""
+    layers = {m.group(1) for v in node.inputs if v is not None and v.is_graph_input()
+              and (m := _PAST.fullmatch(v.name or ""))}
+    if len(layers) != 1:
+        return None
+    names = tuple(_PAST.sub(r"past_key_values.*.\2", v.name or "") if v is not None else None for v in node.inputs)
+    attrs = tuple(sorted((k, repr(a.value)) for k, a in node.attributes.items()))
+    return (node.domain, node.op_type, names, attrs)
+
+
+def trace_layerwise(torch_model: torch.nn.Module, plan: LayerPlan, trace: Callable[[], ir.Model]) -> ir.Model:
+    """The raw graph of the full model from shallow traces (``trace`` exports the model as it is at the call)."""
+    with shallow_model(torch_model, plan):
+        onnx_model = trace()
+    probes = {}
+    for kind, probe in plan.probes().items():
+        with shallow_model(torch_model, probe):
+            probes[kind] = (probe, trace().graph)
+    stamp_layers(onnx_model, torch_model, plan, probes)
+    return onnx_model
+
+
+def _name_moves(graph: ir.Graph, plan: LayerPlan, probe_graph: ir.Graph, probe: LayerPlan) -> dict[str, int]:
+    """How far each generated name of the shallow trace moves in the probe trace (one more layer)."""
+    pre, layers, post = _sections(graph, plan)
+    ppre, players, ppost = _sections(probe_graph, probe)
+    moves: dict[str, int] = {}
+    for mine, theirs in zip([pre, *layers, post], [ppre, *players[:-1], ppost]):
+        if [n.op_type for n in mine] != [n.op_type for n in theirs]:
+            raise LayerwiseError("one more layer changes the trace outside the layers")
+        for a, b in zip(mine, theirs):
+            for x, y in [(a.name, b.name)] + [(u.name, v.name) for u, v in zip(a.outputs, b.outputs)]:
+                px, py = _parse(x), _parse(y)
+                if px is not None and py is not None and (px.counter, px.form) == (py.counter, py.form):
+                    moves[x] = py.number - px.number
+    return moves
+
+
+def stamp_layers(onnx_model: ir.Model, torch_model: torch.nn.Module, plan: LayerPlan,
+                 probes: dict[str, tuple[LayerPlan, ir.Graph]]) -> None:
+    """Turn the raw trace of the shallow model into the graph of the full model, in place (before ``cleanup``).
+
+    ``probes`` holds, per kind with layers left out, the trace with one more layer of that kind."""
+    graph = onnx_model.graph
+    pre, layers, post = _sections(graph, plan)
+    count, shallow_kinds = len(plan.kinds), plan.shallow_kinds
+    missing = collections.Counter(plan.kinds)
+    missing.subtract(shallow_kinds)
+    moves = {kind: _name_moves(graph, plan, probe_graph, probe) for kind, (probe, probe_graph) in probes.items()}
+
+    def moved(name: str | None) -> str | None:  # where a name of the shallow trace lands in the full trace
+        parsed = _parse(name)
+        extra = sum(moves[k].get(name, 0) * n for k, n in missing.items() if n and k in moves)
+        return name if parsed is None or not extra else parsed.with_number(parsed.number + extra)
+
+    section = {o: j for j, nodes in enumerate(layers) for n in nodes for o in n.outputs}
+    section.update({o: "pre" for n in pre for o in n.outputs})
+    templates = {kind: plan.template(kind) for kind in set(shallow_kinds[1:])}
+    steps = {kind: _steps(layers[q - 1], layers[q]) for kind, q in templates.items()}
+    later = {v for nodes in layers[2:] for v in _external(nodes)}
+    residual = _one([v for v in _external(layers[1]) if section.get(v) == 0 and v not in later], "layer 0 output")
+    last = _one([v for v in _external(post) if section.get(v) not in (None, "pre", 0)], "input of the final norm")
+    if section[last] != len(layers) - 1:
+        raise LayerwiseError("the nodes after the layers read a layer other than the last")
+    by_past: dict[tuple, dict[int, ir.Node]] = collections.defaultdict(dict)
+    for node in pre:
+        if (key := _past_key(node)) is not None:
+            index = next(int(m.group(1)) for v in node.inputs if v is not None and (m := _PAST.fullmatch(v.name or "")))
+            by_past[key][index] = node
+    _, real_layers = _layer_list(torch_model, plan.path)
+    stamper = _Stamper(graph, plan, section, by_past)
+    stamped: list[ir.Node] = []
+    presents: dict[str, ir.Value] = {o.name: o for o in graph.outputs if _PRESENT.fullmatch(o.name or "")}
+    for i in range(1, count):
+        kind = plan.kinds[i]
+        q = templates[kind]
+        offsets = _offsets(steps, plan.kinds[1:i], shallow_kinds[1:q])
+        tensors = dict(real_layers[i].named_parameters()) | dict(real_layers[i].named_buffers())
+        nodes, residual, layer_presents = stamper.stamp(layers[q], q, i, residual, offsets, tensors, moved)
+        stamped += nodes
+        presents.update(layer_presents)
+    for node in post:
+        for index, value in enumerate(node.inputs):
+            if value is last:
+                node.replace_input_with(index, residual)
+    outputs = [o for o in graph.outputs if not _PRESENT.fullmatch(o.name or "")]
+    outputs += [presents[f"present.{i}.{kind}"] for i in range(count) for kind in ("key", "value")
+                if f"present.{i}.{kind}" in presents]
+    for value in graph.outputs:  # a present passed through by the shallow trace: back to its FX name
+        if value.producer() in pre and value.producer().name.startswith("node_"):
+            value.name = value.producer().name[len("node_"):]
+    graph.outputs.clear()
+    graph.outputs.extend(outputs)
+    graph.insert_before(post[0], stamped)
+    graph.remove([n for nodes in layers[1:] for n in nodes], safe=True)
+    dropped = tuple(f"{plan.scope}.{j}." for j in range(1, len(layers)))
+    for name in [n for n in graph.initializers if n.startswith(dropped)]:
+        if graph.initializers[name].uses():
+            raise LayerwiseError(f"initializer {name} of a shallow layer is still read")
+        del graph.initializers[name]
+    for value in stamper.weights.values():
+        graph.register_initializer(value)
+    keep = {v.name for v in graph.outputs} | {v.name for v in graph.inputs}
+    for node in [*pre, *layers[0], *post]:
+        node.name = moved(node.name)
+        for value in node.outputs:
+            if value.name not in keep:
+                value.name = moved(value.name)
+    _check_unique(graph)
+    log.debug("stamped %d layers from %d traced", count, len(layers))
+
+
+def _check_unique(graph: ir.Graph) -> None:
+    seen: set[str] = set()
+    for value in [*graph.inputs, *graph.initializers.values(), *(o for n in graph for o in n.outputs)]:
+        if value.name in seen:
+            raise LayerwiseError(f"value name {value.name!r} is used twice after stamping")
+        seen.add(value.name)
+
+
+class _Stamper:
+    """Copies a template layer's nodes for one real layer, mapping what the layer reads from outside."""
+
+    def __init__(self, graph: ir.Graph, plan: LayerPlan, section: dict, by_past: dict) -> None:
+        self.inputs = {v.name: v for v in graph.inputs}
+        self.plan, self.section, self.by_past = plan, section, by_past
+        self.weights: dict[str, ir.Value] = {}
+
+    def stamp(self, template: list[ir.Node], q: int, i: int, residual: ir.Value, offsets: dict[str, int],
+              tensors: dict[str, torch.Tensor], moved: Callable[[str | None], str | None],
+              ) -> tuple[list[ir.Node], ir.Value, dict[str, ir.Value]]:
+        mapped: dict[ir.Value, ir.Value] = {}
+        inside = {o for n in template for o in n.outputs}
+        residual_in = _one([v for v in _external(template) if self.section.get(v) == q - 1], f"input of layer {q}")
+        scope_re = re.compile(rf"({re.escape(self.plan.path[-1])}\.){q}(?!\d)")
+        nodes, presents = [], {}
+        for node in template:
+            inputs = [None if v is None else mapped[v] if v in inside
+                      else residual if v is residual_in else self._outer(v, q, i, tensors) for v in node.inputs]
+            clone = ir.Node(node.domain, node.op_type, inputs, list(node.attributes.values()),
+                            overload=node.overload, num_outputs=len(node.outputs), version=node.version,
+                            name=_shift(moved(node.name), offsets), doc_string=node.doc_string,
+                            metadata_props={k: scope_re.sub(rf"\g<1>{i}", v) for k, v in node.metadata_props.items()})
+            for old, new in zip(node.outputs, clone.outputs):
+                present = _PRESENT.fullmatch(old.name or "")
+                new.name = f"present.{i}.{present.group(2)}" if present else _shift(moved(old.name), offsets)
+                new.type, new.shape = old.type, old.shape.copy() if old.shape is not None else None
+                mapped[old] = new
+                if present:
+                    presents[new.name] = new
+            nodes.append(clone)
+        leaving = [o for n in template for o in n.outputs if not o.is_graph_output()
+                   and any(user.node not in template for user in o.uses())]
+        return nodes, mapped[_one(leaving, f"output of layer {q}")], presents
+
+    def _outer(self, value: ir.Value, q: int, i: int, tensors: dict[str, torch.Tensor]) -> ir.Value:
+        where = self.section.get(value)
+        if where == 0:  # a shape or constant the exporter first computed in layer 0 and shares
+            return value
+        if where == "pre":
+            key = _past_key(value.producer())
+            if key is None:
+                return value
+            counterpart = self.by_past[key].get(i)
+            if counterpart is None:
+                raise LayerwiseError(f"no {value.producer().op_type} of past_key_values.{i} in the traced prefix")
+            return counterpart.outputs[value.producer().outputs.index(value)]
+        if where is not None:
+            raise LayerwiseError(f"layer {q} reads {value.name} of layer {where}")
+        if value.is_graph_input():
+            m = _PAST.fullmatch(value.name or "")
+            if m is None:
+                return value
+            if int(m.group(1)) != q:
+                raise LayerwiseError(f"layer {q} reads {value.name}")
+            return self.inputs[f"past_key_values.{i}.{m.group(2)}"]
+        prefix = f"{self.plan.scope}.{q}."
+        if value.is_initializer() and (value.name or "").startswith(prefix):
+            suffix = value.name[len(prefix):]
+            if suffix not in tensors:
+                raise LayerwiseError(f"layer {i} has no tensor {suffix} (its template reads {value.name})")
+            return self._weight(value, f"{self.plan.scope}.{i}.{suffix}", tensors[suffix])
+        if value.is_initializer() and re.match(re.escape(self.plan.scope) + r"\.\d+\.", value.name or ""):
+            raise LayerwiseError(f"layer {q} reads {value.name}")
+        return value
+
+    def _weight(self, template: ir.Value, name: str, tensor: torch.Tensor) -> ir.Value:
+        """The initializer of one real layer's tensor, shaped and typed as the template's."""
+        if name in self.weights:
+            return self.weights[name]
+        const = TorchTensor(tensor.detach(), name=name)
+        if const.dtype != template.const_value.dtype or tuple(const.shape) != tuple(template.const_value.shape):
+            raise LayerwiseError(f"{name} does not match its template {template.name} in type or shape")
+        value = ir.Value(name=name, type=template.type, shape=template.shape, const_value=const)
+        self.weights[name] = value
+        return value
