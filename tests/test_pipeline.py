@@ -163,5 +163,20 @@ def test_recipe_calibration_settings_reach_the_manifest(tiny_source, tmp_path):
     out = qexport.export(str(tiny_source("llama")), tmp_path / "a", recipe=str(recipe), measure_difficulty=False)
     calibration = Artifact.open(out).manifest["calibration"]
     assert (calibration["windows"], calibration["seq_len"], calibration["tokens"]) == (3, 32, 96)
-    assert calibration["settings_from"] == {"windows": "recipe", "seq_len": "recipe"}
+    assert calibration["settings_from"] == {"windows": "recipe", "seq_len": "recipe", "text": "default"}
+    assert calibration["source"] == {"kind": "pydoc", "location": None}
+
+
+def test_recipe_calibration_text_is_used_and_an_argument_overrides_it(tiny_source, tmp_path):
+    recipe = tmp_path / "mixed.yaml"
+    recipe.write_text("name: mixed\ncalibration:\n  seq_len: 32\n  windows: 2\n  text: pydoc+gitnotes\n"
+                      "passes:\n  - pass: fold-norm\n")
+    out = qexport.export(str(tiny_source("llama")), tmp_path / "a", recipe=str(recipe), measure_difficulty=False)
+    calibration = Artifact.open(out).manifest["calibration"]
+    assert calibration["source"] == {"kind": "mix", "location": "pydoc+gitnotes"}
+    assert calibration["settings_from"]["text"] == "recipe"
+    out = qexport.export(str(tiny_source("llama")), tmp_path / "b", recipe=str(recipe), measure_difficulty=False,
+                         calib="pydoc")
+    calibration = Artifact.open(out).manifest["calibration"]
+    assert calibration["source"]["kind"] == "pydoc" and calibration["settings_from"]["text"] == "argument"
     # an explicit argument overriding the recipe: test_recipe's test of calibration_shape

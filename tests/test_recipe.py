@@ -197,6 +197,11 @@ def test_recipe_calibration_and_check_map_onto_settings():
     assert rc.Recipe.from_dict(yaml.safe_load(recipe.to_yaml())) == recipe
     plain = rc.Recipe.from_dict(_recipe({"pass": "fold-norm"}))
     assert plain.calibration == rc.CalibrationSettings() and plain.checks == () and "calibration" not in plain.to_dict()
+    mixed = rc.Recipe.from_dict(_recipe({"pass": "fold-norm"}, calibration={"text": "pydoc+manpages"}))
+    assert mixed.calibration.text == "pydoc+manpages" and rc.Recipe.from_dict(yaml.safe_load(mixed.to_yaml())) == mixed
+    for bad in ("", 3, ["pydoc"]):
+        with pytest.raises(rc.RecipeError, match="text"):
+            rc.Recipe.from_dict(_recipe({"pass": "fold-norm"}, calibration={"text": bad}))
 
 
 @pytest.mark.parametrize("calibration, message", [

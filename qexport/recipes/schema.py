@@ -120,13 +120,15 @@ class RecipeCheck(str, enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationSettings:
-    """Recipe-level calibration text shape (SLAC: calibrate at the deployment sequence length).
+    """Recipe-level calibration text and shape (SLAC: calibrate at the deployment sequence length).
 
     ``None`` leaves the caller's default; an explicit caller setting (CLI flag, API argument) overrides these.
+    ``text`` is what ``--calib`` takes: a built-in domain or a mix of them (``pydoc+manpages``), a file or a dataset.
     """
 
     seq_len: int | None = None  # tokens per calibration window
     windows: int | None = None  # number of calibration windows
+    text: str | None = None  # calibration text, as --calib takes it
 
     @classmethod
     def parse(cls, data: Any, where: str) -> "CalibrationSettings":
@@ -137,7 +139,11 @@ class CalibrationSettings:
         for key, value in data.items():
             if key not in fields:
                 raise RecipeError(f"{where}: unknown key {key!r}; allowed keys: {', '.join(fields)}")
-            if value is not None and (type(value) is not int or value < 1):
+            if key == "text":
+                if value is not None and (not isinstance(value, str) or not value.strip()):
+                    raise RecipeError(f"{where}.text: {value!r} is not allowed; expected a text source such as "
+                                      "pydoc, pydoc+manpages or a file path")
+            elif value is not None and (type(value) is not int or value < 1):
                 raise RecipeError(f"{where}.{key}: {value!r} is not allowed; expected a positive integer")
             values[key] = value
         return cls(**values)
