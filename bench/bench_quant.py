@@ -51,11 +51,14 @@ from table import markdown_table  # bench/table.py, beside this script
 log = logging.getLogger("bench_quant")
 
 
-def _qexport_preset(fp32: Path, out: Path, preset: str, windows: list) -> float:
-    """Apply ``preset`` to the FP32 export (load, calibrate, run the passes, save); returns seconds."""
+def _qexport_preset(fp32: Path, out: Path, preset: str, tokenizer, seq_len: int, count: int) -> float:
+    """Apply ``preset`` to the FP32 export (load, calibrate on the preset's calibration text, else the default, in
+    ``count`` windows of ``seq_len`` tokens, run the passes, save); returns seconds."""
     from qexport.recipes.schema import load_recipe
 
-    return apply_to_export(fp32, out, load_recipe(preset), windows)
+    recipe = load_recipe(preset)
+    windows = token_windows(tokenizer, load_text(parse_source(recipe.calibration.text), "calibration"), seq_len, count)
+    return apply_to_export(fp32, out, recipe, windows)
 
 
 def _fp32_fused(fp32: Path, out: Path) -> float:
@@ -160,9 +163,9 @@ def _build(args: argparse.Namespace, tmp: Path, work: Path, failed: dict[str, st
             log.warning("%s failed: %s", name, exc)
             failed[name] = f"{type(exc).__name__}: {exc}"[:200]
     models["onnxruntime fp32 + ort fusions"] = (tmp / "fp32-fused", _fp32_fused(fp32, tmp / "fp32-fused"))
-    windows = token_windows(tokenizer, load_text(parse_source(None), "calibration"), args.seq_len, args.calib_windows)
     for preset in filter(None, args.presets.split(",")):
-        models[f"qexport {preset}"] = (tmp / preset, _qexport_preset(fp32, tmp / preset, preset, windows))
+        models[f"qexport {preset}"] = (tmp / preset, _qexport_preset(fp32, tmp / preset, preset, tokenizer,
+                                                                     args.seq_len, args.calib_windows))
     for name, (precision, extra) in (genai_builder.BUILDS.items() if builder else ()):
         folder = tmp / name.replace(" ", "-").replace("(", "").replace(")", "")
         log.info("building %s", name)

@@ -100,7 +100,8 @@ def main() -> None:
     parser.add_argument("model", nargs="?", default=None)
     parser.add_argument("--preset", default="w4a8")
     parser.add_argument("--variants", default="preset", help=f"comma-separated, of: {', '.join(VARIANTS)}")
-    parser.add_argument("--calib", default=None, help="calibration text (default: the default calibration text)")
+    parser.add_argument("--calib", default=None,
+                        help="calibration text (default: the preset's calibration.text, else the default calibration text)")
     parser.add_argument("--calib-windows", type=int, default=16)
     parser.add_argument("--eval-text", default="pydoc,manpages,gitnotes", help="evaluation domains or files")
     parser.add_argument("--windows", type=int, default=40, help="evaluation windows per domain")
@@ -137,7 +138,7 @@ def main() -> None:
         log.info("PyTorch reference on %s", d)
         ref_nll[d] = _nll(reference, eval_windows[d])
         np.save(cached, ref_nll[d])
-    calib_source = parse_source(args.calib)
+    calib_source = parse_source(args.calib if args.calib is not None else next(iter(recipes.values())).calibration.text)
     calib = token_windows(tokenizer, load_text(calib_source, "calibration"), args.seq_len, args.calib_windows,
                           calib_source.describe())
 

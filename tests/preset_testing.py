@@ -45,15 +45,17 @@ def logits_sqnr_db(model: ir.Model, fp32_folder: Path, runner: Runner = run) -> 
 
 
 def quantize_smollm2(fp32_folder: Path, preset: str) -> ir.Model:
-    """The FP32 SmolLM2 export with ``preset`` applied, calibrated on 16 x 512 tokens of the calibration text."""
+    """The FP32 SmolLM2 export with ``preset`` applied, calibrated on 16 x 512 tokens of the preset's calibration text
+    (its ``calibration.text``, else the default), as ``qexport export --recipe`` would."""
     from qexport.artifact.folder import Artifact
     from qexport.recipes.pipeline import PipelineSettings, apply_recipe
     from qexport.exporter.text import load_text, parse_source, token_windows
 
+    recipe = rc.load_recipe(preset)
     tokenizer = Artifact.open(fp32_folder).tokenizer()
-    windows = token_windows(tokenizer, load_text(parse_source(None), "calibration"), 512, 16)
+    windows = token_windows(tokenizer, load_text(parse_source(recipe.calibration.text), "calibration"), 512, 16)
     model = ir.load(fp32_folder / "model.onnx")
-    apply_recipe(model, rc.load_recipe(preset), windows, PipelineSettings(measure_difficulty=False))
+    apply_recipe(model, recipe, windows, PipelineSettings(measure_difficulty=False))
     return model
 
 
