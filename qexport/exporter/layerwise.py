@@ -330,23 +330,9 @@ def stamp_layers(onnx_model: ir.Model, torch_model: torch.nn.Module, plan: Layer
         for index, value in enumerate(node.inputs):
             if value is last:
                 node.replace_input_with(index, residual)
-    outputs = [o for o in graph.outputs if not _PRESENT.fullmatch(o.name or "")]
-    outputs += [presents[f"present.{i}.{kind}"] for i in range(count) for kind in ("key", "value")
-                if f"present.{i}.{kind}" in presents]
-    for value in graph.outputs:  # a present passed through by the shallow trace: back to its FX name
-        if value.producer() in pre and value.producer().name.startswith("node_"):
-            value.name = value.producer().name[len("node_"):]
-    graph.outputs.clear()
-    graph.outputs.extend(outputs)
+    _replace_outputs(graph, pre, presents, count)
     graph.insert_before(post[0], stamped)
-    graph.remove([n for nodes in layers[1:] for n in nodes], safe=True)
-    dropped = tuple(f"{plan.scope}.{j}." for j in range(1, len(layers)))
-    for name in [n for n in graph.initializers if n.startswith(dropped)]:
-        if graph.initializers[name].uses():
-            raise LayerwiseError(f"initializer {name} of a shallow layer is still read")
-        del graph.initializers[name]
-    for value in stamper.weights.values():
-        graph.register_initializer(value)
+    _drop_shallow_layers(graph, plan, layers, stamper.weights.values())
     keep = {v.name for v in graph.outputs} | {v.name for v in graph.inputs}
     for node in [*pre, *layers[0], *post]:
         node.name = moved(node.name)
@@ -355,6 +341,32 @@ def stamp_layers(onnx_model: ir.Model, torch_model: torch.nn.Module, plan: Layer
                 value.name = moved(value.name)
     _check_unique(graph)
     log.debug("stamped %d layers from %d traced", count, len(layers))
+
+
+def _replace_outputs(graph: ir.Graph, pre: list[ir.Node], presents: dict[str, ir.Value], count: int) -> None:
+    """Logits, then every layer's present key and value, in the whole-model order."""
+    outputs = [o for o in graph.outputs if not _PRESENT.fullmatch(o.name or "")]
+    outputs += [presents[f"present.{i}.{kind}"] for i in range(count) for kind in ("key", "value")
+                if f"present.{i}.{kind}" in presents]
+    prefix = set(pre)
+    for value in graph.outputs:  # a present the shallow trace passed through: back to its FX name
+        producer = value.producer()
+        if producer in prefix and producer.name.startswith("node_"):
+            value.name = producer.name[len("node_"):]
+    graph.outputs.clear()
+    graph.outputs.extend(outputs)
+
+
+def _drop_shallow_layers(graph: ir.Graph, plan: LayerPlan, layers: list[list[ir.Node]], weights) -> None:
+    """Remove the traced layers 1..S-1 and their initializers; register the stamped layers' weights."""
+    graph.remove([n for nodes in layers[1:] for n in nodes], safe=True)
+    dropped = tuple(f"{plan.scope}.{j}." for j in range(1, len(layers)))
+    for name in [n for n in graph.initializers if n.startswith(dropped)]:
+        if graph.initializers[name].uses():
+            raise LayerwiseError(f"initializer {name} of a shallow layer is still read")
+        del graph.initializers[name]
+    for value in weights:
+        graph.register_initializer(value)
 
 
 def _check_unique(graph: ir.Graph) -> None:
