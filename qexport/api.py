@@ -59,11 +59,13 @@ def save_model(model: ir.Model, folder: Path) -> list[str]:
     return [MODEL_FILE]
 
 
-def calibration_shape(recipe: Recipe, windows: int | None, seq_len: int | None) -> dict[str, Any]:
-    """Calibration window count and length: the caller's value, else the recipe's ``calibration:``, else the
-    default; ``from`` says which applied to each."""
+def calibration_shape(recipe: Recipe, windows: int | None, seq_len: int | None,
+                      text: str | None = None) -> dict[str, Any]:
+    """Calibration window count, length and text (as ``--calib`` takes it; None is the default text): the caller's
+    value, else the recipe's ``calibration:``, else the default; ``from`` says which applied to each."""
     shape: dict[str, Any] = {"from": {}}
-    for key, given, default in (("windows", windows, DEFAULT_CALIB_WINDOWS), ("seq_len", seq_len, DEFAULT_CALIB_SEQ_LEN)):
+    for key, given, default in (("windows", windows, DEFAULT_CALIB_WINDOWS), ("seq_len", seq_len, DEFAULT_CALIB_SEQ_LEN),
+                                ("text", text, None)):
         from_recipe = getattr(recipe.calibration, key)
         shape[key], shape["from"][key] = ((given, "argument") if given is not None else
                                           (from_recipe, "recipe") if from_recipe is not None else (default, "default"))
@@ -111,16 +113,15 @@ def export(
         export_start = time.perf_counter()
         ir_model, signature = export_graph(hf_model, family, settings)
         export_s = time.perf_counter() - export_start
+        path = export_path_of(ir_model)
         recipe_report, calibration, adaptations = None, None, None
         if loaded_recipe is not None:
             adaptations = ()
             if is_preset_name(recipe):  # a preset is an intent, fitted to this graph; a recipe file runs as written
                 loaded_recipe, adaptations = adapt_recipe(loaded_recipe, ir_model)
             check_recipe_applies(ir_model, loaded_recipe)  # seconds; before the calibration text and statistics
-            shape = calibration_shape(loaded_recipe, calib_windows, calib_seq_len)
-            shape["from"]["text"] = ("argument" if calib is not None else
-                                     "recipe" if loaded_recipe.calibration.text is not None else "default")
-            text = parse_source(calib if calib is not None else loaded_recipe.calibration.text)
+            shape = calibration_shape(loaded_recipe, calib_windows, calib_seq_len, calib)
+            text = parse_source(shape["text"])
             windows = token_windows(tokenizer, load_text(text, "calibration"), shape["seq_len"], shape["windows"],
                                     text.describe())
             calibration = {"source": text.to_json(), "windows": len(windows), "seq_len": shape["seq_len"],
@@ -151,8 +152,8 @@ def export(
                 "total_seconds": round(time.perf_counter() - start, 2),
                 "peak_memory_mib": round(peak_memory_mib(), 1),
                 "nodes": len(ir_model.graph),
-                "path": getattr(export_path_of(ir_model), "path", None),  # "layerwise" or "whole-model"
-                "path_reason": getattr(export_path_of(ir_model), "reason", None),
+                "path": getattr(path, "path", None),  # "layerwise" or "whole-model"
+                "path_reason": getattr(path, "reason", None),
             },
             "recipe": recipe_report,
             "recipe_adaptations": None if adaptations is None else [a.to_json() for a in adaptations],

@@ -225,7 +225,13 @@ def test_calibration_shape_prefers_arguments_then_recipe_then_defaults():
 
     recipe = rc.Recipe.from_dict(_recipe({"pass": "fold-norm"}, calibration={"seq_len": 2048}))
     assert calibration_shape(recipe, None, None) == {
-        "windows": 16, "seq_len": 2048, "from": {"windows": "default", "seq_len": "recipe"}}
-    assert calibration_shape(recipe, 2, 128) == {"windows": 2, "seq_len": 128, "from": {"windows": "argument", "seq_len": "argument"}}
+        "windows": 16, "seq_len": 2048, "text": None,
+        "from": {"windows": "default", "seq_len": "recipe", "text": "default"}}
+    assert calibration_shape(recipe, 2, 128, "gitnotes") == {
+        "windows": 2, "seq_len": 128, "text": "gitnotes",
+        "from": {"windows": "argument", "seq_len": "argument", "text": "argument"}}
+    mixed = rc.Recipe.from_dict(_recipe({"pass": "fold-norm"}, calibration={"text": "pydoc+manpages"}))
+    assert calibration_shape(mixed, None, None)["text"] == "pydoc+manpages"
+    assert calibration_shape(mixed, None, None)["from"]["text"] == "recipe"
     plain = rc.Recipe.from_dict(_recipe({"pass": "fold-norm"}))
     assert calibration_shape(plain, None, None)["seq_len"] == DEFAULT_CALIB_SEQ_LEN
