@@ -193,20 +193,18 @@ def _lower_matmul(graph: ir.Graph, match: QuantLinear, q_u8: ir.Value, zero_poin
     per_token = match.mode is ActQuant.PER_TOKEN
     a_scale = match.act_q.inputs[1]  # per-token [..., 1] or per-tensor scalar
     base = match.matmul.name or out.name
-    weight = match.weight_int8
-    if match.transposed or weights is KernelWeights.UINT8:  # MatMulIntegerToFloat reads B as [in, out]
-        codes = const_array(weight).T if match.transposed else const_array(weight)
-        if weights is KernelWeights.UINT8:  # the same integers, offset by the zero point 128
-            codes, suffix = (codes.astype(np.int16) + 128).astype(np.uint8), "u8"
-        else:
-            suffix = "in_out"
-        weight = new_initializer(graph, f"{weight.name}.{suffix}", np.ascontiguousarray(codes))
+    weight, unsigned = match.weight_int8, weights is KernelWeights.UINT8
+    if match.transposed or unsigned:
+        codes = const_array(weight).T if match.transposed else const_array(weight)  # B is read as [in, out]
+        if unsigned:  # the same integers, offset by the zero point 128
+            codes = (codes.astype(np.int16) + 128).astype(np.uint8)
+        weight = new_initializer(graph, f"{weight.name}.{'u8' if unsigned else 'in_out'}", np.ascontiguousarray(codes))
+    fused_bias = match.bias if match.bias is not None and not per_token else None  # added after the scales
     inputs = [q_u8, weight, a_scale, match.weight_scale, zero_point]
-    weight_zero_point = zero_point if weights is KernelWeights.UINT8 else None
-    if weight_zero_point is not None or (match.bias is not None and not per_token):
-        inputs.append(weight_zero_point)
-    if match.bias is not None and not per_token:
-        inputs.append(match.bias)  # fused bias, added after the scales
+    if unsigned or fused_bias is not None:
+        inputs.append(zero_point if unsigned else None)  # B's zero point
+    if fused_bias is not None:
+        inputs.append(fused_bias)
     nodes = [_mark(ir.node("MatMulIntegerToFloat", inputs, domain=MS_DOMAIN, version=1, name=f"{base}.int"))]
     if per_token and match.bias is not None:  # the kernel scales its bias input by a non-scalar a_scale too
         nodes.append(_mark(ir.node("Add", [nodes[-1].outputs[0], match.bias], name=f"{base}.bias")))
