@@ -262,3 +262,94 @@ def test_gptq_weight_settings_are_checked(tiny_export):
         GptqPass(weights="int2")
     with pytest.raises(RecipeError, match="group_size 128 does not divide"):
         GptqPass(calibrator=Calibrator((np.arange(3, 20),)), weights="int4")(load(tiny_export("llama")))
+
+
+def _fake_quant_rows(x: np.ndarray, block: int | None) -> np.ndarray:
+    """Symmetric int8 fake quantization of x [..., K], one scale per token (and ``block`` channels)."""
+    k = x.shape[-1]
+    blocks = x.reshape(*x.shape[:-1], k // (block or k), block or k)
+    scale = np.maximum(np.abs(blocks).max(axis=-1, keepdims=True) / numerics.INT8_QMAX, numerics.SCALE_EPS)
+    return (np.clip(np.round(blocks / scale), -127, 127) * scale).reshape(x.shape)
+
+
+@pytest.mark.parametrize("block", [None, 16])
+def test_activation_quantizers_equal_numpy_fake_quantization(block):
+    """per_token_qdq and per_block_qdq in ONNX Runtime against the numpy reference, on inputs with outliers."""
+    import onnx_ir as ir
+    from pass_testing import run
+    from qexport.passes.quantize.act_qdq import SharedConsts, per_block_qdq, per_token_qdq
+
+    x_in = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 5, 64]))
+    ident = ir.node("Identity", [x_in], name="sink")
+    ident.outputs[0].name = "y"
+    graph = ir.Graph([x_in], [ident.outputs[0]], nodes=[ident], opset_imports={"": 21}, name="g")
+    consts = SharedConsts(graph)
+    xq, nodes = (per_token_qdq(graph, x_in, 64, ident, consts) if block is None
+                 else per_block_qdq(graph, x_in, 64, block, ident, consts))
+    ident.replace_input_with(0, xq)
+    assert len(nodes) == (6 if block is None else 7) and all(n.graph is graph for n in nodes)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 64)).astype(np.float32)
+    x[0, 1, 3] = 40.0  # an outlier: with blocks it widens only its own block's step
+    got = run(ir.Model(graph, ir_version=10), {"x": x})["y"]
+    expected = _fake_quant_rows(x.astype(np.float64), block)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(got, x, atol=1e-3)  # it did quantize
+
+
+@pytest.mark.parametrize("upstream", ["per_token", "per_group"])
+def test_upstream_activations_give_later_layers_the_quantized_activations_and_leave_no_trace(tiny_export, monkeypatch,
+                                                                                             upstream):
+    """With ``upstream_activations``, layer 1's Hessians are those of a graph whose layer 0 has GPTQ weights and
+    int8 activations (per token, or per token and group); afterwards the graph equals a float-upstream run's
+    structure (no quantizer, no constant left), and layer 0's codes are the same (it saw float inputs either way)."""
+    from qexport.passes.quantize.act_qdq import SharedConsts, per_block_qdq, per_token_qdq
+
+    windows = tuple(np.arange(3 + 60 * i, 67 + 60 * i, dtype=np.int64) for i in range(3))
+    settings = dict(calibrator=Calibrator(windows), weights="int4", group_size=32)
+    float_seq = load(tiny_export("llama"))
+    float_seen = _spy_hessians(monkeypatch)
+    GptqPass(**settings, sequential=True)(float_seq)
+    float_seen = dict(float_seen)
+    monkeypatch.undo()
+    model = load(tiny_export("llama"))
+    seen = _spy_hessians(monkeypatch)
+    assert GptqPass(**settings, sequential=True, upstream_activations=upstream)(model).modified
+    monkeypatch.undo()
+    # the reference: layer 0 quantized by GPTQ, its linears' inputs through the quantizer, kept in the graph
+    reference = load(tiny_export("llama"))
+    GptqPass(**settings, linears=("layers.0.*",))(reference)
+    consts = SharedConsts(reference.graph)
+    layer0 = [n for n in reference.graph if n.metadata_props.get(Meta.QUANT) == "weight"]
+    readers: dict = {}
+    for node in reference.graph:
+        if node.op_type in ("MatMul", "Gemm") and node.inputs[1] is not None and node.inputs[1].producer() in layer0:
+            readers.setdefault(node.inputs[0], []).append(node)
+    assert len(readers) == 4  # q/k/v, o, gate/up, down
+    for x, nodes in readers.items():
+        width = x.shape[-1]
+        xq, _ = (per_token_qdq(reference.graph, x, width, nodes[0], consts) if upstream == "per_token"
+                 else per_block_qdq(reference.graph, x, width, 32, nodes[0], consts))
+        for node in nodes:
+            node.replace_input_with(0, xq)
+    expected = _layer_hessians(reference, "layers.1.*", settings)
+    assert len(expected) == 4
+    for name, h in expected.items():
+        np.testing.assert_allclose(seen[name], h, rtol=1e-5, atol=1e-8 * np.abs(h).max())
+        change = np.abs(seen[name] - float_seen[name]).max() / np.abs(float_seen[name]).max()
+        assert change > 1e-4, f"{name}: layer 1 saw float activations (relative change {change:.2g})"
+    assert [n.op_type for n in model.graph] == [n.op_type for n in float_seq.graph]
+    assert set(model.graph.initializers) == set(float_seq.graph.initializers)
+    assert not any(n.metadata_props.get(Meta.QUANT) in ("per_token", "per_block") for n in model.graph)
+    codes, float_codes = _weight_codes(model), _weight_codes(float_seq)
+    layer0_codes = [k for k in codes if any(k == n.name for n in layer0)]
+    assert layer0_codes and all(np.array_equal(codes[k], float_codes[k]) for k in layer0_codes)
+
+
+def test_upstream_activations_settings_are_checked():
+    with pytest.raises(RecipeError, match="set sequential: true"):
+        GptqPass(upstream_activations="per_token")
+    with pytest.raises(RecipeError, match="upstream_activations must be one of"):
+        GptqPass(sequential=True, upstream_activations="per_tensor")
+    with pytest.raises(RecipeError, match="per_group takes its groups"):
+        GptqPass(sequential=True, upstream_activations="per_group", weights="int8")

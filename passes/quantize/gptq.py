@@ -4,6 +4,7 @@ the same dequantized weights ``quantize`` writes."""
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import re
 import time
@@ -17,11 +18,21 @@ from qexport.passes.discovery import sites as site_matching
 from qexport.calibration.calibrator import Calibrator
 from qexport.passes.discovery.linear_select import linear_names, selected_linears
 from qexport.passes.discovery.names import NameFilter, check_glob_fields
+from qexport.passes._settings import coerce_enums
 from qexport.passes.metadata import Meta
+from qexport.passes.quantize.act_qdq import SharedConsts, per_block_qdq, per_token_qdq
 from qexport.passes.quantize.precision import choose_precision
 from qexport.passes.quantize.weight_quant import WeightClip, WeightFormat, WeightQuant, write_quantized_weight
 
 log = logging.getLogger(__name__)
+
+
+class UpstreamActivations(str, enum.Enum):
+    """What the quantized layers before a sequential stage feed forward while its Hessians are measured."""
+
+    FLOAT = "float"  # their activations stay float (weights only quantized)
+    PER_TOKEN = "per_token"  # their inputs pass through per-token symmetric int8 Q/DQ, removed after the pass
+    PER_GROUP = "per_group"  # the same with one scale per token and group_size channels
 
 
 def inverse_factor(hessian: np.ndarray, damp: float = 0.01, act_order: bool = False
@@ -100,7 +111,10 @@ class GptqPass(ir.passes.InPlacePass):
     One-shot (``sequential: false``): all Hessians from one run of the float graph. Layer-sequential
     (``sequential: true``): the linears of layer 0, 1, ... (by role name, then any others)
     in turn, each layer's Hessians from the graph in which all earlier layers' weights are already quantized;
-    activations are still float there (their quantizers come with the later ``quantize`` pass). The residual
+    activations are still float there (their quantizers come with the later ``quantize`` pass), unless
+    ``upstream_activations: per_token``: then each quantized layer's linear inputs also pass through per-token
+    int8 Q/DQ while the later layers' Hessians are measured, so those Hessians see activation rounding as the
+    quantized model will (the temporary quantizers are removed before the pass returns). The residual
     stream entering each layer is cached per window (:meth:`~qexport.calibration.calibrator.Calibrator.hessians`),
     so a layer's Hessians come from a session over that layer and the one before it (quantized), not from the
     embedding up; the values are those of the whole graph. Where the graph cannot be cut there (no residual
@@ -127,6 +141,7 @@ class GptqPass(ir.passes.InPlacePass):
     weight_clip: WeightClip = WeightClip.NONE
     sequential: bool = False
     w4_fraction: float = 1.0
+    upstream_activations: UpstreamActivations = UpstreamActivations.FLOAT
 
     def __post_init__(self) -> None:
         check_glob_fields(self, "quantize-gptq", "linears", "exclude")
@@ -142,6 +157,13 @@ class GptqPass(ir.passes.InPlacePass):
         if self.w4_fraction < 1.0 and not fmt.grouped:
             raise RecipeError("gptq w4_fraction keeps some linears at 8 bits out of 4-bit weights: set weights "
                               "to int4 or dint4, or leave w4_fraction at 1")
+        coerce_enums(self, "quantize-gptq", upstream_activations=UpstreamActivations)
+        if self.upstream_activations is not UpstreamActivations.FLOAT and not self.sequential:
+            raise RecipeError("gptq upstream_activations quantizes the layers before each sequential stage: set "
+                              "sequential: true, or leave upstream_activations at float")
+        if self.upstream_activations is UpstreamActivations.PER_GROUP and not fmt.grouped:
+            raise RecipeError("gptq upstream_activations: per_group takes its groups from the 4-bit weights' "
+                              "group_size: set weights to int4 or dint4, or use per_token")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         chosen = selected_linears(model, NameFilter(self.linears, self.exclude), self.include_lm_head)
@@ -161,14 +183,21 @@ class GptqPass(ir.passes.InPlacePass):
         from_cache = 0
         # each stage's Hessians are computed when the loop reaches it: after the stages before it are quantized
         hessians = self.calibrator.hessians(model, inputs, cached=self.sequential and self._cached_layers)
-        for stage, found in zip(stages, hessians):
-            from_cache += found.from_cache
-            # linears reading one input are quantized as one (columns are independent)
-            for value, h in found.hessians.items():
-                for form in formats:
-                    readers = [lin for lin in stage if lin.input is value and (lin.node in eight) == (form is formats[1])]
-                    if readers:
-                        self._quantize_group(model.graph, readers, h, form)
+        upstream = _UpstreamQuantizers(model.graph)
+        try:
+            for stage, found in zip(stages, hessians):
+                from_cache += found.from_cache
+                # linears reading one input are quantized as one (columns are independent)
+                for value, h in found.hessians.items():
+                    for form in formats:
+                        readers = [lin for lin in stage if lin.input is value and (lin.node in eight) == (form is formats[1])]
+                        if readers:
+                            self._quantize_group(model.graph, readers, h, form)
+                if self.upstream_activations is not UpstreamActivations.FLOAT:
+                    upstream.add(stage, fmt.group_size if self.upstream_activations is UpstreamActivations.PER_GROUP
+                                 else None)
+        finally:
+            upstream.remove()
         log.info("gptq: quantized %d linears to %s%s in %d stage(s) (%d run from the cached residual stream, %d "
                  "through the whole graph), %.1f s", len(chosen), fmt.kind.value,
                  f" ({len(eight)} of them to int8)" if eight else "", len(stages), from_cache,
@@ -199,6 +228,41 @@ class GptqPass(ir.passes.InPlacePass):
         for choice in choices:
             model.metadata_props[Meta.PRECISION.key(choice.role)] = f"{choice.bits}:{choice.relative_error:.6g}"
         return {lin.node for lin, choice in zip(chosen, choices) if choice.bits == 8}
+
+
+class _UpstreamQuantizers:
+    """Per-token int8 Q/DQ put temporarily on the inputs of already quantized linears (``upstream_activations``),
+    and taken off again: the linears read their original inputs and the nodes and constants are gone."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.graph = graph
+        self.consts = SharedConsts(graph)
+        self.nodes: list[ir.Node] = []
+        self.rewired: list[tuple[ir.Node, ir.Value]] = []
+
+    def add(self, stage: list[site_matching.Linear], block: int | None) -> None:
+        """Quantize the inputs of ``stage``'s linears (one quantizer per input tensor, before its first reader),
+        per token, or per token and ``block`` channels."""
+        in_stage = {linear.node: linear for linear in stage}
+        by_input: dict[ir.Value, list[site_matching.Linear]] = {}
+        for node in self.graph:  # graph order
+            if node in in_stage:
+                by_input.setdefault(in_stage[node].input, []).append(in_stage[node])
+        for x, readers in by_input.items():
+            width = readers[0].in_features
+            xq, nodes = (per_token_qdq(self.graph, x, width, readers[0].node, self.consts) if block is None else
+                         per_block_qdq(self.graph, x, width, block, readers[0].node, self.consts))
+            self.nodes.extend(nodes)
+            for linear in readers:
+                self.rewired.append((linear.node, x))
+                linear.node.replace_input_with(0, xq)
+
+    def remove(self) -> None:
+        for node, x in self.rewired:
+            node.replace_input_with(0, x)
+        self.graph.remove(self.nodes, safe=True)
+        self.consts.remove_unused()
+        self.nodes, self.rewired = [], []
 
 
 def _layers(model: ir.Model, chosen: list[site_matching.Linear]) -> list[list[site_matching.Linear]]:

@@ -7,19 +7,17 @@ import enum
 import logging
 from typing import ClassVar, Mapping
 
-import numpy as np
 import onnx_ir as ir
 
-from qexport import numerics
 from qexport.errors import RecipeError
 from qexport.passes.discovery import sites as site_matching
-from qexport.passes._ir import new_initializer
 from qexport.calibration.calibrator import ActCalibration, ActivationScale, Calibrator
 from qexport.passes._settings import coerce_enums
 from qexport.passes.discovery.linear_select import prequantized_linears, selected_linears
 from qexport.passes.discovery.names import NameFilter, check_glob_fields
 from qexport.passes.metadata import Meta
-from qexport.passes.quantize.weight_quant import WeightClip, WeightFormat, WeightQuant, tagged, write_quantized_weight
+from qexport.passes.quantize.act_qdq import SharedConsts, per_tensor_qdq, per_token_qdq
+from qexport.passes.quantize.weight_quant import WeightClip, WeightFormat, WeightQuant, write_quantized_weight
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +107,13 @@ class QuantizePass(ir.passes.InPlacePass):
             scales = self.calibrator.activation_scales(model, list(by_input), self.calibration, self.percentile)
             for value, found in scales.items():
                 value.meta[Meta.ACT_CALIBRATION] = found.record()
-        consts = _SharedConsts(graph)
+        consts = SharedConsts(graph)
         for x, readers in by_input.items():
             width = _in_features(readers[0], linears)
             if self.activations is ActQuant.PER_TOKEN:
-                xq = _per_token_qdq(graph, x, width, readers[0], consts)
+                xq, _ = per_token_qdq(graph, x, width, readers[0], consts)
             elif self.activations is ActQuant.PER_TENSOR:
-                xq = _per_tensor_qdq(graph, x, scales[x].scale, readers[0])
+                xq = per_tensor_qdq(graph, x, scales[x].scale, readers[0])
             else:
                 xq = x
             for node in readers:
@@ -126,60 +124,6 @@ class QuantizePass(ir.passes.InPlacePass):
         log.info("quantized %d linears (%d with weights already int8; %d activation tensors, %s)",
                  len(linears) + len(prequantized), len(prequantized), len(by_input), self.activations.value)
         return ir.passes.PassResult(model, True)
-
-
-class _SharedConsts:
-    """Initializers shared by every per-token quantizer (created on first use)."""
-
-    def __init__(self, graph: ir.Graph) -> None:
-        self.graph = graph
-        self._values: dict[str, ir.Value] = {}
-
-    def get(self, name: str, array: np.ndarray) -> ir.Value:
-        if name not in self._values:
-            self._values[name] = new_initializer(self.graph, f"qexport.quant.{name}", array)
-        return self._values[name]
-
-
-def _float_like(value: ir.Value, like: ir.Value, name: str) -> ir.Value:
-    value.name = name
-    value.dtype, value.shape = like.dtype, like.shape
-    return value
-
-
-def _per_token_qdq(graph: ir.Graph, x: ir.Value, width: int, before: ir.Node, consts: _SharedConsts) -> ir.Value:
-    """x -> per-token symmetric int8 Q/DQ; returns the dequantized value."""
-    dtype = x.dtype.numpy() if x.dtype is not None else np.float32
-    base = f"{x.name}.qtok"
-    abs_ = ir.node("Abs", [x], name=f"{base}.abs")
-    reduce = ir.node("ReduceMax", [abs_.outputs[0], consts.get("axis_last", np.array([-1], np.int64))],
-                     {"keepdims": 1}, name=f"{base}.absmax")
-    qmax = consts.get(f"qmax_{np.dtype(dtype).name}", np.array(numerics.INT8_QMAX, dtype))
-    div = ir.node("Div", [reduce.outputs[0], qmax], name=f"{base}.scale_raw")
-    eps = consts.get(f"eps_{np.dtype(dtype).name}", np.array(numerics.SCALE_EPS, dtype))
-    scale = ir.node("Max", [div.outputs[0], eps], name=f"{base}.scale")
-    q = ir.node("QuantizeLinear", [x, scale.outputs[0]],
-                {"axis": -1, "block_size": width, "output_dtype": ir.DataType.INT8.value}, name=f"{base}.q")
-    dq = ir.node("DequantizeLinear", [q.outputs[0], scale.outputs[0]], {"axis": -1, "block_size": width},
-                 name=f"{base}.dq")
-    for node, suffix in ((abs_, "abs"), (reduce, "absmax"), (div, "scale_raw"), (scale, "scale"), (q, "q")):
-        node.outputs[0].name = f"{base}.{suffix}"
-    q.outputs[0].dtype = ir.DataType.INT8
-    graph.insert_before(before, [tagged(n, "per_token") for n in (abs_, reduce, div, scale, q, dq)])
-    return _float_like(dq.outputs[0], x, f"{base}.dq")
-
-
-def _per_tensor_qdq(graph: ir.Graph, x: ir.Value, scale: float, before: ir.Node) -> ir.Value:
-    """x -> per-tensor symmetric int8 Q/DQ with a constant scale; returns the dequantized value."""
-    dtype = x.dtype.numpy() if x.dtype is not None else np.float32
-    base = f"{x.name}.qten"
-    s = new_initializer(graph, f"{base}.scale", np.array(scale, dtype))
-    zp = new_initializer(graph, f"{base}.zero_point", np.array(0, np.int8))
-    q = ir.node("QuantizeLinear", [x, s, zp], name=f"{base}.q")
-    q.outputs[0].name, q.outputs[0].dtype = f"{base}.q", ir.DataType.INT8
-    dq = ir.node("DequantizeLinear", [q.outputs[0], s, zp], name=f"{base}.dq")
-    graph.insert_before(before, [tagged(q, "per_tensor"), tagged(dq, "per_tensor")])
-    return _float_like(dq.outputs[0], x, f"{base}.dq")
 
 
 def _in_features(node: ir.Node, linears: dict[ir.Node, site_matching.Linear]) -> int:
