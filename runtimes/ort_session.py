@@ -45,19 +45,20 @@ def serialize_without_weights(model: ir.Model) -> tuple[bytes, list[str], list[n
     return data, list(swapped), arrays
 
 
-def cpu_session(model: ir.Model, threads: int | None = None):
-    """An ONNX Runtime CPU session on ``model`` as it is now (default graph optimizations)."""
+def cpu_session(model: ir.Model, threads: int | None = None, as_written: bool = False):
+    """An ONNX Runtime CPU session on ``model`` as it is now (default graph optimizations; ``as_written``: see
+    :func:`session_options`)."""
     data, names, arrays = serialize_without_weights(model)
-    return session_from_bytes(data, threads, names, arrays)
+    return session_from_bytes(data, threads, names, arrays, as_written)
 
 
 def session_from_bytes(data: bytes, threads: int | None = None, names: Sequence[str] = (),
-                       arrays: Sequence[np.ndarray] = ()):
+                       arrays: Sequence[np.ndarray] = (), as_written: bool = False):
     """An ONNX Runtime CPU session on the serialized model ``data``; the external-data stubs ``names`` are read
     from ``arrays``."""
     import onnxruntime as ort
 
-    options = session_options(threads)
+    options = session_options(threads, as_written=as_written)
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]  # views of the arrays, not copies
     if names:
         options.add_external_initializers(list(names), values)
@@ -80,18 +81,21 @@ def u8s8_saturates() -> bool:
     return flags is not None and not VNNI_FLAGS & set(flags)
 
 
-def session_options(threads: int | None = None, inter_op_threads: int | None = None):
+def session_options(threads: int | None = None, inter_op_threads: int | None = None, as_written: bool = False):
     """The options of every qexport session: default graph optimizations, warnings off, ``threads`` intra-op.
 
-    Where the U8S8 kernel saturates (:func:`u8s8_saturates`), ONNX Runtime's own fusion of 8-bit QDQ nodes into
+    Where the U8S8 kernel saturates (:func:`u8s8_saturates`), ONNX Runtime's own fusion of QDQ nodes into
     integer kernels is turned off, so a QDQ graph (``w8a8-static``) runs as written, in float, rather than on a
     kernel that clips large products; qexport's own lowering (``ort-int8``) picks exact kernels itself.
+    ``as_written`` turns that fusion off on every CPU: calibration sessions use it, because the fusion rewrites
+    a 4-bit weight's DequantizeLinear and MatMul into MatMulNBits, which also rounds the activations to int8
+    (accuracy level 4), so statistics taken through it would depend on the CPU and on ONNX Runtime's defaults.
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if u8s8_saturates():
+    if as_written or u8s8_saturates():
         options.add_session_config_entry("session.disable_quant_qdq", "1")
     if threads:
         options.intra_op_num_threads = threads

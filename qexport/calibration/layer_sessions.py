@@ -151,7 +151,7 @@ class StagedRuns:
         used = {v for node in nodes for v in node.inputs if v is not None}
         inputs = ([boundary] if boundary is not None else []) + [v for v in self.model.graph.inputs if v in used]
         proto = subgraph_proto(self.model, nodes, inputs, wanted)
-        session = session_from_bytes(proto.SerializeToString(), self.threads)
+        session = session_from_bytes(proto.SerializeToString(), self.threads, as_written=True)
         names = [v.name for v in wanted]
         model_inputs = {v.name: v for v in self.model.graph.inputs}  # the feeds of a whole-graph run, of which
         session_inputs = [i.name for i in session.get_inputs()]  # the session takes those its nodes read

@@ -196,7 +196,7 @@ def session_with_outputs(model: ir.Model, names: list[str], threads: int | None,
     graph.outputs.extend(added_outputs)
     graph.inputs.extend(added_inputs)
     try:
-        return cpu_session(model, threads)
+        return cpu_session(model, threads, as_written=True)
     finally:
         for _ in added_outputs:  # pop, not slice deletion: only pop updates the values' graph-output marks
             graph.outputs.pop()
