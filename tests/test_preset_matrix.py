@@ -144,11 +144,56 @@ def _assert_lowered_equals_qdq(lowered: ir.Model, qdq: ir.Model, fp32: ir.Model,
     for feeds in (padded_feeds(qdq), prefill):
         expected, got = _as_written(qdq, feeds), run(lowered, feeds)
         assert got.keys() == expected.keys()
+        if _first_code_flip_is_a_tie(lowered, qdq, feeds, case):
+            continue  # past a flipped tie the two graphs round differently: nothing downstream compares tightly
         for name in expected:
             diff = max_rel_diff(got, expected, name)
             assert diff < LOWERED_RTOL, f"{case}: {name} lowered vs QDQ relative difference {diff:.3g}"
     quant_error = max_rel_diff(_as_written(qdq, prefill), _as_written(fp32, prefill))  # same basis: empty cache
     assert quant_error > 100 * LOWERED_RTOL, f"{case}: the bound means nothing next to the quantization error"
+
+
+def _with_quantizer_values(model: ir.Model) -> tuple[ir.Model, list[tuple[str, str, str]]]:
+    """A copy of ``model`` that also outputs each QuantizeLinear's input, computed scale (if any) and codes, in
+    graph order: [(input, scale or '', codes)]."""
+    model = ir.from_proto(ir.to_proto(model))
+    found, outputs = [], set(model.graph.outputs)
+    for node in model.graph:
+        if node.op_type == "QuantizeLinear":
+            x, scale, codes = node.inputs[0], node.inputs[1], node.outputs[0]
+            for v in (x, codes) + (() if scale.const_value is not None else (scale,)):
+                if v not in outputs:
+                    model.graph.outputs.append(v)
+                    outputs.add(v)
+            found.append((x.name, "" if scale.const_value is not None else scale.name, codes.name))
+    return model, found
+
+
+def _first_code_flip_is_a_tie(lowered: ir.Model, qdq: ir.Model, feeds: dict[str, np.ndarray], case: str) -> bool:
+    """Whether the two graphs' activation codes differ somewhere (False: they agree on every quantizer both keep,
+    so the outputs must agree tightly). Where they first differ (graph order), each differing code must be a
+    rounding tie: the quantizer's input equal within LOWERED_RTOL in both graphs, and x / scale within 1e-3 of a
+    half step, so only a float summation difference flipped it; a lowering that computed something else fails."""
+    low, low_q = _with_quantizer_values(lowered)
+    ref, ref_q = _with_quantizer_values(qdq)
+    got, expected = run(low, feeds), _as_written(ref, feeds)
+    low_inputs = {codes: x for x, _, codes in low_q}
+    constant_scales = {n.outputs[0].name: n.inputs[1].const_value.numpy() for n in qdq.graph
+                       if n.op_type == "QuantizeLinear" and n.inputs[1].const_value is not None}
+    for x, scale, codes in ref_q:
+        if codes not in low_inputs:
+            continue
+        flipped = got[codes].astype(np.int32) != expected[codes].astype(np.int32)
+        if not flipped.any():
+            continue
+        x_ref, x_low = expected[x].astype(np.float64), got[low_inputs[codes]].astype(np.float64)
+        assert np.abs(x_low - x_ref).max() <= LOWERED_RTOL * np.abs(x_ref).max(), (
+            f"{case}: the input of {codes} differs beyond float rounding")
+        step = np.broadcast_to(expected[scale] if scale else constant_scales[codes], x_ref.shape)
+        frac = np.abs(x_ref / step) % 1.0
+        assert (np.abs(frac[flipped] - 0.5) < 1e-3).all(), f"{case}: {codes} flipped codes that were not ties"
+        return True
+    return False
 
 
 def _qdq_form(exports: Exports, family: str, report: dict) -> ir.Model | None:
