@@ -217,9 +217,11 @@ def test_w4a8_on_smollm2_passes_the_tensorrt_check_and_meets_its_perplexity_targ
     chosen = collections.Counter(v.split(":")[0] for v in Meta.PRECISION.under(model.metadata_props).values())
     eight = chosen.get("8", 0)  # linears the preset's w4_fraction keeps at int8 (none without it)
     assert weights[ir.DataType.INT4] == 7 * 30 - eight and weights[ir.DataType.INT8] == eight  # every layer linear
-    result = evaluate_quantized(default_export, model, tmp_path / "w4a8")
+    # 16 windows, not 4: on 4 the ratio of one preset moves by 1.5 points between graphs equal up to float
+    # rounding or a CPU's kernels (docs/measurements.md), on 16 by well under one
+    result = evaluate_quantized(default_export, model, tmp_path / "w4a8", windows=16)
     ratio = result["ppl_ratio"]
-    # issue 4's target; measured 1.051 with layer-sequential GPTQ when the preset was written (one-shot: 1.080)
+    # issue 4's target; measured 1.053 on 16 windows (the preset without upstream activations or int8 linears: 1.070)
     assert ratio <= 1.06, f"w4a8: ppl ratio {ratio:.4f} is above issue 4's target 1.06"
     # w4a8-ort = these passes + its ORT lowerings (lossless up to float rounding): lower this graph, not a new one
     qdq_passes = {e.name for e in rc.load_recipe("w4a8").passes}
@@ -228,10 +230,10 @@ def test_w4a8_on_smollm2_passes_the_tensorrt_check_and_meets_its_perplexity_targ
                                            "ort-attention-chunks"]
     for entry in lowerings:
         assert entry.build()(model).modified
-    lowered = evaluate_quantized(default_export, model, tmp_path / "w4a8-ort")["ppl_ratio"]
+    lowered = evaluate_quantized(default_export, model, tmp_path / "w4a8-ort", windows=16)["ppl_ratio"]
     # the lowerings are exact up to float rounding (each pass's tiny-model tests), but a rounding difference that
     # flips a per-tensor static activation code cascades: measured 0.04% apart on one CPU, 0.24% on an AMD Zen 5;
-    # up to about 0.6% between float-rounding-equal graphs on these 4 x 512 tokens (docs/measurements.md)
+    # up to about 0.6% between float-rounding-equal graphs on 4 x 512 tokens, less on 16 (docs/measurements.md)
     assert abs(lowered - ratio) < 6e-3 * ratio, f"w4a8-ort: ppl ratio {lowered:.4f} vs w4a8 {ratio:.4f}"
 
 
