@@ -192,13 +192,16 @@ def test_the_w4a8_preset_exists():
 @pytest.mark.parametrize("preset", W4A8_PRESETS)
 def test_w4a8_preset_end_to_end_on_tiny_llama(tiny_source, tiny_export, tmp_path, preset):
     _, model = export_tiny_preset(tiny_source("llama"), tmp_path / "q", preset)
-    weights = [n for n in model.graph if n.metadata_props.get(Meta.QUANT) == "weight"]
+    weights = collections.Counter(n.inputs[0].const_value.dtype for n in model.graph if n.op_type == "DequantizeLinear"
+                                  and n.inputs[0].const_value is not None and n.metadata_props.get(Meta.QUANT) == "weight")
     ops = collections.Counter(n.op_type for n in model.graph)
-    if preset.endswith("-ort"):  # the int4 weights live inside MatMulNBits
-        assert not weights and ops["MatMulNBits"] == 14
+    chosen = collections.Counter(v.split(":")[0] for v in Meta.PRECISION.under(model.metadata_props).values())
+    eight = chosen.get("8", 0)  # linears the preset's w4_fraction keeps at int8, as recorded
+    assert sum(chosen.values()) == 14 and weights[ir.DataType.INT8] == eight
+    if preset.endswith("-ort"):  # the int4 weights live inside MatMulNBits; int8 ones stay in QDQ form
+        assert weights[ir.DataType.INT4] == 0 and ops["MatMulNBits"] == 14 - eight
     else:
-        assert len(weights) == 14 and all(n.inputs[0].const_value.dtype == ir.DataType.INT4 for n in weights
-                                          if n.op_type == "DequantizeLinear")
+        assert weights[ir.DataType.INT4] == 14 - eight
     assert ops["QuantizeLinear"] == 8  # per-tensor activations: q/k/v, o, gate/up, down in 2 layers
     if preset == "w4a8":
         assert errors(check_model(model)) == []
