@@ -40,25 +40,7 @@ def _float_like(value: ir.Value, like: ir.Value, name: str) -> ir.Value:
 def per_token_qdq(graph: ir.Graph, x: ir.Value, width: int, before: ir.Node,
                   consts: SharedConsts) -> tuple[ir.Value, list[ir.Node]]:
     """x -> per-token symmetric int8 Q/DQ inserted before ``before``; returns the dequantized value and the nodes."""
-    dtype = x.dtype.numpy() if x.dtype is not None else np.float32
-    base = f"{x.name}.qtok"
-    abs_ = ir.node("Abs", [x], name=f"{base}.abs")
-    reduce = ir.node("ReduceMax", [abs_.outputs[0], consts.get("axis_last", np.array([-1], np.int64))],
-                     {"keepdims": 1}, name=f"{base}.absmax")
-    qmax = consts.get(f"qmax_{np.dtype(dtype).name}", np.array(numerics.INT8_QMAX, dtype))
-    div = ir.node("Div", [reduce.outputs[0], qmax], name=f"{base}.scale_raw")
-    eps = consts.get(f"eps_{np.dtype(dtype).name}", np.array(numerics.SCALE_EPS, dtype))
-    scale = ir.node("Max", [div.outputs[0], eps], name=f"{base}.scale")
-    q = ir.node("QuantizeLinear", [x, scale.outputs[0]],
-                {"axis": -1, "block_size": width, "output_dtype": ir.DataType.INT8.value}, name=f"{base}.q")
-    dq = ir.node("DequantizeLinear", [q.outputs[0], scale.outputs[0]], {"axis": -1, "block_size": width},
-                 name=f"{base}.dq")
-    for node, suffix in ((abs_, "abs"), (reduce, "absmax"), (div, "scale_raw"), (scale, "scale"), (q, "q")):
-        node.outputs[0].name = f"{base}.{suffix}"
-    q.outputs[0].dtype = ir.DataType.INT8
-    nodes = [tagged(n, "per_token") for n in (abs_, reduce, div, scale, q, dq)]
-    graph.insert_before(before, nodes)
-    return _float_like(dq.outputs[0], x, f"{base}.dq"), nodes
+    return _dynamic_qdq(graph, x, f"{x.name}.qtok", "per_token", width, [], before, consts)
 
 
 def per_tensor_qdq(graph: ir.Graph, x: ir.Value, scale: float, before: ir.Node) -> ir.Value:
@@ -78,13 +60,23 @@ def per_block_qdq(graph: ir.Graph, x: ir.Value, width: int, block: int, before: 
                   consts: SharedConsts) -> tuple[ir.Value, list[ir.Node]]:
     """x [..., width] -> symmetric int8 Q/DQ with one scale per token and ``block`` consecutive channels, inserted
     before ``before``; returns the dequantized value and the nodes. ``block`` must divide ``width``."""
-    dtype = x.dtype.numpy() if x.dtype is not None else np.float32
     base = f"{x.name}.qblk"
     blocks = consts.get(f"blocks_{width}_{block}", np.array([0, 0, width // block, block], np.int64))
     reshape = ir.node("Reshape", [x, blocks], name=f"{base}.blocks")
-    abs_ = ir.node("Abs", [reshape.outputs[0]], name=f"{base}.abs")
+    reshape.outputs[0].name = f"{base}.blocks"
+    return _dynamic_qdq(graph, x, base, "per_block", block, [reshape], before, consts)
+
+
+def _dynamic_qdq(graph: ir.Graph, x: ir.Value, base: str, tag: str, block: int, grouping: list[ir.Node],
+                 before: ir.Node, consts: SharedConsts) -> tuple[ir.Value, list[ir.Node]]:
+    """x -> symmetric int8 Q/DQ along the last axis in blocks of ``block``, each block's scale its absmax / 127
+    computed in the graph: over the last axis of x, or of ``grouping``'s output (x reshaped into the blocks, whose
+    reduced axis is then dropped). Returns the dequantized value and the nodes, inserted before ``before``."""
+    dtype = x.dtype.numpy() if x.dtype is not None else np.float32
+    source = grouping[-1].outputs[0] if grouping else x
+    abs_ = ir.node("Abs", [source], name=f"{base}.abs")
     reduce = ir.node("ReduceMax", [abs_.outputs[0], consts.get("axis_last", np.array([-1], np.int64))],
-                     {"keepdims": 0}, name=f"{base}.absmax")
+                     {"keepdims": 0 if grouping else 1}, name=f"{base}.absmax")
     qmax = consts.get(f"qmax_{np.dtype(dtype).name}", np.array(numerics.INT8_QMAX, dtype))
     div = ir.node("Div", [reduce.outputs[0], qmax], name=f"{base}.scale_raw")
     eps = consts.get(f"eps_{np.dtype(dtype).name}", np.array(numerics.SCALE_EPS, dtype))
@@ -93,10 +85,9 @@ def per_block_qdq(graph: ir.Graph, x: ir.Value, width: int, block: int, before: 
                 {"axis": -1, "block_size": block, "output_dtype": ir.DataType.INT8.value}, name=f"{base}.q")
     dq = ir.node("DequantizeLinear", [q.outputs[0], scale.outputs[0]], {"axis": -1, "block_size": block},
                  name=f"{base}.dq")
-    for node, suffix in ((reshape, "blocks"), (abs_, "abs"), (reduce, "absmax"), (div, "scale_raw"),
-                         (scale, "scale"), (q, "q")):
+    for node, suffix in ((abs_, "abs"), (reduce, "absmax"), (div, "scale_raw"), (scale, "scale"), (q, "q")):
         node.outputs[0].name = f"{base}.{suffix}"
     q.outputs[0].dtype = ir.DataType.INT8
-    nodes = [tagged(n, "per_block") for n in (reshape, abs_, reduce, div, scale, q, dq)]
+    nodes = [tagged(n, tag) for n in (*grouping, abs_, reduce, div, scale, q, dq)]
     graph.insert_before(before, nodes)
     return _float_like(dq.outputs[0], x, f"{base}.dq"), nodes

@@ -112,8 +112,8 @@ class GptqPass(ir.passes.InPlacePass):
     (``sequential: true``): the linears of layer 0, 1, ... (by role name, then any others)
     in turn, each layer's Hessians from the graph in which all earlier layers' weights are already quantized;
     activations are still float there (their quantizers come with the later ``quantize`` pass), unless
-    ``upstream_activations: per_token``: then each quantized layer's linear inputs also pass through per-token
-    int8 Q/DQ while the later layers' Hessians are measured, so those Hessians see activation rounding as the
+    ``upstream_activations: per_token`` (or ``per_group``, one scale per token and ``group_size`` channels): then
+    each quantized layer's linear inputs also pass through int8 Q/DQ while the later layers' Hessians are measured, so those Hessians see activation rounding as the
     quantized model will (the temporary quantizers are removed before the pass returns). The residual
     stream entering each layer is cached per window (:meth:`~qexport.calibration.calibrator.Calibrator.hessians`),
     so a layer's Hessians come from a session over that layer and the one before it (quantized), not from the
@@ -231,8 +231,9 @@ class GptqPass(ir.passes.InPlacePass):
 
 
 class _UpstreamQuantizers:
-    """Per-token int8 Q/DQ put temporarily on the inputs of already quantized linears (``upstream_activations``),
-    and taken off again: the linears read their original inputs and the nodes and constants are gone."""
+    """Int8 Q/DQ (per token, or per token and group) put temporarily on the inputs of already quantized linears
+    (``upstream_activations``), and taken off again: the linears read their original inputs and the nodes and
+    constants are gone."""
 
     def __init__(self, graph: ir.Graph) -> None:
         self.graph = graph
