@@ -141,12 +141,15 @@ def _assert_lowered_equals_qdq(lowered: ir.Model, qdq: ir.Model, fp32: ir.Model,
     of a per-token or static activation code, flipped by a float summation difference, cascades through the KV
     cache to the later tokens (up to 1e-2 of max |logit| on 130 random tokens, measured)."""
     prefill = make_feeds(qdq, seq=16, past=0)
+    outputs = [v.name for v in qdq.graph.outputs]
+    assert outputs == [v.name for v in lowered.graph.outputs]
+    low, low_q = _with_quantizer_values(lowered)
+    ref, ref_q = _with_quantizer_values(qdq)
     for feeds in (padded_feeds(qdq), prefill):
-        expected, got = _as_written(qdq, feeds), run(lowered, feeds)
-        assert got.keys() == expected.keys()
-        if _first_code_flip_is_a_tie(lowered, qdq, feeds, case):
+        expected, got = _as_written(ref, feeds), run(low, feeds)
+        if _first_code_flip_is_a_tie(got, expected, low_q, ref_q, qdq, case):
             continue  # past a flipped tie the two graphs round differently: nothing downstream compares tightly
-        for name in expected:
+        for name in outputs:
             diff = max_rel_diff(got, expected, name)
             assert diff < LOWERED_RTOL, f"{case}: {name} lowered vs QDQ relative difference {diff:.3g}"
     quant_error = max_rel_diff(_as_written(qdq, prefill), _as_written(fp32, prefill))  # same basis: empty cache
@@ -169,14 +172,14 @@ def _with_quantizer_values(model: ir.Model) -> tuple[ir.Model, list[tuple[str, s
     return model, found
 
 
-def _first_code_flip_is_a_tie(lowered: ir.Model, qdq: ir.Model, feeds: dict[str, np.ndarray], case: str) -> bool:
+def _first_code_flip_is_a_tie(got: dict[str, np.ndarray], expected: dict[str, np.ndarray], low_q: list,
+                              ref_q: list, qdq: ir.Model, case: str) -> bool:
     """Whether the two graphs' activation codes differ somewhere (False: they agree on every quantizer both keep,
     so the outputs must agree tightly). Where they first differ (graph order), each differing code must be a
     rounding tie: the quantizer's input equal within LOWERED_RTOL in both graphs, and x / scale within 1e-3 of a
-    half step, so only a float summation difference flipped it; a lowering that computed something else fails."""
-    low, low_q = _with_quantizer_values(lowered)
-    ref, ref_q = _with_quantizer_values(qdq)
-    got, expected = run(low, feeds), _as_written(ref, feeds)
+    half step, so only a float summation difference flipped it; a lowering that computed something else fails.
+    ``got`` / ``expected``: the runs of the lowered and QDQ graphs with their quantizer values (``low_q``, ``ref_q``
+    from :func:`_with_quantizer_values`)."""
     low_inputs = {codes: x for x, _, codes in low_q}
     constant_scales = {n.outputs[0].name: n.inputs[1].const_value.numpy() for n in qdq.graph
                        if n.op_type == "QuantizeLinear" and n.inputs[1].const_value is not None}
