@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from qexport.artifact.folder import MODEL_FILE
 from qexport.artifact.genai_config import write_genai_config
+from qexport.artifact.onnx_file import write_single_file
 from qexport.exporter.graph_export import ExportSettings, export_graph, export_path_of
 from qexport.exporter.loading import load_model, resolve_source
 from qexport.artifact.outdir import atomic_output_dir, checksums, write_manifest
@@ -55,7 +56,7 @@ def save_model(model: ir.Model, folder: Path) -> list[str]:
     if size > EXTERNAL_DATA_THRESHOLD:
         ir.save(model, folder / MODEL_FILE, external_data=EXTERNAL_DATA_FILE)
         return [MODEL_FILE, EXTERNAL_DATA_FILE]
-    ir.save(model, folder / MODEL_FILE)
+    write_single_file(model, folder / MODEL_FILE)  # ir.save would hold two more copies of the weights
     return [MODEL_FILE]
 
 
