@@ -14,6 +14,7 @@ import torch
 
 from qexport.exporter import layerwise
 from qexport.exporter.families import Family
+from qexport.exporter.naming import name_by_order
 from qexport.runtimes.signature import GraphSignature
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,8 @@ def export_graph(model: torch.nn.Module, family: Family, settings: ExportSetting
     """Export ``model`` (float32, eval mode) to an ONNX IR model with the Optimum-style signature.
 
     Layer-wise where the model allows (see :mod:`qexport.exporter.layerwise`), else the whole model is traced;
-    ``export_path_of(model)`` tells which and why.
+    ``export_path_of(model)`` tells which and why. Generated names follow graph order
+    (:mod:`qexport.exporter.naming`).
     """
     dtype = DTYPES[settings.dtype]
     model = model.to(dtype)
@@ -153,7 +155,9 @@ def export_graph(model: torch.nn.Module, family: Family, settings: ExportSetting
     if ir_model is None:
         ir_model = _trace(model, signature, settings)
     log.info("export path: %s (%s)", path.path, path.reason)
+    name_by_order(ir_model.graph)  # unique names for cleanup's lifted constants, whichever path traced
     cleanup(ir_model)
+    name_by_order(ir_model.graph)  # the final names: the same for both paths where the graphs are the same
     ir_model.producer_name = "qexport"
     ir_model.producer_version = _version()
     ir_model.meta[EXPORT_PATH_KEY] = path

@@ -1,4 +1,4 @@
-"""Layer-wise export: trace a shallow copy of the model, then stamp one template layer per real layer.
+"""Layer-wise export: trace a shallow copy of the model once, then stamp one template layer per real layer.
 
 The shallow model keeps the real modules and the full graph signature (every ``past_key_values.i``), but its
 layer list holds only layer 0 and, for each layer kind (``config.layer_types``; one kind where absent), two
@@ -6,13 +6,14 @@ more layers of that kind, one after the other. Stamping works on the raw exporte
 (so no computation is yet shared between layers by CSE):
 
 * the graph is cut by ``pkg.torch.onnx.name_scopes`` into a prefix, layer sections 0..S-1 and a suffix;
+* the two layers of a kind must trace to the same operators (else the layer's graph depends on its index);
 * layer 0 stays; every real layer 1..N-1 is a copy of its kind's second shallow layer, wired to the previous
-  layer's residual output, its own past inputs and its own weights (``model.<layers>.<i>.<name>``);
-* node and value names of the copies and the suffix are shifted by the per-layer step of each exporter
-  counter (``val_N``, ``node_Op_N``, FX names such as ``mul_741``), measured between the two layers of a kind,
-  so that ``cleanup`` names folded and lifted initializers as the whole-model export does.
+  layer's residual output, its own past inputs and its own weights (``model.<layers>.<i>.<name>``).
 
-Anything off that pattern raises :class:`LayerwiseError`; the caller then traces the whole model.
+The copies are left unnamed: ``qexport.exporter.naming`` then names every generated value and node of either
+export path by graph order, so the layer-wise and whole-model graphs carry the same names without depending on
+the exporter's own counters. Anything off that pattern raises :class:`LayerwiseError`; the caller then traces
+the whole model.
 """
 
 from __future__ import annotations
@@ -70,14 +71,6 @@ class LayerPlan:
         """The shallow position of the second layer of ``kind`` after layer 0 (the one copied)."""
         return [pos for pos, k in enumerate(self.shallow_kinds) if k == kind and pos > 0][1]
 
-    def probes(self) -> dict[str, "LayerPlan"]:
-        """For each kind with layers left out, the shallow plan plus one more layer of it at the end: traced
-        too, it shows how every name of the trace moves per extra layer of that kind."""
-        extra = {}
-        for i, kind in enumerate(self.kinds):
-            if i not in self.shallow and kind not in extra:
-                extra[kind] = dataclasses.replace(self, shallow=self.shallow + (i,))
-        return extra
 
 
 def _layer_list(model: torch.nn.Module, path: tuple[str, ...]) -> tuple[torch.nn.Module, torch.nn.Module | None]:
@@ -144,67 +137,10 @@ def shallow_model(model: torch.nn.Module, plan: LayerPlan) -> Iterator[None]:
             module.layer_idx = idx
 
 
-@dataclasses.dataclass(frozen=True)
-class _Name:
-    """A generated name: ``counter`` is "#val" or "#node" for the exporter's ``val_N`` and ``node_Op_N`` counters,
-    else ``fx:<base>`` for an FX node name (``base``, ``base_1``, ...); ``form`` rebuilds it from a number."""
-
-    counter: str
-    number: int
-    form: str
-
-    def with_number(self, number: int) -> str:
-        if self.counter.startswith("#"):
-            return f"{self.form}_{number}"
-        return self.form if number == 0 else f"{self.form}_{number}"
-
-
-def _parse(name: str | None) -> _Name | None:
-    if not name:
-        return None
-    if m := re.fullmatch(r"(val|node_[A-Z][A-Za-z0-9]*)_(\d+)", name):
-        return _Name("#val" if m.group(1) == "val" else "#node", int(m.group(2)), m.group(1))
-    prefix, rest = ("node_", name[5:]) if name.startswith("node_") else ("", name)
-    if not re.fullmatch(r"[a-z_][a-z0-9_]*", rest):
-        return None
-    m = re.fullmatch(r"(.+)_(\d+)", rest)
-    base, number = (m.group(1), int(m.group(2))) if m else (rest, 0)
-    return _Name(f"fx:{base}", number, prefix + base)
-
-
-def _shift(name: str | None, offsets: dict[str, int]) -> str | None:
-    parsed = _parse(name)
-    if parsed is None or not offsets.get(parsed.counter):
-        return name
-    return parsed.with_number(parsed.number + offsets[parsed.counter])
-
-
-def _steps(first: list[ir.Node], second: list[ir.Node]) -> dict[str, int]:
-    """How far each name counter moves from one layer to the next layer of the same kind."""
-    if [n.op_type for n in first] != [n.op_type for n in second]:
+def _same_operators(first: list[ir.Node], second: list[ir.Node]) -> None:
+    """Two layers of one kind must trace to the same operators, else a copy of one is not the other."""
+    if [(n.domain, n.op_type) for n in first] != [(n.domain, n.op_type) for n in second]:
         raise LayerwiseError("two layers of one kind trace to different nodes")
-    steps: dict[str, int] = {}
-    for a, b in zip(first, second):
-        pairs = [(a.name, b.name)] + [(x.name, y.name) for x, y in zip(a.outputs, b.outputs)]
-        for x, y in pairs:
-            px, py = _parse(x), _parse(y)
-            if px is None and py is None:
-                continue
-            if px is None or py is None or (px.counter, px.form) != (py.counter, py.form):
-                raise LayerwiseError(f"names {x!r} and {y!r} of two layers of one kind do not correspond")
-            if steps.setdefault(px.counter, py.number - px.number) != py.number - px.number:
-                raise LayerwiseError(f"name counter {px.counter!r} does not move by a fixed step per layer")
-    return steps
-
-
-def _offsets(steps: dict[str, dict[str, int]], real: tuple[str, ...], shallow: tuple[str, ...]) -> dict[str, int]:
-    """Counter shifts from a position after the ``shallow`` layers to one after the ``real`` layers."""
-    total: collections.Counter[str] = collections.Counter()
-    for kind in real:
-        total.update(steps[kind])
-    for kind in shallow:
-        total.subtract(steps[kind])
-    return dict(total)
 
 
 def _sections(graph: ir.Graph, plan: LayerPlan) -> tuple[list[ir.Node], list[list[ir.Node]], list[ir.Node]]:
@@ -256,54 +192,24 @@ def _past_key(node: ir.Node) -> tuple | None:
 
 
 def trace_layerwise(torch_model: torch.nn.Module, plan: LayerPlan, trace: Callable[[], ir.Model]) -> ir.Model:
-    """The raw graph of the full model from shallow traces (``trace`` exports the model as it is at the call)."""
+    """The raw graph of the full model from one shallow trace (``trace`` exports the model as it is at the call);
+    generated values and nodes of the stamped layers are unnamed (see :mod:`qexport.exporter.naming`)."""
     with shallow_model(torch_model, plan):
         onnx_model = trace()
-    probes = {}
-    for kind, probe in plan.probes().items():
-        with shallow_model(torch_model, probe):
-            probes[kind] = (probe, trace().graph)
-    stamp_layers(onnx_model, torch_model, plan, probes)
+    stamp_layers(onnx_model, torch_model, plan)
     return onnx_model
 
 
-def _name_moves(graph: ir.Graph, plan: LayerPlan, probe_graph: ir.Graph, probe: LayerPlan) -> dict[str, int]:
-    """How far each generated name of the shallow trace moves in the probe trace (one more layer)."""
-    pre, layers, post = _sections(graph, plan)
-    ppre, players, ppost = _sections(probe_graph, probe)
-    moves: dict[str, int] = {}
-    for mine, theirs in zip([pre, *layers, post], [ppre, *players[:-1], ppost]):
-        if [n.op_type for n in mine] != [n.op_type for n in theirs]:
-            raise LayerwiseError("one more layer changes the trace outside the layers")
-        for a, b in zip(mine, theirs):
-            for x, y in [(a.name, b.name)] + [(u.name, v.name) for u, v in zip(a.outputs, b.outputs)]:
-                px, py = _parse(x), _parse(y)
-                if px is not None and py is not None and (px.counter, px.form) == (py.counter, py.form):
-                    moves[x] = py.number - px.number
-    return moves
-
-
-def stamp_layers(onnx_model: ir.Model, torch_model: torch.nn.Module, plan: LayerPlan,
-                 probes: dict[str, tuple[LayerPlan, ir.Graph]]) -> None:
-    """Turn the raw trace of the shallow model into the graph of the full model, in place (before ``cleanup``).
-
-    ``probes`` holds, per kind with layers left out, the trace with one more layer of that kind."""
+def stamp_layers(onnx_model: ir.Model, torch_model: torch.nn.Module, plan: LayerPlan) -> None:
+    """Turn the raw trace of the shallow model into the graph of the full model, in place (before ``cleanup``)."""
     graph = onnx_model.graph
     pre, layers, post = _sections(graph, plan)
     count, shallow_kinds = len(plan.kinds), plan.shallow_kinds
-    missing = collections.Counter(plan.kinds)
-    missing.subtract(shallow_kinds)
-    moves = {kind: _name_moves(graph, plan, probe_graph, probe) for kind, (probe, probe_graph) in probes.items()}
-
-    def moved(name: str | None) -> str | None:  # where a name of the shallow trace lands in the full trace
-        parsed = _parse(name)
-        extra = sum(moves[k].get(name, 0) * n for k, n in missing.items() if n and k in moves)
-        return name if parsed is None or not extra else parsed.with_number(parsed.number + extra)
-
     section = {o: j for j, nodes in enumerate(layers) for n in nodes for o in n.outputs}
     section.update({o: "pre" for n in pre for o in n.outputs})
     templates = {kind: plan.template(kind) for kind in set(shallow_kinds[1:])}
-    steps = {kind: _steps(layers[q - 1], layers[q]) for kind, q in templates.items()}
+    for q in templates.values():
+        _same_operators(layers[q - 1], layers[q])
     later = {v for nodes in layers[2:] for v in _external(nodes)}
     residual = _one([v for v in _external(layers[1]) if section.get(v) == 0 and v not in later], "layer 0 output")
     last = _one([v for v in _external(post) if section.get(v) not in (None, "pre", 0)], "input of the final norm")
@@ -321,9 +227,8 @@ def stamp_layers(onnx_model: ir.Model, torch_model: torch.nn.Module, plan: Layer
     for i in range(1, count):
         kind = plan.kinds[i]
         q = templates[kind]
-        offsets = _offsets(steps, plan.kinds[1:i], shallow_kinds[1:q])
         tensors = dict(real_layers[i].named_parameters()) | dict(real_layers[i].named_buffers())
-        nodes, residual, layer_presents = stamper.stamp(layers[q], q, i, residual, offsets, tensors, moved)
+        nodes, residual, layer_presents = stamper.stamp(layers[q], q, i, residual, tensors)
         stamped += nodes
         presents.update(layer_presents)
     for node in post:
@@ -333,13 +238,6 @@ def stamp_layers(onnx_model: ir.Model, torch_model: torch.nn.Module, plan: Layer
     _replace_outputs(graph, pre, presents, count)
     graph.insert_before(post[0], stamped)
     _drop_shallow_layers(graph, plan, layers, stamper.weights.values())
-    keep = {v.name for v in graph.outputs} | {v.name for v in graph.inputs}
-    for node in [*pre, *layers[0], *post]:
-        node.name = moved(node.name)
-        for value in node.outputs:
-            if value.name not in keep:
-                value.name = moved(value.name)
-    _check_unique(graph)
     log.debug("stamped %d layers from %d traced", count, len(layers))
 
 
@@ -369,14 +267,6 @@ def _drop_shallow_layers(graph: ir.Graph, plan: LayerPlan, layers: list[list[ir.
         graph.register_initializer(value)
 
 
-def _check_unique(graph: ir.Graph) -> None:
-    seen: set[str] = set()
-    for value in [*graph.inputs, *graph.initializers.values(), *(o for n in graph for o in n.outputs)]:
-        if value.name in seen:
-            raise LayerwiseError(f"value name {value.name!r} is used twice after stamping")
-        seen.add(value.name)
-
-
 class _Stamper:
     """Copies a template layer's nodes for one real layer, mapping what the layer reads from outside."""
 
@@ -385,8 +275,7 @@ class _Stamper:
         self.plan, self.section, self.by_past = plan, section, by_past
         self.weights: dict[str, ir.Value] = {}
 
-    def stamp(self, template: list[ir.Node], q: int, i: int, residual: ir.Value, offsets: dict[str, int],
-              tensors: dict[str, torch.Tensor], moved: Callable[[str | None], str | None],
+    def stamp(self, template: list[ir.Node], q: int, i: int, residual: ir.Value, tensors: dict[str, torch.Tensor],
               ) -> tuple[list[ir.Node], ir.Value, dict[str, ir.Value]]:
         mapped: dict[ir.Value, ir.Value] = {}
         inside = {o for n in template for o in n.outputs}
@@ -398,11 +287,11 @@ class _Stamper:
                       else residual if v is residual_in else self._outer(v, q, i, tensors) for v in node.inputs]
             clone = ir.Node(node.domain, node.op_type, inputs, list(node.attributes.values()),
                             overload=node.overload, num_outputs=len(node.outputs), version=node.version,
-                            name=_shift(moved(node.name), offsets), doc_string=node.doc_string,
+                            doc_string=node.doc_string,
                             metadata_props={k: scope_re.sub(rf"\g<1>{i}", v) for k, v in node.metadata_props.items()})
             for old, new in zip(node.outputs, clone.outputs):
                 present = _PRESENT.fullmatch(old.name or "")
-                new.name = f"present.{i}.{present.group(2)}" if present else _shift(moved(old.name), offsets)
+                new.name = f"present.{i}.{present.group(2)}" if present else None
                 new.type, new.shape = old.type, old.shape.copy() if old.shape is not None else None
                 mapped[old] = new
                 if present:

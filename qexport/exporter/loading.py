@@ -140,6 +140,6 @@ def load_model(source: ModelSource):
     with _clear_errors(source, "the tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     with _clear_errors(source, "the model weights"), contextlib.redirect_stdout(io.StringIO()):
-        model = AutoModelForCausalLM.from_pretrained(location, dtype="float32", **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, config=config, dtype="float32", **kwargs)
     model.eval()
     return config, family, model, tokenizer
