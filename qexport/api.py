@@ -113,6 +113,7 @@ def export(
     with atomic_output_dir(out, force=force) as tmp:
         export_start = time.perf_counter()
         ir_model, signature = export_graph(hf_model, family, settings)
+        del hf_model  # the graph holds the weights it uses; those a pass replaces can then be freed
         export_s = time.perf_counter() - export_start
         path = export_path_of(ir_model)
         recipe_report, calibration, adaptations = None, None, None

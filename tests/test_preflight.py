@@ -58,3 +58,23 @@ def test_the_error_names_the_pass_and_what_to_do(tiny_export):
         check_recipe_applies(model, rc.load_recipe("rotate"))
     message = str(info.value)
     assert "rotate-residual" in message and "samples/recipes" in message and "--recipe" in message
+
+
+def test_the_trial_copy_shares_the_weights_read_only(tiny_export):
+    import numpy as np
+    import onnx_ir as ir
+
+    from qexport.passes._ir import trial_copy
+
+    model = load(tiny_export("qwen2"))
+    for value in model.graph.initializers.values():  # in memory, as after an export (not views of a loaded proto)
+        value.const_value = ir.Tensor(value.const_value.numpy(), name=value.name)
+    trial = trial_copy(model)
+    shared = [n for n, v in model.graph.initializers.items() if v.const_value.size >= 1024]
+    assert len(shared) >= 10
+    for name in shared:
+        ours, theirs = trial.graph.initializers[name].const_value.numpy(), model.graph.initializers[name].const_value.numpy()
+        assert np.shares_memory(ours, theirs) and not ours.flags.writeable, name
+    with pytest.raises(ValueError, match="read-only"):
+        trial.graph.initializers[shared[0]].const_value.numpy()[...] = 0
+    assert ir.to_proto(trial) == ir.to_proto(model)  # otherwise the same model

@@ -195,3 +195,19 @@ def test_weight_settings_default_to_int8_and_map_from_a_recipe(tiny_export):
     built = Recipe.from_dict({"name": "w4", "passes": [{"pass": "quantize", "weights": "dint4", "group_size": 64,
                                                          "weight_clip": "mse"}]}).build()[0]
     assert (built.weights, built.group_size, built.weight_clip) == (WeightQuant.DINT4, 64, WeightClip.MSE)
+
+
+@pytest.mark.parametrize("kind, group, clip", [("int8", None, "none"), ("int4", 64, "none"), ("dint4", 64, "mse")])
+def test_weights_quantized_in_column_blocks_equal_one_block(monkeypatch, kind, group, clip):
+    """Large weights are quantized a block of output columns at a time (bounded float64 temporaries): each column
+    has its own scales, so the codes and scales are exactly those of one block."""
+    import qexport.passes.quantize.weight_quant as wq
+
+    w = np.random.default_rng(0).standard_normal((256, 301)).astype(np.float32)
+    settings = {"kind": wq.WeightQuant(kind), "clip": wq.WeightClip(clip)} | ({"group_size": group} if group else {})
+    fmt = wq.WeightFormat(**settings)
+    monkeypatch.setattr(wq, "_CHUNK_ELEMENTS", 1 << 40)
+    whole = fmt.quantize(w)
+    monkeypatch.setattr(wq, "_CHUNK_ELEMENTS", 256 * 7)  # 7 columns per block, the last block shorter
+    blocks = fmt.quantize(w)
+    assert blocks[0].dtype == np.int8 and np.array_equal(blocks[0], whole[0]) and np.array_equal(blocks[1], whole[1])

@@ -30,6 +30,7 @@ from qexport.passes._ir import drop_if_unused, new_initializer
 from qexport.passes.metadata import Meta
 
 CLIP_RATIOS = np.linspace(1.0, 0.5, 21)  # grid of the MSE clip search
+_CHUNK_ELEMENTS = 1 << 22  # quantize weights in blocks of about this many elements (float64 temporaries stay small)
 DINT4_TABLE = np.array([0, 1, 2, 3, 4, 5, 6, 0.5, 0, -0.5, -6, -5, -4, -3, -2, -1])  # level of code c at [c mod 16]
 
 
@@ -115,10 +116,16 @@ class WeightFormat:
     def quantize(self, w_in_out: np.ndarray, where: str = "") -> tuple[np.ndarray, np.ndarray]:
         """Round-to-nearest: (codes int8 [in, out], Δ [in / group, out]) for an [in, out] weight."""
         rows = self.group_rows(w_in_out.shape[0], where)
-        groups = np.asarray(w_in_out, dtype=np.float64).reshape(-1, rows, w_in_out.shape[1])
-        scale = np.stack([self.scale(g) for g in groups])
-        codes = self.codes(groups / scale[:, None, :]).reshape(w_in_out.shape)
-        return codes.astype(np.int8), scale
+        codes = np.empty(w_in_out.shape, dtype=np.int8)
+        scales = []
+        step = max(1, _CHUNK_ELEMENTS // max(1, w_in_out.shape[0]))
+        for start in range(0, w_in_out.shape[1], step):  # every column is its own: blocks of columns are exact
+            part = np.asarray(w_in_out[:, start:start + step], dtype=np.float64)
+            groups = part.reshape(-1, rows, part.shape[1])
+            scale = np.stack([self.scale(g) for g in groups])
+            codes[:, start:start + step] = self.codes(groups / scale[:, None, :]).reshape(part.shape)
+            scales.append(scale)
+        return codes, np.concatenate(scales, axis=1)
 
     def dequantize(self, codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
         """The [in, out] float weight of (codes, Δ [groups, out]) as the graph computes it."""
