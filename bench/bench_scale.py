@@ -13,7 +13,7 @@ Random weights give near-uniform logits, so the larger models' perplexity ratios
 end to end, not its accuracy. Usage:
 
     python bench/bench_scale.py [--models default,qwen2.5-0.5b-shape,qwen2.5-1.5b-shape] [--work DIR]
-        [--fp32-only MODELS] [--calib-windows 4] [--calib-seq-len 256] [--eval-windows 2] [--eval-seq-len 256]
+        [--fp32-only MODELS] [--rss-limit-gib 20] [--calib-windows 4] [--calib-seq-len 256] [--eval-windows 2] [--eval-seq-len 256]
         [--json]
 """
 
@@ -25,7 +25,9 @@ import os
 import shutil
 import subprocess
 import sys
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -68,15 +70,41 @@ def random_model_folder(name: str, work: Path) -> Path:
     return folder
 
 
-def timed(command: list[str]) -> dict:
-    """Run ``command``; its wall seconds and the child's peak RSS in MiB, or an error with its last lines."""
+class OverMemory(RuntimeError):
+    """The command passed the RSS limit and was stopped."""
+
+
+def _watch(pid: int, limit_mib: float, stopped: list) -> None:
+    """Kill ``pid`` if its resident memory passes ``limit_mib`` (so a model too large for the machine ends its row
+    instead of the machine)."""
+    status = Path(f"/proc/{pid}/status")
+    while True:
+        try:
+            rss = next(int(line.split()[1]) / 1024 for line in status.read_text().splitlines()
+                       if line.startswith("VmRSS"))
+        except (OSError, StopIteration):
+            return
+        if rss > limit_mib:
+            stopped.append(rss)
+            os.kill(pid, signal.SIGKILL)
+            return
+        time.sleep(0.2)
+
+
+def timed(command: list[str], limit_mib: float = float("inf")) -> dict:
+    """Run ``command``; its wall seconds and the child's peak RSS in MiB, or an error with its last lines
+    (:class:`OverMemory` when it passed ``limit_mib`` and was stopped)."""
     with tempfile.TemporaryFile("w+") as errors:
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True)
+        stopped: list = []
+        threading.Thread(target=_watch, args=(process.pid, limit_mib, stopped), daemon=True).start()
         output = process.stdout.read()
         _, status, usage = os.wait4(process.pid, 0)  # the child's own rusage (Popen.wait would discard it)
         process.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - start
+        if stopped:
+            raise OverMemory(f"stopped after {seconds:.0f} s at {stopped[0]:.0f} MiB resident (limit {limit_mib:.0f})")
         if process.returncode != 0:
             errors.seek(0)
             tail = (errors.read() or output).strip().splitlines()[-3:]
@@ -107,9 +135,13 @@ def run_model(name: str, work: Path, args, fp32_only: bool = False) -> dict:
     shutil.rmtree(fp32)  # room on disk for the next step
     if fp32_only:
         return {"model": name, "fp32_gb": fp32_bytes / 1e9, "fp32_files": files, "export": export}
-    recipe = timed(qexport + ["export", *model_arg, "--out", str(quant), "--force", "--recipe", "w8a8-dynamic",
-                              "--calib-windows", str(args.calib_windows), "--calib-seq-len", str(args.calib_seq_len),
-                              "--no-difficulty"])
+    try:
+        recipe = timed(qexport + ["export", *model_arg, "--out", str(quant), "--force", "--recipe", "w8a8-dynamic",
+                                  "--calib-windows", str(args.calib_windows), "--calib-seq-len",
+                                  str(args.calib_seq_len), "--no-difficulty"], args.rss_limit_gib * 1024)
+    except OverMemory as error:
+        return {"model": name, "fp32_gb": fp32_bytes / 1e9, "fp32_files": files, "export": export,
+                "recipe_failed": str(error)}
     evaluation = timed(qexport + ["eval", str(quant), "--windows", str(args.eval_windows), "--seq-len",
                                   str(args.eval_seq_len), "--greedy-tokens", "8", "--json"])
     scores = json.loads(evaluation["output"])
@@ -127,6 +159,8 @@ def main() -> None:
     parser.add_argument("--calib-seq-len", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=2)
     parser.add_argument("--eval-seq-len", type=int, default=256)
+    parser.add_argument("--rss-limit-gib", type=float, default=20.0,
+                        help="stop a w8a8-dynamic export that passes this resident memory (the row says so)")
     parser.add_argument("--fp32-only", default="", help="models (of --models) that get only the FP32 export")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -152,7 +186,7 @@ def main() -> None:
           f"{r['export']['peak_rss_mib']}", f"{r['export']['peak_rss_mib'] * 2**20 / (r['fp32_gb'] * 1e9):.2f}",
           *([f"{r['recipe']['seconds']:.1f}", f"{r['recipe']['peak_rss_mib']}", f"{r['w8a8_gb']:.2f}",
              f"{r['eval']['seconds']:.1f}", f"{r['eval']['peak_rss_mib']}", f"{r['ppl_ratio']:.4f}"] if "recipe" in r
-            else ["not run"] * 6)] for r in rows],
+            else [r.get("recipe_failed", "not run")] + [""] * 5)] for r in rows],
         align="lllrrrrrrrrr"))
 
 

@@ -3,7 +3,8 @@
 Serializing a model to protobuf copies every initializer, and the session
 then parses and copies them again. Here the large initializers are serialized as external-data stubs and
 handed to ONNX Runtime as OrtValues on the model's own arrays (``SessionOptions.add_external_initializers``),
-so only the graph structure is serialized. The model is left exactly as it was.
+so only the graph structure is serialized. The model keeps its values; a large initializer that is not
+page-aligned is swapped for an aligned copy once (see ``serialize_without_weights``).
 """
 
 from __future__ import annotations
@@ -18,13 +19,28 @@ import onnx_ir as ir
 
 IN_MEMORY = "qexport-in-memory"  # the external-data location of the stubs; ONNX Runtime never opens it
 MIN_ELEMENTS = 1024  # smaller initializers are serialized inline
+PAGE = 4096  # initializer buffers start on a page boundary (see serialize_without_weights)
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # /proc/cpuinfo names of u8 x s8 dot products
 _NUMPY_NATIVE = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8, ir.DataType.UINT8,
                  ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64, ir.DataType.BOOL}
 
 
+def page_aligned(array: np.ndarray) -> np.ndarray:
+    """``array`` (C-contiguous) in a buffer that starts on a page boundary."""
+    buffer = np.empty(array.nbytes + PAGE, dtype=np.uint8)
+    start = (-buffer.ctypes.data) % PAGE
+    out = buffer[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+    np.copyto(out, array)
+    return out
+
+
 def serialize_without_weights(model: ir.Model) -> tuple[bytes, list[str], list[np.ndarray]]:
-    """(the model's bytes with its large initializers as external stubs, their names, their arrays)."""
+    """(the model's bytes with its large initializers as external stubs, their names, their arrays).
+
+    ONNX Runtime 1.32 uses a CPU buffer handed to it in place only when the buffer starts on a page boundary;
+    otherwise every session copies it (measured: a session on SmolLM2-135M took about the size of its weights
+    more). So a large initializer whose array is not page-aligned is replaced, in ``model``, by an equal tensor
+    on a page-aligned copy: the values are unchanged, and later sessions on the model copy nothing."""
     swapped: dict[str, ir.TensorProtocol] = {}
     arrays: list[np.ndarray] = []
     try:
@@ -34,6 +50,10 @@ def serialize_without_weights(model: ir.Model) -> tuple[bytes, list[str], list[n
                     or value.is_graph_input()):  # overridable initializers stay inline
                 continue
             array = np.ascontiguousarray(tensor.numpy())
+            if array.ctypes.data % PAGE:  # adopt a page-aligned copy, so this and later sessions use it in place
+                array = page_aligned(array)
+                tensor = ir.Tensor(array, dtype=tensor.dtype, name=name, doc_string=tensor.doc_string,
+                                   metadata_props=dict(tensor.metadata_props))
             swapped[name] = tensor
             arrays.append(array)
             value.const_value = ir.ExternalTensor(IN_MEMORY, offset=0, length=array.nbytes, dtype=tensor.dtype,
@@ -97,6 +117,8 @@ def session_options(threads: int | None = None, inter_op_threads: int | None = N
     options.log_severity_level = 3
     if as_written or u8s8_saturates():
         options.add_session_config_entry("session.disable_quant_qdq", "1")
+    if as_written:  # short-lived calibration sessions: no packed copy of every MatMul weight
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         options.intra_op_num_threads = threads
         if inter_op_threads:

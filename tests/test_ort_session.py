@@ -6,11 +6,11 @@ import onnxruntime as ort
 import pytest
 
 from qexport.calibration.stats import prefill_feeds, session_with_outputs
-from qexport.runtimes.ort_session import IN_MEMORY, cpu_session, serialize_without_weights
+from qexport.runtimes.ort_session import IN_MEMORY, PAGE, cpu_session, serialize_without_weights
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
-def test_in_memory_session_equals_the_serialized_model_and_leaves_it_unchanged(tiny_export, family):
+def test_in_memory_session_equals_the_serialized_model_and_keeps_its_values(tiny_export, family):
     model = ir.load(tiny_export(family) / "model.onnx")
     before = {name: (value.const_value, value.const_value.numpy().copy()) for name, value in model.graph.initializers.items()}
     full = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
@@ -19,9 +19,17 @@ def test_in_memory_session_equals_the_serialized_model_and_leaves_it_unchanged(t
     feeds = prefill_feeds(ids, {i.name: i for i in fast.get_inputs()}, model)
     for a, b in zip(full.run(None, feeds), fast.run(None, feeds)):
         np.testing.assert_array_equal(a, b)
-    for name, value in model.graph.initializers.items():  # the same tensor objects, the same data
-        assert value.const_value is before[name][0]
+    for name, value in model.graph.initializers.items():  # the same data; large ones now on page-aligned buffers
         np.testing.assert_array_equal(value.const_value.numpy(), before[name][1])
+        assert value.const_value.dtype == before[name][0].dtype and value.const_value.name == name
+        if value.const_value is not before[name][0]:  # adopted: a large one, on a page-aligned copy
+            assert value.const_value.size >= 1024 and value.const_value.numpy().ctypes.data % PAGE == 0, name
+    assert any(value.const_value is not before[name][0] for name, value in model.graph.initializers.items())
+    adopted = {name: value.const_value for name, value in model.graph.initializers.items()}
+    again = cpu_session(model)  # a second session adopts nothing more: the aligned arrays are used in place
+    assert all(value.const_value is adopted[name] for name, value in model.graph.initializers.items())
+    for a, b in zip(full.run(None, feeds), again.run(None, feeds)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_large_initializers_leave_the_protobuf_and_small_or_overridable_ones_stay(tiny_export):

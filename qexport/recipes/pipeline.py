@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import time
 from typing import Any
@@ -174,6 +175,7 @@ def apply_recipe(
                       "lossless": bool(lossless), "seconds": round(seconds, 3)})
         log.info("pass %s: %s in %.2f s", entry.name, "modified" if result.modified else "no change", seconds)
         if result.modified:
+            gc.collect()  # the weights the pass replaced sit in reference cycles of the IR: free them now
             graph.changed()
             sites.changed(model)
             if equivalence.result is None:  # lossless stages only: quantized linears are no sites

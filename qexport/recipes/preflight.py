@@ -8,6 +8,7 @@ first quantization pass: what follows reads the quantized graph, which calibrati
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 
@@ -43,5 +44,7 @@ def check_recipe_applies(model: ir.Model, recipe: Recipe) -> None:
                 f"before any calibration: {exc}. Use a recipe without {entry.name} for this model (copy the preset "
                 f"from samples/recipes/ and remove the pass, or choose another preset with --recipe)"
             ) from None
+    del trial
+    gc.collect()  # an IR graph is full of reference cycles: without this its weights outlive the check for a while
     log.info("recipe %s: its structural passes apply to this graph (checked in %.1f s)", recipe.name,
              time.perf_counter() - start)
