@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 import onnx_ir as ir
 
+from qexport.tensors import weights_as_stubs
+
 if TYPE_CHECKING:  # sites imports this module
     from qexport.passes.discovery.sites import Linear
 
@@ -225,8 +227,6 @@ def copy_model(model: ir.Model) -> ir.Model:
 
 
 _SHARED = "qexport-shared"  # the external-data location of trial_copy's stubs; nothing ever reads it
-_VIEWABLE = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8,
-                       ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64, ir.DataType.BOOL})
 
 
 def trial_copy(model: ir.Model) -> ir.Model:
@@ -236,43 +236,11 @@ def trial_copy(model: ir.Model) -> ir.Model:
     initializers rather than write into them; one that wrote into a weight in place would raise on the view
     instead of changing ``model``.
     """
-    shared: dict[str, ir.TensorProtocol] = {}
-    try:
-        for name, value in model.graph.initializers.items():
-            tensor = value.const_value
-            if tensor is None or tensor.dtype not in _VIEWABLE or tensor.size < 1024:
-                continue
-            shared[name] = tensor
-            value.const_value = ir.ExternalTensor(_SHARED, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape,
-                                                  name=name)
+    with weights_as_stubs(model, _SHARED) as shared:
         proto = ir.to_proto(model)
-    finally:
-        for name, tensor in shared.items():
-            model.graph.initializers[name].const_value = tensor
     trial = ir.from_proto(proto)
     for name, tensor in shared.items():
         view = tensor.numpy().view()
         view.flags.writeable = False
         trial.graph.initializers[name].const_value = ir.Tensor(view, dtype=tensor.dtype, name=name)
     return trial
-
-
-def make_contiguous(model: ir.Model) -> int:
-    """Replace each initializer that is a strided view (the exporter folds ``Transpose(weight)`` into a transposed
-    view of the checkpoint's tensor) by a contiguous copy, one at a time; returns how many were replaced.
-
-    Sessions and passes need contiguous arrays, and would otherwise each make their own copy. Copying one tensor
-    at a time lets the source tensor go as soon as its view is replaced (once nothing else holds the model).
-    """
-    replaced = 0
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if not isinstance(tensor, ir.Tensor) or tensor.dtype not in _VIEWABLE:
-            continue
-        array = tensor.numpy()
-        if array.flags.c_contiguous:
-            continue
-        value.const_value = ir.Tensor(np.ascontiguousarray(array), dtype=tensor.dtype, name=value.name,
-                                      doc_string=tensor.doc_string, metadata_props=dict(tensor.metadata_props))
-        replaced += 1
-    return replaced

@@ -17,16 +17,15 @@ from typing import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from qexport.tensors import MIN_ELEMENTS, NUMPY_NATIVE, weights_as_stubs
+
 IN_MEMORY = "qexport-in-memory"  # the external-data location of the stubs; ONNX Runtime never opens it
-MIN_ELEMENTS = 1024  # smaller initializers are serialized inline
 PAGE = 4096  # initializer buffers start on a page boundary (see serialize_without_weights)
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # /proc/cpuinfo names of u8 x s8 dot products
-_NUMPY_NATIVE = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8, ir.DataType.UINT8,
-                 ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64, ir.DataType.BOOL}
 
 
 def page_aligned(array: np.ndarray) -> np.ndarray:
-    """``array`` (C-contiguous) in a buffer that starts on a page boundary."""
+    """A C-contiguous copy of ``array`` (which may be a strided view) in a buffer that starts on a page boundary."""
     buffer = np.empty(array.nbytes + PAGE, dtype=np.uint8)
     start = (-buffer.ctypes.data) % PAGE
     out = buffer[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
@@ -41,27 +40,19 @@ def serialize_without_weights(model: ir.Model) -> tuple[bytes, list[str], list[n
     otherwise every session copies it (measured: a session on SmolLM2-135M took about the size of its weights
     more). So a large initializer whose array is not page-aligned is replaced, in ``model``, by an equal tensor
     on a page-aligned copy: the values are unchanged, and later sessions on the model copy nothing."""
-    swapped: dict[str, ir.TensorProtocol] = {}
-    arrays: list[np.ndarray] = []
-    try:
-        for name, value in model.graph.initializers.items():
-            tensor = value.const_value
-            if (tensor is None or tensor.dtype not in _NUMPY_NATIVE or tensor.size < MIN_ELEMENTS
-                    or value.is_graph_input()):  # overridable initializers stay inline
-                continue
-            array = np.ascontiguousarray(tensor.numpy())
-            if array.ctypes.data % PAGE:  # adopt a page-aligned copy, so this and later sessions use it in place
-                array = page_aligned(array)
-                tensor = ir.Tensor(array, dtype=tensor.dtype, name=name, doc_string=tensor.doc_string,
-                                   metadata_props=dict(tensor.metadata_props))
-            swapped[name] = tensor
-            arrays.append(array)
-            value.const_value = ir.ExternalTensor(IN_MEMORY, offset=0, length=array.nbytes, dtype=tensor.dtype,
-                                                  shape=tensor.shape, name=name, base_dir="")
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if (tensor is None or tensor.dtype not in NUMPY_NATIVE or tensor.size < MIN_ELEMENTS
+                or value.is_graph_input()):
+            continue
+        array = tensor.numpy()
+        if not array.flags.c_contiguous or array.ctypes.data % PAGE:
+            # adopt a page-aligned copy (one copy, also of a strided view), so later sessions use it in place
+            value.const_value = ir.Tensor(page_aligned(array), dtype=tensor.dtype, name=name,
+                                          doc_string=tensor.doc_string, metadata_props=dict(tensor.metadata_props))
+    with weights_as_stubs(model, IN_MEMORY, MIN_ELEMENTS, keep_inputs=True) as swapped:  # inputs: overridable
         data = ir.to_proto(model).SerializeToString()
-    finally:
-        for name, tensor in swapped.items():
-            model.graph.initializers[name].const_value = tensor
+    arrays = [tensor.numpy() for tensor in swapped.values()]
     return data, list(swapped), arrays
 
 

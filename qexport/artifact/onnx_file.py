@@ -19,13 +19,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from qexport.tensors import NUMPY_NATIVE
+
 _MODEL_GRAPH_FIELD = 7  # ModelProto.graph
 _GRAPH_INITIALIZER_FIELD = 5  # GraphProto.initializer
 _TENSOR_RAW_DATA_FIELD = 9  # TensorProto.raw_data
-# Types whose raw_data is the numpy array's own bytes (little-endian hosts): written from the array, not copied.
-_NATIVE = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8, ir.DataType.UINT8,
-           ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32, ir.DataType.UINT32, ir.DataType.INT64,
-           ir.DataType.UINT64, ir.DataType.BOOL}
 _LENGTH_DELIMITED = 2
 _PLACEHOLDER = "qexport-placeholder"
 
@@ -78,7 +76,7 @@ def _tensor_parts(name: str, tensor: ir.TensorProtocol) -> tuple[bytes, memoryvi
     """A TensorProto's bytes as (everything but the data, the data field): what ``serialize_tensor`` writes, with
     a plain in-memory tensor's raw data taken from its array where that needs no conversion."""
     array = None
-    if isinstance(tensor, ir.Tensor) and tensor.dtype in _NATIVE and np.little_endian:  # not external, not strings
+    if isinstance(tensor, ir.Tensor) and tensor.dtype in NUMPY_NATIVE and np.little_endian:  # not external, not strings
         array = np.ascontiguousarray(tensor.numpy())  # a copy only where the array is a strided view
     if array is None or array.dtype.itemsize * array.size != tensor.nbytes:
         proto = ir.serde.serialize_tensor(tensor)

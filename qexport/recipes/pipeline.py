@@ -16,7 +16,7 @@ from qexport import numerics
 from qexport.calibration.calibrator import Calibrator
 from qexport.calibration.stats import CalibrationStats, collect_stats
 from qexport.errors import QexportError
-from qexport.passes._ir import copy_model, make_contiguous
+from qexport.passes._ir import copy_model
 from qexport.passes.discovery import sites as site_matching
 from qexport.passes.discovery.linear_select import linear_names
 from qexport.passes.metadata import Meta
@@ -148,7 +148,6 @@ def apply_recipe(
     """
     if not windows:
         raise QexportError("the recipe needs calibration text, but no calibration windows were given")
-    make_contiguous(model)  # once, rather than a copy of each strided weight in every calibration session
     graph = _Graph(model, windows, settings)
     difficulty = _Difficulty(settings.measure_difficulty)
     equivalence = _Equivalence(recipe.name, settings)

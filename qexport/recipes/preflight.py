@@ -15,7 +15,7 @@ import time
 import onnx_ir as ir
 
 from qexport.errors import QexportError, RecipeError
-from qexport.passes._ir import make_contiguous, trial_copy
+from qexport.passes._ir import trial_copy
 from qexport.recipes.registry import is_lossless, runtime_fields
 from qexport.recipes.schema import Recipe, pass_class
 
@@ -26,7 +26,6 @@ def check_recipe_applies(model: ir.Model, recipe: Recipe) -> None:
     """Raise :class:`RecipeError` naming the pass, the reason and what to do if ``recipe`` cannot apply to
     ``model``; ``model`` itself is not changed."""
     start = time.perf_counter()
-    make_contiguous(model)  # the weights as the recipe's sessions read them (apply_recipe does it too)
     trial: ir.Model | None = None
     for index, entry in enumerate(recipe.passes, start=1):
         klass = pass_class(entry.name)
