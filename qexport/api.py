@@ -17,8 +17,12 @@ import onnx_ir as ir
 from qexport.artifact.folder import MODEL_FILE
 from qexport.artifact.genai_config import write_genai_config
 from qexport.artifact.onnx_file import write_single_file
-from qexport.exporter.graph_export import ExportSettings, export_graph, export_path_of
-from qexport.exporter.loading import load_model, resolve_source
+from qexport.exporter.checkpoint import CheckpointError
+from qexport.exporter.checkpoint_export import export_from_checkpoint, materialize
+from qexport.exporter.families import family_for
+from qexport.exporter.graph_export import EXPORT_PATH_KEY, ExportPath, ExportSettings, export_graph, export_path_of
+from qexport.exporter.layerwise import LayerwiseError
+from qexport.exporter.loading import checkpoint_opener, load_config, load_tokenizer, load_weights, resolve_source
 from qexport.artifact.outdir import atomic_output_dir, checksums, write_manifest
 from qexport.recipes.adapt import adapt_recipe, is_preset_name
 from qexport.recipes.pipeline import PipelineSettings, apply_recipe
@@ -108,16 +112,19 @@ def export(
 
         raise OutputExistsError(f"output folder {out} exists; pass --force to replace it")
     start = time.perf_counter()
-    config, family, hf_model, tokenizer = load_model(source)
+    config = load_config(source)
+    family = family_for(config.model_type)
+    tokenizer = load_tokenizer(source, config)
     load_s = time.perf_counter() - start
     with atomic_output_dir(out, force=force) as tmp:
         export_start = time.perf_counter()
-        ir_model, signature = export_graph(hf_model, family, settings)
-        del hf_model  # the graph holds the weights it uses; those a pass replaces can then be freed
-        export_s = time.perf_counter() - export_start
+        ir_model, signature, load_weights_s = _export_graph(source, config, family, settings)
+        export_s = time.perf_counter() - export_start - load_weights_s
+        load_s += load_weights_s
         path = export_path_of(ir_model)
         recipe_report, calibration, adaptations = None, None, None
         if loaded_recipe is not None:
+            materialize(ir_model)  # passes rewrite the weights: read those the export left in the checkpoint
             adaptations = ()
             if is_preset_name(recipe):  # a preset is an intent, fitted to this graph; a recipe file runs as written
                 loaded_recipe, adaptations = adapt_recipe(loaded_recipe, ir_model)
@@ -163,6 +170,32 @@ def export(
         }
         write_manifest(tmp, manifest)
     return out
+
+
+def _export_graph(source, config, family, settings: ExportSettings):
+    """(graph, signature, seconds spent loading the whole model): straight from the checkpoint where it can be
+    read tensor by tensor, else from the loaded model; the manifest's export path says which and why."""
+    reason = None
+    if settings.layerwise:
+        try:
+            ir_model, signature = export_from_checkpoint(config, family, checkpoint_opener(source, config), settings)
+            return ir_model, signature, 0.0
+        except (CheckpointError, LayerwiseError) as error:
+            reason = f"{type(error).__name__}: {error}"
+            log.info("not exporting from the checkpoint (%s); loading the whole model", reason)
+        except Exception as error:  # noqa: BLE001  (any failure of the shortcut: load the whole model instead)
+            reason = f"{type(error).__name__}: {error}"
+            log.warning("export from the checkpoint failed, loading the whole model: %s", reason)
+    start = time.perf_counter()
+    hf_model = load_weights(source, config)
+    load_s = time.perf_counter() - start
+    ir_model, signature = export_graph(hf_model, family, settings)
+    del hf_model  # the graph holds the weights it uses; those a pass replaces can then be freed
+    path = export_path_of(ir_model)
+    if reason is not None and path is not None:
+        ir_model.meta[EXPORT_PATH_KEY] = ExportPath(path.path, f"{path.reason}; the model was loaded whole, "
+                                                               f"not read from the checkpoint ({reason})")
+    return ir_model, signature, load_s
 
 
 def _with_kv_cache(recipe: Recipe | None, kv_cache_dtype: str, kv_cache: bool) -> Recipe | None:

@@ -76,6 +76,8 @@ def _tensor_parts(name: str, tensor: ir.TensorProtocol) -> tuple[bytes, memoryvi
     """A TensorProto's bytes as (everything but the data, the data field): what ``serialize_tensor`` writes, with
     a plain in-memory tensor's raw data taken from its array where that needs no conversion."""
     array = None
+    if isinstance(tensor, ir.LazyTensor):  # read from the checkpoint now, dropped once written
+        tensor = tensor.raw()
     if isinstance(tensor, ir.Tensor) and tensor.dtype in NUMPY_NATIVE and np.little_endian:  # not external, not strings
         array = np.ascontiguousarray(tensor.numpy())  # a copy only where the array is a strided view
     if array is None or array.dtype.itemsize * array.size != tensor.nbytes:

@@ -7,6 +7,7 @@ import dataclasses
 import io
 import logging
 import warnings
+from typing import Callable
 
 import onnx_ir as ir
 import onnx_ir.passes.common
@@ -154,14 +155,23 @@ def export_graph(model: torch.nn.Module, family: Family, settings: ExportSetting
             ir_model, path = None, ExportPath("whole-model", f"layer-wise export failed: {type(error).__name__}: {error}")
     if ir_model is None:
         ir_model = _trace(model, signature, settings)
+    finish_export(ir_model, path)
+    return ir_model, signature
+
+
+def finish_export(ir_model: ir.Model, path: ExportPath, before_cleanup: Callable[[ir.Model], None] | None = None,
+                  ) -> None:
+    """Name, clean up and stamp a raw trace (whole, or stamped layer by layer), in place; ``before_cleanup`` runs
+    on the named raw graph."""
     log.info("export path: %s (%s)", path.path, path.reason)
     name_by_order(ir_model.graph)  # unique names for cleanup's lifted constants, whichever path traced
+    if before_cleanup is not None:
+        before_cleanup(ir_model)
     cleanup(ir_model)
     name_by_order(ir_model.graph)  # the final names: the same for both paths where the graphs are the same
     ir_model.producer_name = "qexport"
     ir_model.producer_version = _version()
     ir_model.meta[EXPORT_PATH_KEY] = path
-    return ir_model, signature
 
 
 def _trace(model: torch.nn.Module, signature: GraphSignature, settings: ExportSettings) -> ir.Model:

@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import re
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping, Union
 
 import onnx_ir as ir
 import torch
@@ -34,6 +34,7 @@ from qexport.exporter.families import Family
 
 log = logging.getLogger(__name__)
 
+TensorLike = Union[torch.Tensor, ir.TensorProtocol]
 SCOPES = "pkg.torch.onnx.name_scopes"
 # Where each family keeps its decoder layers, as attribute names under the causal LM.
 LAYER_PATHS: dict[str, tuple[str, ...]] = {
@@ -82,15 +83,19 @@ def _layer_list(model: torch.nn.Module, path: tuple[str, ...]) -> tuple[torch.nn
     return owner, getattr(owner, path[-1], None)
 
 
-def plan_layers(model: torch.nn.Module, family: Family, num_layers: int) -> LayerPlan | str:
-    """The shallow model's layers, or a sentence saying why this model is left to the whole-model trace."""
+def text_config(config):
+    """The config that holds the decoder's layer count and layer kinds (the text part of a composite config)."""
+    getter = getattr(config, "get_text_config", None)
+    return getter() if getter is not None else config
+
+
+def plan_from_config(config, family: Family) -> LayerPlan | str:
+    """The shallow model's layers from the config alone, or a sentence saying why the model is traced whole."""
     path = LAYER_PATHS.get(family.name)
     if path is None:
         return f"no layer-wise plan for family {family.name!r}"
-    _, layers = _layer_list(model, path)
-    if not isinstance(layers, torch.nn.ModuleList) or len(layers) != num_layers:
-        return f"{'.'.join(path)} is not a list of {num_layers} layers"
-    types = getattr(model.config, "layer_types", None)
+    num_layers = int(text_config(config).num_hidden_layers)
+    types = getattr(text_config(config), "layer_types", None)
     kinds = tuple(types) if types else ("layer",) * num_layers
     if len(kinds) != num_layers:
         return f"config.layer_types has {len(kinds)} entries for {num_layers} layers"
@@ -102,10 +107,21 @@ def plan_layers(model: torch.nn.Module, family: Family, num_layers: int) -> Laye
         if len(indices) < 2:
             return f"fewer than two {kind!r} layers after layer 0 (a template's step cannot be measured)"
         shallow += indices[:2]
-    classes = {(kinds[i], type(layers[i])) for i in range(1, num_layers)}
-    if len(classes) != len(by_kind):
-        return "layers of one kind are of different classes"
     return LayerPlan(path, kinds, tuple(shallow))
+
+
+def plan_layers(model: torch.nn.Module, family: Family, num_layers: int) -> LayerPlan | str:
+    """The shallow model's layers, or a sentence saying why this model is left to the whole-model trace."""
+    plan = plan_from_config(model.config, family)
+    if isinstance(plan, str):
+        return plan
+    _, layers = _layer_list(model, plan.path)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) != num_layers or len(plan.kinds) != num_layers:
+        return f"{'.'.join(plan.path)} is not a list of {num_layers} layers"
+    classes = {(plan.kinds[i], type(layers[i])) for i in range(1, num_layers)}
+    if len(classes) != len(set(plan.kinds[1:])):
+        return "layers of one kind are of different classes"
+    return plan
 
 
 @contextlib.contextmanager
@@ -196,12 +212,18 @@ def trace_layerwise(torch_model: torch.nn.Module, plan: LayerPlan, trace: Callab
     generated values and nodes of the stamped layers are unnamed (see :mod:`qexport.exporter.naming`)."""
     with shallow_model(torch_model, plan):
         onnx_model = trace()
-    stamp_layers(onnx_model, torch_model, plan)
+    _, real_layers = _layer_list(torch_model, plan.path)
+    stamp_layers(onnx_model, lambda i: dict(real_layers[i].named_parameters()) | dict(real_layers[i].named_buffers()),
+                 plan)
     return onnx_model
 
 
-def stamp_layers(onnx_model: ir.Model, torch_model: torch.nn.Module, plan: LayerPlan) -> None:
-    """Turn the raw trace of the shallow model into the graph of the full model, in place (before ``cleanup``)."""
+def stamp_layers(onnx_model: ir.Model, layer_tensors: Callable[[int], Mapping[str, TensorLike]], plan: LayerPlan,
+                 ) -> None:
+    """Turn the raw trace of the shallow model into the graph of the full model, in place (before ``cleanup``).
+
+    ``layer_tensors(i)``: real layer ``i``'s tensors by their name inside the layer (torch tensors, or IR tensors
+    such as an ``ir.LazyTensor`` read from the checkpoint when its value is needed)."""
     graph = onnx_model.graph
     pre, layers, post = _sections(graph, plan)
     count, shallow_kinds = len(plan.kinds), plan.shallow_kinds
@@ -220,15 +242,13 @@ def stamp_layers(onnx_model: ir.Model, torch_model: torch.nn.Module, plan: Layer
         if (key := _past_key(node)) is not None:
             index = next(int(m.group(1)) for v in node.inputs if v is not None and (m := _PAST.fullmatch(v.name or "")))
             by_past[key][index] = node
-    _, real_layers = _layer_list(torch_model, plan.path)
     stamper = _Stamper(graph, plan, section, by_past)
     stamped: list[ir.Node] = []
     presents: dict[str, ir.Value] = {o.name: o for o in graph.outputs if _PRESENT.fullmatch(o.name or "")}
     for i in range(1, count):
         kind = plan.kinds[i]
         q = templates[kind]
-        tensors = dict(real_layers[i].named_parameters()) | dict(real_layers[i].named_buffers())
-        nodes, residual, layer_presents = stamper.stamp(layers[q], q, i, residual, tensors)
+        nodes, residual, layer_presents = stamper.stamp(layers[q], q, i, residual, layer_tensors(i))
         stamped += nodes
         presents.update(layer_presents)
     for node in post:
@@ -275,7 +295,7 @@ class _Stamper:
         self.plan, self.section, self.by_past = plan, section, by_past
         self.weights: dict[str, ir.Value] = {}
 
-    def stamp(self, template: list[ir.Node], q: int, i: int, residual: ir.Value, tensors: dict[str, torch.Tensor],
+    def stamp(self, template: list[ir.Node], q: int, i: int, residual: ir.Value, tensors: Mapping[str, TensorLike],
               ) -> tuple[list[ir.Node], ir.Value, dict[str, ir.Value]]:
         mapped: dict[ir.Value, ir.Value] = {}
         inside = {o for n in template for o in n.outputs}
@@ -301,7 +321,7 @@ class _Stamper:
                    and any(user.node not in template for user in o.uses())]
         return nodes, mapped[_one(leaving, f"output of layer {q}")], presents
 
-    def _outer(self, value: ir.Value, q: int, i: int, tensors: dict[str, torch.Tensor]) -> ir.Value:
+    def _outer(self, value: ir.Value, q: int, i: int, tensors: Mapping[str, TensorLike]) -> ir.Value:
         where = self.section.get(value)
         if where == 0:  # a shape or constant the exporter first computed in layer 0 and shares
             return value
@@ -332,11 +352,11 @@ class _Stamper:
             raise LayerwiseError(f"layer {q} reads {value.name}")
         return value
 
-    def _weight(self, template: ir.Value, name: str, tensor: torch.Tensor) -> ir.Value:
+    def _weight(self, template: ir.Value, name: str, tensor: TensorLike) -> ir.Value:
         """The initializer of one real layer's tensor, shaped and typed as the template's."""
         if name in self.weights:
             return self.weights[name]
-        const = TorchTensor(tensor.detach(), name=name)
+        const = TorchTensor(tensor.detach(), name=name) if isinstance(tensor, torch.Tensor) else tensor
         if const.dtype != template.const_value.dtype or tuple(const.shape) != tuple(template.const_value.shape):
             raise LayerwiseError(f"{name} does not match its template {template.name} in type or shape")
         value = ir.Value(name=name, type=template.type, shape=template.shape, const_value=const)

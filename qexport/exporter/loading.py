@@ -129,17 +129,42 @@ def load_config(source: ModelSource):
     return config
 
 
-def load_model(source: ModelSource):
-    """Load (config, family, model in float32 eval mode, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(source: ModelSource, config):
+    """The tokenizer."""
+    from transformers import AutoTokenizer
 
-    config = load_config(source)
-    family: Family = family_for(config.model_type)
+    location, kwargs = _load_kwargs(source)
+    with _clear_errors(source, "the tokenizer"):
+        return AutoTokenizer.from_pretrained(location, **kwargs)
+
+
+def load_weights(source: ModelSource, config):
+    """The whole model in float32 eval mode."""
+    from transformers import AutoModelForCausalLM
+
     location, kwargs = _load_kwargs(source)
     log.info("loading %s (%s)", source.describe(), config.model_type)
-    with _clear_errors(source, "the tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     with _clear_errors(source, "the model weights"), contextlib.redirect_stdout(io.StringIO()):
         model = AutoModelForCausalLM.from_pretrained(location, config=config, dtype="float32", **kwargs)
-    model.eval()
-    return config, family, model, tokenizer
+    return model.eval()
+
+
+def load_model(source: ModelSource):
+    """Load (config, family, model in float32 eval mode, tokenizer)."""
+    config = load_config(source)
+    family: Family = family_for(config.model_type)
+    tokenizer = load_tokenizer(source, config)
+    return config, family, load_weights(source, config), tokenizer
+
+
+def checkpoint_opener(source: ModelSource, config):
+    """A function (the model's tensor names -> a :class:`~qexport.exporter.checkpoint.Checkpoint`) reading the
+    source's weights one tensor at a time; raises ``CheckpointError`` for a source read only as a whole."""
+    from qexport.exporter.checkpoint import CheckpointError, GGUFCheckpoint, SafetensorsCheckpoint
+
+    if source.kind == "gguf":
+        path = Path(source.location) / (source.gguf_file or "")
+        return lambda names: GGUFCheckpoint(path, config, names)
+    if source.kind == "folder":
+        return lambda names: SafetensorsCheckpoint(source.location)
+    raise CheckpointError(f"a {source.kind} source is loaded as a whole")
