@@ -114,7 +114,7 @@ def export(
     start = time.perf_counter()
     config = load_config(source)
     family = family_for(config.model_type)
-    tokenizer = load_tokenizer(source, config)
+    tokenizer = load_tokenizer(source)
     load_s = time.perf_counter() - start
     with atomic_output_dir(out, force=force) as tmp:
         export_start = time.perf_counter()

@@ -46,14 +46,15 @@ class SafetensorsCheckpoint:
         index = folder / "model.safetensors.index.json"
         single = folder / "model.safetensors"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._files = {name: folder / file for name, file in weight_map.items()}
+            files = sorted({folder / file for file in json.loads(index.read_text())["weight_map"].values()})
         elif single.is_file():
-            self._files = {}
-            self._add(single)
+            files = [single]
         else:
             raise CheckpointError(f"{folder} has no model.safetensors (nor an index of shards)")
+        self._files: dict[str, Path] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
+        for path in files:  # each file's header once: names and shapes
+            self._add(path)
 
     def _add(self, path: Path) -> None:
         from safetensors import safe_open
@@ -61,16 +62,12 @@ class SafetensorsCheckpoint:
         with safe_open(str(path), framework="pt") as handle:
             for name in handle.keys():
                 self._files[name] = path
+                self._shapes[name] = tuple(handle.get_slice(name).get_shape())
 
     def __contains__(self, name: str) -> bool:
         return name in self._files
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if name not in self._shapes:
-            from safetensors import safe_open
-
-            with safe_open(str(self._files[name]), framework="pt") as handle:
-                self._shapes[name] = tuple(handle.get_slice(name).get_shape())
         return self._shapes[name]
 
     def load(self, name: str) -> np.ndarray:

@@ -47,10 +47,9 @@ class _Names:
     def __init__(self, model: torch.nn.Module, plan: layerwise.LayerPlan) -> None:
         self.plan = plan
         self.prefix = ".".join(plan.path) + "."
-        self.keys = list(model.state_dict().keys())
         by_position: dict[int, list[str]] = {}
         self.other: list[str] = []
-        for key in self.keys:
+        for key in model.state_dict():
             position, suffix = self.split(key)
             if position is None:
                 self.other.append(key)
@@ -148,11 +147,11 @@ def fold_lazy_transposes(model: ir.Model) -> None:
         rank = len(source.shape)
         perm = tuple(node.attributes["perm"].as_ints()) if "perm" in node.attributes else tuple(reversed(range(rank)))
         out = node.outputs[0]
+        if out.is_graph_output():
+            raise CheckpointError(f"graph output {out.name} is a transposed weight")
         value = ir.Value(name=out.name, type=ir.TensorType(_IR_DTYPES[read.dtype]), shape=ir.Shape([source.shape[p] for p in perm]),
                          const_value=_lazy(read.checkpoint, read.name, read.dtype, perm))
         ir.convenience.replace_all_uses_with(out, value)
-        if out.is_graph_output():
-            raise CheckpointError(f"graph output {out.name} is a transposed weight")
         graph.remove(node, safe=True)
         del graph.initializers[source.name]
         graph.register_initializer(value)

@@ -129,7 +129,7 @@ def load_config(source: ModelSource):
     return config
 
 
-def load_tokenizer(source: ModelSource, config):
+def load_tokenizer(source: ModelSource):
     """The tokenizer."""
     from transformers import AutoTokenizer
 
@@ -153,7 +153,7 @@ def load_model(source: ModelSource):
     """Load (config, family, model in float32 eval mode, tokenizer)."""
     config = load_config(source)
     family: Family = family_for(config.model_type)
-    tokenizer = load_tokenizer(source, config)
+    tokenizer = load_tokenizer(source)
     return config, family, load_weights(source, config), tokenizer
 
 
