@@ -15,7 +15,7 @@ class Meta(str, enum.Enum):
     """A metadata key; compares, hashes and formats as its string."""
 
     # node metadata_props
-    QUANT = "qexport.quant"  # quantize/gptq on the Q/DQ nodes they insert: "weight", "per_token", "per_tensor"
+    QUANT = "qexport.quant"  # quantize/gptq on the Q/DQ nodes they insert: "weight", "per_token", "per_group", "per_tensor"
     ROLE = "qexport.role"  # linear_select on each linear before quantizing: its role name (layers.3.mlp.down)
     BIAS_CORRECTED = "qexport.bias_corrected"  # bias-correct on the linears it corrected: "1"; a rerun skips them
     ROTATE_HEADS = "qexport.rotate_heads"  # rotate-heads on each o_proj it rotated: "<rotation>:<seed>"

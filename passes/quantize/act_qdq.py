@@ -57,14 +57,16 @@ def per_tensor_qdq(graph: ir.Graph, x: ir.Value, scale: float, before: ir.Node) 
 
 
 def per_block_qdq(graph: ir.Graph, x: ir.Value, width: int, block: int, before: ir.Node,
-                  consts: SharedConsts) -> tuple[ir.Value, list[ir.Node]]:
+                  consts: SharedConsts, tag: str = "per_block") -> tuple[ir.Value, list[ir.Node]]:
     """x [..., width] -> symmetric int8 Q/DQ with one scale per token and ``block`` consecutive channels, inserted
-    before ``before``; returns the dequantized value and the nodes. ``block`` must divide ``width``."""
+    before ``before``; returns the dequantized value and the nodes, tagged ``tag`` (``quantize`` keeps its
+    ``per_group`` quantizers; GPTQ removes its ``per_block`` ones). ``block`` must divide ``width``."""
     base = f"{x.name}.qblk"
-    blocks = consts.get(f"blocks_{width}_{block}", np.array([0, 0, width // block, block], np.int64))
+    rank = len(x.shape) if x.shape is not None else 3  # [batch, seq, width], or OPT's flattened [tokens, width]
+    blocks = consts.get(f"blocks_{rank}_{width}_{block}", np.array([0] * (rank - 1) + [width // block, block], np.int64))
     reshape = ir.node("Reshape", [x, blocks], name=f"{base}.blocks")
     reshape.outputs[0].name = f"{base}.blocks"
-    return _dynamic_qdq(graph, x, base, "per_block", block, [reshape], before, consts)
+    return _dynamic_qdq(graph, x, base, tag, block, [reshape], before, consts)
 
 
 def _dynamic_qdq(graph: ir.Graph, x: ir.Value, base: str, tag: str, block: int, grouping: list[ir.Node],

@@ -16,7 +16,7 @@ from qexport.passes._settings import coerce_enums
 from qexport.passes.discovery.linear_select import prequantized_linears, selected_linears
 from qexport.passes.discovery.names import NameFilter, check_glob_fields
 from qexport.passes.metadata import Meta
-from qexport.passes.quantize.act_qdq import SharedConsts, per_tensor_qdq, per_token_qdq
+from qexport.passes.quantize.act_qdq import SharedConsts, per_block_qdq, per_tensor_qdq, per_token_qdq
 from qexport.passes.quantize.weight_quant import WeightClip, WeightFormat, WeightQuant, write_quantized_weight
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 class ActQuant(str, enum.Enum):
     PER_TOKEN = "per_token"  # dynamic: scale_t = max_j |x_tj| / 127, computed in the graph
     PER_TENSOR = "per_tensor"  # static: one calibrated scale per activation tensor
+    PER_GROUP = "per_group"  # dynamic: one scale per token and group_size input channels, computed in the graph
     NONE = "none"  # weight-only
 
 
@@ -46,7 +47,11 @@ class QuantizePass(ir.passes.InPlacePass):
        ``weight_clip: mse`` searches each scale's clip ratio for the least squared weight error;
     2. ``per_token`` activation: ``Abs -> ReduceMax(-1) -> Div(127) -> Max(eps)`` gives s_t, then blocked
        ``QuantizeLinear(x, s_t, int8, block_size=K) -> DequantizeLinear`` (opset 21): per-token symmetric int8;
-    3. ``per_tensor`` activation: ``QuantizeLinear(x, s) -> DequantizeLinear`` with int8 zero point 0 and a
+    3. ``per_group`` activation: as ``per_token`` with one scale per token and ``group_size`` consecutive input
+       channels (``Reshape`` to [..., K / group_size, group_size] for the absmax, then blocked Q/DQ along the last
+       axis): what ``com.microsoft.MatMulNBits`` at ``accuracy_level`` 4 computes inside the kernel, so
+       ``ort-nbits`` lowers it exactly; the weights' own groups, when they have them, are the same channels;
+    4. ``per_tensor`` activation: ``QuantizeLinear(x, s) -> DequantizeLinear`` with int8 zero point 0 and a
        calibrated scale s = absmax / 127 (``minmax``), the ``percentile`` of per-token absmax / 127 or the MSE
        clip / 127 (``mse``), from the ``calibrator``'s windows run through the graph as it is before this pass
        (each quantized value records them in ``value.meta[Meta.ACT_CALIBRATION]``).
@@ -99,6 +104,9 @@ class QuantizePass(ir.passes.InPlacePass):
         fmt = self.weight_format
         for linear in linears.values():  # a group size that does not fit is an error before anything changes
             fmt.group_rows(linear.in_features, linear.node.name)
+        if self.activations is ActQuant.PER_GROUP:
+            for x, readers in by_input.items():
+                _check_activation_groups(_in_features(readers[0], linears), self.group_size, readers[0].name)
         scales: Mapping[ir.Value, ActivationScale] = {}
         if self.activations is ActQuant.PER_TENSOR:
             if self.calibrator is None:
@@ -112,6 +120,8 @@ class QuantizePass(ir.passes.InPlacePass):
             width = _in_features(readers[0], linears)
             if self.activations is ActQuant.PER_TOKEN:
                 xq, _ = per_token_qdq(graph, x, width, readers[0], consts)
+            elif self.activations is ActQuant.PER_GROUP:
+                xq, _ = per_block_qdq(graph, x, width, self.group_size, readers[0], consts, tag="per_group")
             elif self.activations is ActQuant.PER_TENSOR:
                 xq = per_tensor_qdq(graph, x, scales[x].scale, readers[0])
             else:
@@ -124,6 +134,13 @@ class QuantizePass(ir.passes.InPlacePass):
         log.info("quantized %d linears (%d with weights already int8; %d activation tensors, %s)",
                  len(linears) + len(prequantized), len(prequantized), len(by_input), self.activations.value)
         return ir.passes.PassResult(model, True)
+
+
+def _check_activation_groups(width: int, group_size: int, where: str) -> None:
+    if width % group_size:
+        fits = [g for g in (16, 32, 64, 128) if width % g == 0]
+        raise RecipeError(f"quantize activations: per_group: group_size {group_size} does not divide the {width} input "
+                          f"channels of {where}; use a group_size that does (e.g. {fits or 'a divisor'})")
 
 
 def _in_features(node: ir.Node, linears: dict[ir.Node, site_matching.Linear]) -> int:

@@ -3,6 +3,8 @@
 Formats (symmetric; Δ the scale, q the integer code):
 
 * ``int8``: one Δ per output channel, q in [-127, 127], stored int8 -> ``DequantizeLinear(q, Δ, axis)``;
+* ``int8_group``: one Δ per group of ``group_size`` input channels of each output channel, q in [-127, 127],
+  stored int8 -> blocked ``DequantizeLinear`` as for int4 (what ONNX Runtime's 8-bit ``MatMulNBits`` reads);
 * ``int4``: one Δ per group of ``group_size`` input channels of each output channel, q in [-7, 7], stored INT4
   -> blocked opset-21 ``DequantizeLinear(q, Δ, axis=input axis, block_size=group_size)`` (TensorRT's INT4 form);
 * ``dint4`` (Lee et al., EMNLP 2023): the int4 grid with the two codes ±7 reassigned to ±Δ/2,
@@ -36,6 +38,7 @@ DINT4_TABLE = np.array([0, 1, 2, 3, 4, 5, 6, 0.5, 0, -0.5, -6, -5, -4, -3, -2, -
 
 class WeightQuant(str, enum.Enum):
     INT8 = "int8"  # per output channel
+    INT8_GROUP = "int8_group"  # per group of input channels, blocked DequantizeLinear
     INT4 = "int4"  # per group of input channels, blocked DequantizeLinear
     DINT4 = "dint4"  # per group, codes ±7 decode to ±1/2 through a lookup table
 
@@ -47,7 +50,7 @@ class WeightClip(str, enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class WeightFormat:
-    """How weights are quantized; ``group_size`` applies to int4/dint4 (int8 is per output channel)."""
+    """How weights are quantized; ``group_size`` applies to int8_group/int4/dint4 (int8 is per output channel)."""
 
     kind: WeightQuant = WeightQuant.INT8
     group_size: int = 128
@@ -65,7 +68,8 @@ class WeightFormat:
 
     @property
     def qmax(self) -> float:
-        return {WeightQuant.INT8: float(numerics.INT8_QMAX), WeightQuant.INT4: float(numerics.int_qmax(4)),
+        return {WeightQuant.INT8: float(numerics.INT8_QMAX), WeightQuant.INT8_GROUP: float(numerics.INT8_QMAX),
+                WeightQuant.INT4: float(numerics.int_qmax(4)),
                 WeightQuant.DINT4: 6.0}[self.kind]
 
     @property
@@ -135,7 +139,7 @@ class WeightFormat:
 def write_quantized_weight(graph: ir.Graph, linear: site_matching.Linear, q: np.ndarray, scale: np.ndarray,
                            fmt: WeightFormat = WeightFormat()) -> None:
     """Feed the linear's weight input from its dequantized codes ``q`` (int8 [in, out]) and scales ``scale``
-    ([out] for int8; [in / group, out] for int4/dint4)."""
+    ([out] for int8; [in / group, out] for int8_group/int4/dint4)."""
     dtype = linear.weight.const_value.numpy().dtype
     gemm_trans = linear.node.op_type == "Gemm" and linear.layout == "out_in"
     base = linear.weight.name if linear.transpose is None else f"{linear.weight.name}.T"
@@ -145,9 +149,11 @@ def write_quantized_weight(graph: ir.Graph, linear: site_matching.Linear, q: np.
         q_value = new_initializer(graph, f"{base}.int8", np.ascontiguousarray(stored))
         s_value = new_initializer(graph, f"{base}.scale", scale.reshape(-1))
         nodes = [ir.node("DequantizeLinear", [q_value, s_value], {"axis": axis}, name=f"{base}.dq")]
-    elif fmt.kind is WeightQuant.INT4:
+    elif fmt.kind in (WeightQuant.INT4, WeightQuant.INT8_GROUP):
         stored, s_stored, axis = (q.T, scale.T, 1) if gemm_trans else (q, scale, 0)
-        q_value = new_initializer(graph, f"{base}.int4", np.ascontiguousarray(stored).astype(ml_dtypes.int4))
+        stored = np.ascontiguousarray(stored)
+        q_value = (new_initializer(graph, f"{base}.int4", stored.astype(ml_dtypes.int4)) if fmt.kind is WeightQuant.INT4
+                   else new_initializer(graph, f"{base}.int8g", stored.astype(np.int8)))
         s_value = new_initializer(graph, f"{base}.scale", np.ascontiguousarray(s_stored))
         block = q.shape[0] // scale.shape[0]
         nodes = [ir.node("DequantizeLinear", [q_value, s_value], {"axis": axis, "block_size": block}, name=f"{base}.dq")]

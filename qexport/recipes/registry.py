@@ -44,6 +44,7 @@ PASSES: dict[str, str] = {
     "ort-rotary": "qexport.passes.ort.rotary:OrtRotaryPass",
     "ort-attention-chunks": "qexport.passes.ort.attention_chunks:OrtAttentionChunksPass",
     "ort-int4": "qexport.passes.ort.int4:LowerInt4OrtPass",
+    "ort-nbits": "qexport.passes.ort.nbits:LowerNBitsOrtPass",
     "quantize-gptq": "qexport.passes.quantize.gptq:GptqPass",
     "bias-correct": "qexport.passes.quantize.bias_correction:BiasCorrectPass",
     "quantize-kv": "qexport.passes.quantize.kv_cache:QuantizeKvPass",

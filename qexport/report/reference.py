@@ -156,7 +156,7 @@ def _pair(node: ir.Node, w_q: np.ndarray, linear: site_matching.Linear, name: st
     act_dq = a.producer()
     tag = act_dq.metadata_props.get(Meta.QUANT) if act_dq is not None else None
     activation, clip, kind = a, None, ActQuant.NONE
-    if act_dq is not None and act_dq.op_type == "DequantizeLinear" and tag in (ActQuant.PER_TENSOR, ActQuant.PER_TOKEN):
+    if act_dq is not None and act_dq.op_type == "DequantizeLinear" and tag in (ActQuant.PER_TENSOR, ActQuant.PER_TOKEN, ActQuant.PER_GROUP):
         kind = ActQuant(tag)
         q = act_dq.inputs[0].producer()
         activation = q.inputs[0]
