@@ -28,7 +28,7 @@ from qexport.recipes import schema as rc
 from test_lower_ort import LOWERED_RTOL
 
 QUANT_PRESETS = [name for name in rc.preset_names() if name.startswith(("w8a8", "w4a8"))]
-# what each family's graph needs, as (pass, action) in the order recorded
+# what each family's graph needs for R1, as (pass, action) in the order recorded (presets without R1: nothing)
 EXPECTED_ADAPTATIONS = {
     "llama": [],
     "qwen2": [],
@@ -103,23 +103,25 @@ def test_preset_on_family_end_to_end(exports, tiny_export, family, preset):
     report, changes = manifest["recipe"], manifest["recipe_adaptations"]
     ran = [s["pass"] for s in report["steps"]]
     assert ran == [p["pass"] for p in report["recipe"]["passes"]]
-    assert [(c["pass"], c["action"]) for c in changes] == EXPECTED_ADAPTATIONS[family]
-    assert all(c["sites"] and c["reason"] for c in changes)
     written = [e.name for e in rc.load_recipe(preset).passes]
+    expected = EXPECTED_ADAPTATIONS[family] if "rotate-residual" in written else []  # all of them are for R1
+    assert [(c["pass"], c["action"]) for c in changes] == expected
+    assert all(c["sites"] and c["reason"] for c in changes)
     by_action = {a: collections.Counter(c["pass"] for c in changes if c["action"] == a) for a in ("inserted", "removed")}
     assert collections.Counter(ran) == collections.Counter(written) - by_action["removed"] + by_action["inserted"]
     kept = iter(ran)
     assert all(p in kept for p in written if p not in by_action["removed"])  # in order: nothing unrecorded
-    if family == "opt":
+    if ("layernorm-to-rms", "inserted") in expected:
         assert ran[ran.index("fold-norm") + 1] == "layernorm-to-rms"
     assert all(s["modified"] for s in report["steps"] if not s["lossless"] or s["pass"] in TRANSFORMS)
     assert report["verify"]["max_abs_logit_diff"] < 1e-3  # the lossless prefix stayed exact
 
     model = load(out)
     low, high = SQNR_DB[preset[:4]]
+    if preset.endswith("-ort"):  # its QDQ form is its twin preset, as adapted to this family (exported first, so
+        twin = exports.preset(family, preset.removesuffix("-ort"))  # the QDQ form below is found as its passes)
+        assert exports.recipe(family, _twin(report)) == twin
     qdq = _qdq_form(exports, family, report)
-    if preset.endswith("-ort"):  # its QDQ form is its twin preset, as adapted to this family
-        assert exports.recipe(family, _twin(report)) == exports.preset(family, preset.removesuffix("-ort"))
     sqnr = logits_sqnr_db(qdq or model, tiny_export(family), runner=_as_written)
     assert low < sqnr < high, f"{preset} on {family}: logits SQNR {sqnr:.1f} dB vs FP32"
     if qdq is not None:
@@ -147,7 +149,7 @@ def _assert_lowered_equals_qdq(lowered: ir.Model, qdq: ir.Model, fp32: ir.Model,
     ref, ref_q = _with_quantizer_values(qdq)
     for feeds in (padded_feeds(qdq), prefill):
         expected, got = _as_written(ref, feeds), run(low, feeds)
-        if _first_code_flip_is_a_tie(got, expected, low_q, ref_q, qdq, case):
+        if _first_code_flip_is_a_tie(got, expected, low_q, ref_q, qdq, case, _kernel_quantized_inputs(low)):
             continue  # past a flipped tie the two graphs round differently: nothing downstream compares tightly
         for name in outputs:
             diff = max_rel_diff(got, expected, name)
@@ -156,12 +158,22 @@ def _assert_lowered_equals_qdq(lowered: ir.Model, qdq: ir.Model, fp32: ir.Model,
     assert quant_error > 100 * LOWERED_RTOL, f"{case}: the bound means nothing next to the quantization error"
 
 
+def _kernel_quantized_inputs(model: ir.Model) -> dict[str, int]:
+    """Input name -> block, for each MatMulNBits at accuracy level 4 (``ort-nbits``): the kernel rounds that input to
+    int8 per token and block itself (absmax / 127), so its codes are not a graph value but follow from the input."""
+    return {n.inputs[0].name: n.attributes["block_size"].value for n in model.graph
+            if n.op_type == "MatMulNBits" and n.attributes["accuracy_level"].value == 4}
+
+
 def _with_quantizer_values(model: ir.Model) -> tuple[ir.Model, list[tuple[str, str, str]]]:
     """A copy of ``model`` that also outputs each QuantizeLinear's input, computed scale (if any) and codes, in
-    graph order: [(input, scale or '', codes)]."""
+    graph order: [(input, scale or '', codes)]; and each input a MatMulNBits quantizes in its kernel."""
     model = ir.from_proto(ir.to_proto(model))
     found, outputs = [], set(model.graph.outputs)
     for node in model.graph:
+        if node.op_type == "MatMulNBits" and node.inputs[0] not in outputs:
+            model.graph.outputs.append(node.inputs[0])
+            outputs.add(node.inputs[0])
         if node.op_type == "QuantizeLinear":
             x, scale, codes = node.inputs[0], node.inputs[1], node.outputs[0]
             for v in (x, codes) + (() if scale.const_value is not None else (scale,)):
@@ -172,8 +184,16 @@ def _with_quantizer_values(model: ir.Model) -> tuple[ir.Model, list[tuple[str, s
     return model, found
 
 
+def _block_codes(x: np.ndarray, block: int) -> np.ndarray:
+    """Symmetric int8 codes of ``x`` per token and ``block`` channels (absmax / 127), as MatMulNBits at accuracy
+    level 4 and ``quantize``'s per_group quantizer compute them."""
+    blocks = x.astype(np.float32).reshape(*x.shape[:-1], -1, block)
+    scale = np.maximum(np.abs(blocks).max(-1, keepdims=True) / np.float32(127), np.float32(1e-12))
+    return np.clip(np.round(blocks / scale), -127, 127).astype(np.int32).reshape(x.shape)
+
+
 def _first_code_flip_is_a_tie(got: dict[str, np.ndarray], expected: dict[str, np.ndarray], low_q: list,
-                              ref_q: list, qdq: ir.Model, case: str) -> bool:
+                              ref_q: list, qdq: ir.Model, case: str, in_kernel: dict[str, int] | None = None) -> bool:
     """Whether the two graphs' activation codes differ somewhere (False: they agree on every quantizer both keep,
     so the outputs must agree tightly). Where they first differ (graph order), each differing code must be a
     rounding tie: the quantizer's input equal within LOWERED_RTOL in both graphs, and x / scale within 1e-3 of a
@@ -181,18 +201,27 @@ def _first_code_flip_is_a_tie(got: dict[str, np.ndarray], expected: dict[str, np
     ``got`` / ``expected``: the runs of the lowered and QDQ graphs with their quantizer values (``low_q``, ``ref_q``
     from :func:`_with_quantizer_values`)."""
     low_inputs = {codes: x for x, _, codes in low_q}
+    in_kernel = in_kernel or {}
     constant_scales = {n.outputs[0].name: n.inputs[1].const_value.numpy() for n in qdq.graph
                        if n.op_type == "QuantizeLinear" and n.inputs[1].const_value is not None}
     for x, scale, codes in ref_q:
-        if codes not in low_inputs:
+        if codes in low_inputs:
+            low_codes, x_low = got[codes], got[low_inputs[codes]]
+        elif x in in_kernel:  # the lowered kernel quantizes x itself: its codes follow from its input
+            low_codes, x_low = _block_codes(got[x], in_kernel[x]), got[x]
+            block_scale = np.repeat(expected[scale], in_kernel[x], axis=-1) if scale else None
+        else:
             continue
-        flipped = got[codes].astype(np.int32) != expected[codes].astype(np.int32)
+        flipped = low_codes.astype(np.int32) != expected[codes].astype(np.int32)
         if not flipped.any():
             continue
-        x_ref, x_low = expected[x].astype(np.float64), got[low_inputs[codes]].astype(np.float64)
+        x_ref, x_low = expected[x].astype(np.float64), x_low.astype(np.float64)
         assert np.abs(x_low - x_ref).max() <= LOWERED_RTOL * np.abs(x_ref).max(), (
             f"{case}: the input of {codes} differs beyond float rounding")
-        step = np.broadcast_to(expected[scale] if scale else constant_scales[codes], x_ref.shape)
+        if x in in_kernel and codes not in low_inputs:
+            step = block_scale
+        else:
+            step = np.broadcast_to(expected[scale] if scale else constant_scales[codes], x_ref.shape)
         frac = np.abs(x_ref / step) % 1.0
         assert (np.abs(frac[flipped] - 0.5) < 1e-3).all(), f"{case}: {codes} flipped codes that were not ties"
         return True
