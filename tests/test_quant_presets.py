@@ -38,6 +38,8 @@ def test_quant_preset_end_to_end_on_tiny_llama(tiny_source, tiny_export, tmp_pat
         assert ops["MatMulIntegerToFloat"] == linears - 2 * 3 and ops["Split"] >= 2 * 2 and ops["DequantizeLinear"] == 0
     elif "ort-int8" in [s["pass"] for s in steps]:
         assert ops["MatMulIntegerToFloat"] == linears and ops["DequantizeLinear"] == 0
+    elif "ort-nbits" in [s["pass"] for s in steps]:  # the kernels quantize their activations: no quantizer left
+        assert ops["MatMulNBits"] == linears and ops["DequantizeLinear"] == ops["QuantizeLinear"] == 0
     else:
         assert ops["DequantizeLinear"] == linears + ops["QuantizeLinear"]  # weights, and one DQ per activation Q
     sqnr = logits_sqnr_db(model, tiny_export("llama"))
@@ -46,8 +48,9 @@ def test_quant_preset_end_to_end_on_tiny_llama(tiny_source, tiny_export, tmp_pat
 
 # targets: perplexity ratio to PyTorch FP32 on SmolLM2-135M, evaluation text never used for calibration (issue 14
 # tightened w8a8-static from 1.05 to 1.02); the QDQ twin of w8a8-dynamic and the ORT-kernel form of w8a8-static are
-# held to their twins' targets
-TARGETS = {"w8a8-dynamic": 1.01, "w8a8-dynamic-qdq": 1.01, "w8a8-static": 1.02, "w8a8-static-ort": 1.02}
+# held to their twins' targets; w8a8-group to issue 16's 1.005 (measured 0.999 to 1.001 on 8 windows of two domains)
+TARGETS = {"w8a8-dynamic": 1.01, "w8a8-dynamic-qdq": 1.01, "w8a8-static": 1.02, "w8a8-static-ort": 1.02,
+           "w8a8-group": 1.005, "w8a8-group-ort": 1.005}
 
 
 @pytest.mark.slow
@@ -59,4 +62,5 @@ def test_quant_preset_meets_its_perplexity_target_on_smollm2(default_export, tmp
     ops = collections.Counter(n.op_type for n in model.graph)
     merged = sum(len(n.metadata_props.get(Meta.MERGED_LINEARS, "").split(",")) - 1
                  for n in model.graph if n.op_type == "MatMulIntegerToFloat")  # linears inside merged nodes
-    assert ops["MatMulIntegerToFloat"] + merged + ops["DequantizeLinear"] >= 7 * 30  # quantized for real: every layer linear
+    assert ops["MatMulIntegerToFloat"] + merged + ops["DequantizeLinear"] + ops["MatMulNBits"] >= 7 * 30  # quantized
+    # for real: every layer linear
