@@ -84,7 +84,7 @@ def _fp32_fused(fp32: Path, out: Path) -> float:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", nargs="?", default=None)
-    p.add_argument("--presets", default="w8a8-dynamic,w8a8-dynamic-qdq,w8a8-static,w8a8-static-ort")
+    p.add_argument("--presets", default="w8a8-dynamic,w8a8-dynamic-qdq,w8a8-static,w8a8-static-ort,w8a8-group-ort")
     p.add_argument("--windows", type=int, default=4, help="evaluation windows per --eval-text domain")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-text", default=None, metavar="SPEC[,SPEC...]",

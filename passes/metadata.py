@@ -20,7 +20,7 @@ class Meta(str, enum.Enum):
     BIAS_CORRECTED = "qexport.bias_corrected"  # bias-correct on the linears it corrected: "1"; a rerun skips them
     ROTATE_HEADS = "qexport.rotate_heads"  # rotate-heads on each o_proj it rotated: "<rotation>:<seed>"
     ONLINE_HADAMARD = "qexport.online_hadamard"  # online-hadamard on the nodes it inserts: their op type
-    LOWERED = "qexport.lowered"  # ort-int8, ort-merge-linears ("1") and ort-int4 ("int4") on the kernels they insert
+    LOWERED = "qexport.lowered"  # ort-int8, ort-merge-linears ("1"), ort-int4 ("int4"), ort-nbits ("int8"/"int4") on their kernels
     MERGED_LINEARS = "qexport.merged_linears"  # ort-merge-linears on a merged linear: the names it replaced, "a,b,c"
     ATTENTION = "qexport.attention"  # ort-attention on the Attention nodes it inserts: "1" (chunks copy it)
     ATTENTION_CHUNKS = "qexport.attention_chunks"  # ort-attention-chunks on the If nodes it inserts: the chunk count
