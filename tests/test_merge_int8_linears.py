@@ -7,13 +7,14 @@ import collections
 import numpy as np
 import pytest
 
-from pass_testing import load
+from pass_testing import give_norms_weights, load
 from qexport.calibration.calibrator import Calibrator
 from qexport.errors import RecipeError
 from qexport.passes.ort.attention import OrtAttentionPass
 from qexport.passes.quantize.insert_qdq import QuantizePass
 from qexport.passes.ort.int8 import LowerOrtPass
 from qexport.passes.ort.merge_linears import MergeInt8LinearsPass
+from qexport.passes.ort.nbits import LowerNBitsOrtPass
 from qexport.passes.metadata import Meta
 from test_attention_ort import _assert_equal, _decode_steps, _padded_feeds
 
@@ -38,17 +39,33 @@ def test_per_tensor_merge_concatenates_fused_biases(tiny_export):
     _check_merge_is_exact(model)
 
 
-def _check_merge_is_exact(model) -> None:
+@pytest.mark.parametrize("weights", ["int8_group", "int4"])
+def test_merged_matmul_nbits_equal_separate_with_left_padding_and_decode(tiny_export, family, weights):
+    """ort-nbits' MatMulNBits (accuracy level 4: the kernel quantizes its input per row and block, the same for any
+    N) sharing one activation merge into one; on OPT with their Gemm biases concatenated."""
+    model = load(tiny_export(family))
+    if family == "opt":
+        give_norms_weights(model)  # biases on the linears
+    QuantizePass(activations="per_group", weights=weights, group_size=16, include_lm_head=True)(model)
+    LowerNBitsOrtPass()(model)
+    if family == "opt":
+        assert any(len(n.inputs) > 5 and n.inputs[5] is not None for n in model.graph if n.op_type == "MatMulNBits")
+    _check_merge_is_exact(model, "MatMulNBits")
+    assert all(n.attributes["N"].value == n.inputs[1].const_value.shape[0] for n in model.graph
+               if n.op_type == "MatMulNBits")
+
+
+def _check_merge_is_exact(model, op: str = "MatMulIntegerToFloat") -> None:
     feeds = _padded_feeds(model)
     expected = _decode_steps(model, feeds)
-    before = collections.Counter(n.op_type for n in model.graph)["MatMulIntegerToFloat"]
+    before = collections.Counter(n.op_type for n in model.graph)[op]
     assert MergeInt8LinearsPass()(model).modified
     for got, want in zip(_decode_steps(model, feeds), expected):
         _assert_equal(got, want)
     ops = collections.Counter(n.op_type for n in model.graph)
     merged = [n for n in model.graph if Meta.MERGED_LINEARS in n.metadata_props]
     replaced = sum(len(n.metadata_props[Meta.MERGED_LINEARS].split(",")) for n in merged)
-    assert ops["MatMulIntegerToFloat"] == before - replaced + len(merged) < before
+    assert ops[op] == before - replaced + len(merged) < before
     assert ops["Split"] == len(merged)
     assert not MergeInt8LinearsPass()(model).modified  # nothing left to merge
 

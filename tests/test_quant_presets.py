@@ -34,12 +34,15 @@ def test_quant_preset_end_to_end_on_tiny_llama(tiny_source, tiny_export, tmp_pat
     ops = collections.Counter(n.op_type for n in model.graph)
     settings = dict(rc.load_recipe(preset).passes[[e.name for e in rc.load_recipe(preset).passes].index("quantize")].settings)
     linears = 14 + bool(settings.get("include_lm_head"))  # 2 layers x 7, and lm_head if the preset says so
-    if "ort-merge-linears" in [s["pass"] for s in steps]:  # per layer: q/k/v merged, o, gate/up merged, down
+    ran = [s["pass"] for s in steps]
+    merged_away = sum(len(n.metadata_props[Meta.MERGED_LINEARS].split(",")) - 1 for n in model.graph
+                      if Meta.MERGED_LINEARS in n.metadata_props)
+    if "ort-nbits" in ran:  # the kernels quantize their activations: no quantizer left
+        assert ops["MatMulNBits"] + merged_away == linears and ops["DequantizeLinear"] == ops["QuantizeLinear"] == 0
+    elif "ort-merge-linears" in ran:  # per layer: q/k/v merged, o, gate/up merged, down
         assert ops["MatMulIntegerToFloat"] == linears - 2 * 3 and ops["Split"] >= 2 * 2 and ops["DequantizeLinear"] == 0
-    elif "ort-int8" in [s["pass"] for s in steps]:
+    elif "ort-int8" in ran:
         assert ops["MatMulIntegerToFloat"] == linears and ops["DequantizeLinear"] == 0
-    elif "ort-nbits" in [s["pass"] for s in steps]:  # the kernels quantize their activations: no quantizer left
-        assert ops["MatMulNBits"] == linears and ops["DequantizeLinear"] == ops["QuantizeLinear"] == 0
     else:
         assert ops["DequantizeLinear"] == linears + ops["QuantizeLinear"]  # weights, and one DQ per activation Q
     sqnr = logits_sqnr_db(model, tiny_export("llama"))
@@ -61,6 +64,6 @@ def test_quant_preset_meets_its_perplexity_target_on_smollm2(default_export, tmp
     assert result["ppl_ratio"] <= TARGETS[preset], f"{preset}: ppl ratio {result['ppl_ratio']:.4f}"
     ops = collections.Counter(n.op_type for n in model.graph)
     merged = sum(len(n.metadata_props.get(Meta.MERGED_LINEARS, "").split(",")) - 1
-                 for n in model.graph if n.op_type == "MatMulIntegerToFloat")  # linears inside merged nodes
+                 for n in model.graph if n.op_type in ("MatMulIntegerToFloat", "MatMulNBits"))  # linears inside merged nodes
     assert ops["MatMulIntegerToFloat"] + merged + ops["DequantizeLinear"] + ops["MatMulNBits"] >= 7 * 30  # quantized
     # for real: every layer linear
