@@ -156,6 +156,18 @@ def set_graph_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
             graph.outputs[i] = new
 
 
+def replace_node_output(graph: ir.Graph, old_node: ir.Node, new_node: ir.Node, name: str) -> None:
+    """Put ``new_node`` (already built) before ``old_node`` and in its place: its first output, named ``name``, takes
+    the old output's type, shape, readers and graph-output name (logits); ``old_node`` is removed."""
+    out, old = new_node.outputs[0], old_node.outputs[0]
+    out.name, out.dtype, out.shape = name, old.dtype, old.shape
+    graph.insert_before(old_node, new_node)
+    if old.is_graph_output():
+        set_graph_output(graph, old, out)
+    old.replace_all_uses_with(out)
+    graph.remove(old_node, safe=True)
+
+
 def write_weight(graph: ir.Graph, linear: "Linear", w_in_out: np.ndarray) -> None:
     """Store the [in, out] float64 matrix ``w_in_out`` as ``linear``'s weight, in its own layout and dtype."""
     stored = w_in_out if linear.layout == "in_out" else w_in_out.T

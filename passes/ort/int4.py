@@ -9,7 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import RecipeError
-from qexport.passes._ir import const_array, drop_if_unused, new_initializer, set_graph_output
+from qexport.passes._ir import const_array, drop_if_unused, new_initializer, replace_node_output
 from qexport.passes.metadata import Meta
 from qexport.passes.ort.int8 import MS_DOMAIN
 
@@ -103,14 +103,7 @@ def _lower(graph: ir.Graph, match: Int4Linear, accuracy_level: int) -> None:
     node = ir.node("MatMulNBits", [match.matmul.inputs[0], packed, scales], domain=MS_DOMAIN, name=f"{base}.nbits",
                    attributes={"K": k, "N": n, "bits": 4, "block_size": match.block, "accuracy_level": accuracy_level})
     node.metadata_props[Meta.LOWERED] = "int4"
-    out = node.outputs[0]
-    old = match.matmul.outputs[0]
-    out.name, out.dtype, out.shape = f"{base}.nbits_out", old.dtype, old.shape
-    graph.insert_before(match.matmul, node)
-    if old.is_graph_output():
-        set_graph_output(graph, old, out)  # moves the output name (logits) onto the lowered value
-    old.replace_all_uses_with(out)
-    graph.remove(match.matmul, safe=True)
+    replace_node_output(graph, match.matmul, node, f"{base}.nbits_out")  # the logits keep their name
     weight = match.dequantize.outputs[0]
     if not weight.uses():
         inputs = [v for v in match.dequantize.inputs if v is not None]

@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qexport.passes._ir import const_array, drop_if_unused, new_initializer, set_graph_output
+from qexport.passes._ir import const_array, drop_if_unused, new_initializer, replace_node_output
 from qexport.passes.metadata import Meta
 from qexport.passes.ort.int4 import pack_nibbles
 from qexport.passes.ort.int8 import MS_DOMAIN
@@ -167,14 +167,7 @@ def _lower(graph: ir.Graph, match: GroupLinear) -> None:
                    attributes={"K": k, "N": n, "bits": match.bits, "block_size": match.block,
                                "accuracy_level": ACCURACY_LEVEL})
     node.metadata_props[Meta.LOWERED] = f"int{match.bits}"
-    out = node.outputs[0]
-    old = match.matmul.outputs[0]
-    out.name, out.dtype, out.shape = f"{base}.nbits_out", old.dtype, old.shape
-    graph.insert_before(match.matmul, node)
-    if old.is_graph_output():
-        set_graph_output(graph, old, out)  # moves the output name (logits) onto the lowered value
-    old.replace_all_uses_with(out)
-    graph.remove(match.matmul, safe=True)
+    replace_node_output(graph, match.matmul, node, f"{base}.nbits_out")  # the logits keep their name
     _remove_if_unused(graph, match.weight_dq)
 
 
