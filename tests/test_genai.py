@@ -100,10 +100,13 @@ def test_genai_stops_at_eos_as_qexport_does(tiny_export, tmp_path):
     assert genai.generate(prompt, no_stop) == _ours(artifact, prompt, no_stop, eos=[eos]) == free
 
 
-def test_quantized_preset_generates_identically(tiny_source, tmp_path):
+@pytest.mark.parametrize("family, preset", [("llama", "w8a8-dynamic"), ("llama", "w8a8-group-ort"),
+                                            ("gemma3", "w8a8-group-ort"), ("opt", "w8a8-group-ort")])
+def test_quantized_preset_generates_identically(tiny_source, tmp_path, family, preset):
+    """MatMulNBits, merged q/k/v and GroupQueryAttention (w8a8-group-ort) run in onnxruntime-genai too."""
     import qexport
 
-    out = qexport.export(str(tiny_source("llama")), tmp_path / "w8a8", recipe="w8a8-dynamic", calib_windows=2,
+    out = qexport.export(str(tiny_source(family)), tmp_path / "q", recipe=preset, calib_windows=2,
                          calib_seq_len=64, measure_difficulty=False)
     artifact = Artifact.open(out)
     assert "genai_config.json" in artifact.manifest["files"]
