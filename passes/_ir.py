@@ -205,18 +205,38 @@ def raise_default_opset(graph: ir.Graph, version: int) -> None:
         graph.opset_imports[""] = version
 
 
+def remove_if_unused(graph: ir.Graph, node: ir.Node) -> bool:
+    """Remove ``node`` if none of its outputs is used or a graph output, and the initializers only it read;
+    returns whether it was removed."""
+    if any(o.uses() or o.is_graph_output() for o in node.outputs):
+        return False
+    inputs = [v for v in node.inputs if v is not None]
+    graph.remove(node, safe=True)
+    for value in inputs:
+        drop_if_unused(graph, value)
+    return True
+
+
 def remove_dead_nodes(graph: ir.Graph) -> int:
     """Remove the nodes none of whose outputs is used or a graph output (in reverse order, so chains go too),
     and the initializers only they read; returns how many nodes."""
-    removed = 0
-    for node in reversed(list(graph)):
-        if not any(o.uses() or o.is_graph_output() for o in node.outputs):
-            inputs = [v for v in node.inputs if v is not None]
-            graph.remove(node, safe=True)
-            removed += 1
-            for value in inputs:
-                drop_if_unused(graph, value)
-    return removed
+    return sum(remove_if_unused(graph, node) for node in reversed(list(graph)))
+
+
+def plain_linear(node: ir.Node) -> tuple[bool, ir.Value | None] | None:
+    """(transposed, bias) of a MatMul, or of a Gemm with no transA, alpha or beta and a constant 1-D bias or none
+    (transposed: transB = 1, B stored [out, in]); None for anything else."""
+    if node.domain != "" or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+        return None
+    if node.op_type == "MatMul":
+        return False, None
+    attrs = {name: attr.value for name, attr in node.attributes.items()}
+    if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+        return None
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is not None and (const_array(bias) is None or const_array(bias).ndim != 1):
+        return None
+    return bool(attrs.get("transB", 0)), bias
 
 
 def producer_of(value: ir.Value | None, op_type: str) -> ir.Node | None:

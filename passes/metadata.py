@@ -58,3 +58,5 @@ class Meta(str, enum.Enum):
 
 
 PREFIXES = frozenset({Meta.ONLINE, Meta.SMOOTHED, Meta.AFFINE, Meta.AQAS_ALPHA, Meta.PRECISION})
+# Meta.QUANT values of the activation quantizers quantize keeps in the graph (a linear reading one is quantized)
+ACTIVATION_QUANT = ("per_token", "per_group", "per_tensor")

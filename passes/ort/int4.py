@@ -9,7 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qexport.errors import RecipeError
-from qexport.passes._ir import const_array, drop_if_unused, new_initializer, replace_node_output
+from qexport.passes._ir import const_array, new_initializer, remove_if_unused, replace_node_output
 from qexport.passes.metadata import Meta
 from qexport.passes.ort.int8 import MS_DOMAIN
 
@@ -104,9 +104,4 @@ def _lower(graph: ir.Graph, match: Int4Linear, accuracy_level: int) -> None:
                    attributes={"K": k, "N": n, "bits": 4, "block_size": match.block, "accuracy_level": accuracy_level})
     node.metadata_props[Meta.LOWERED] = "int4"
     replace_node_output(graph, match.matmul, node, f"{base}.nbits_out")  # the logits keep their name
-    weight = match.dequantize.outputs[0]
-    if not weight.uses():
-        inputs = [v for v in match.dequantize.inputs if v is not None]
-        graph.remove(match.dequantize, safe=True)
-        for value in inputs:
-            drop_if_unused(graph, value)
+    remove_if_unused(graph, match.dequantize)

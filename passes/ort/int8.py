@@ -10,7 +10,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from qexport.passes._ir import const_array, drop_if_unused, new_initializer, set_graph_output
+from qexport.passes._ir import const_array, drop_if_unused, new_initializer, plain_linear, set_graph_output
 from qexport.passes.metadata import Meta
 from qexport.passes.quantize.insert_qdq import ActQuant
 
@@ -54,15 +54,10 @@ class QuantLinear:
 def match_quant_linear(node: ir.Node) -> QuantLinear | None:
     """The QDQ linear ``node`` is, or None: a MatMul (or Gemm, transB = 1, no alpha/beta/transA) fed by a tagged
     activation DQ and a per-output-channel int8 weight DQ."""
-    if node.domain != "" or node.op_type not in ("MatMul", "Gemm"):
+    form = plain_linear(node)
+    if form is None:
         return None
-    attrs = {name: attr.value for name, attr in node.attributes.items()}
-    transposed = bool(attrs.get("transB", 0))
-    if node.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
-        return None
-    bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
-    if bias is not None and (const_array(bias) is None or const_array(bias).ndim != 1):
-        return None
+    transposed, bias = form
     a, b = (v.producer() if v is not None else None for v in node.inputs[:2])
     if a is None or b is None or a.op_type != "DequantizeLinear" or b.op_type != "DequantizeLinear":
         return None

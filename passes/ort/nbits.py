@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qexport.passes._ir import const_array, drop_if_unused, new_initializer, replace_node_output
+from qexport.passes._ir import const_array, new_initializer, plain_linear, remove_if_unused, replace_node_output
 from qexport.passes.metadata import Meta
 from qexport.passes.ort.int4 import pack_nibbles
 from qexport.passes.ort.int8 import MS_DOMAIN
@@ -22,7 +22,7 @@ ACCURACY_LEVEL = 4  # MatMulNBits' int8 compute: A rounded to int8 per block of 
 
 @dataclasses.dataclass(frozen=True)
 class GroupLinear:
-    """``MatMul(DQ(Q(x, s_group)), DQ(w))`` (or Gemm transB = 1 with a bias) with per-group activations."""
+    """``MatMul(DQ(Q(x, s_group)), DQ(w))`` (or Gemm with a bias) with per-group activations."""
 
     matmul: ir.Node
     act_dq: ir.Node
@@ -84,18 +84,10 @@ def _weight(dq: ir.Node, transposed: bool, block: int) -> tuple[int, np.ndarray,
 
 def match_group_linear(node: ir.Node) -> GroupLinear | None:
     """The per-group quantized linear ``node`` is, or None (see :class:`LowerNBitsOrtPass` for the cases)."""
-    if node.domain != "" or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+    form = plain_linear(node)
+    if form is None:
         return None
-    transposed, bias = False, None
-    if node.op_type == "Gemm":
-        attrs = {name: attr.value for name, attr in node.attributes.items()}
-        if attrs.get("transA", 0) or not attrs.get("transB", 0) or attrs.get("alpha", 1.0) != 1.0 \
-                or attrs.get("beta", 1.0) != 1.0:
-            return None
-        transposed = True
-        bias = node.inputs[2] if len(node.inputs) > 2 else None
-        if bias is not None and (const_array(bias) is None or const_array(bias).ndim != 1):
-            return None
+    transposed, bias = form
     a, b = (v.producer() if v is not None else None for v in node.inputs[:2])
     if a is None or b is None:
         return None
@@ -128,7 +120,7 @@ class LowerNBitsOrtPass(ir.passes.InPlacePass):
     channels, s = absmax / 127) and the weight is int8 per output channel, or int8 or INT4 in groups of the same b
     along the input axis (``int8_group``, ``int4``; no zero point), becomes ``MatMulNBits(x, packed codes,
     Δ per block, bits 8 or 4, block_size b, accuracy_level 4)``; a Gemm (transB = 1) passes its bias as
-    MatMulNBits' bias. At level 4 the
+    MatMulNBits' bias (as does one with transB = 0). At level 4 the
     kernel rounds each block of x to int8 with the same scale and multiplies integers, so the result is the QDQ
     graph's up to float rounding (a block's scale is computed once, a code may flip where x / s is a rounding tie).
     An int8 weight's per-channel scale is repeated for each block. The activation quantizer is removed once no
@@ -171,17 +163,7 @@ def _lower(graph: ir.Graph, match: GroupLinear) -> None:
                                "accuracy_level": ACCURACY_LEVEL})
     node.metadata_props[Meta.LOWERED] = f"int{match.bits}"
     replace_node_output(graph, match.matmul, node, f"{base}.nbits_out")  # the logits keep their name
-    _remove_if_unused(graph, match.weight_dq)
-
-
-def _remove_if_unused(graph: ir.Graph, node: ir.Node) -> bool:
-    if any(out.uses() or out.is_graph_output() for out in node.outputs):
-        return False
-    inputs = [v for v in node.inputs if v is not None]
-    graph.remove(node, safe=True)
-    for value in inputs:
-        drop_if_unused(graph, value)
-    return True
+    remove_if_unused(graph, match.weight_dq)
 
 
 def _remove_dead_quantizer(graph: ir.Graph, dq: ir.Node) -> bool:
@@ -193,7 +175,7 @@ def _remove_dead_quantizer(graph: ir.Graph, dq: ir.Node) -> bool:
         if node is None or node.metadata_props.get(Meta.QUANT) != ActQuant.PER_GROUP.value:
             continue
         producers = [v.producer() for v in node.inputs if v is not None]
-        if _remove_if_unused(graph, node):
+        if remove_if_unused(graph, node):
             removed_dq = removed_dq or node is dq
             pending += producers
     return removed_dq

@@ -18,7 +18,7 @@ from qexport.passes._ir import const_f64, new_initializer, set_const_input, set_
 from qexport.passes._settings import coerce_enums
 from qexport.passes.discovery.linear_select import linear_names
 from qexport.passes.discovery.names import NameFilter, check_glob_fields
-from qexport.passes.metadata import Meta
+from qexport.passes.metadata import ACTIVATION_QUANT, Meta
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def quantized_linears(model: ir.Model, reference: ir.Model, names: NameFilter = 
         if not names.matches(role, node.name, floats[node.name].weight.name or ""):
             continue
         a = node.inputs[0].producer()
-        quantized_x = a is not None and a.op_type == "DequantizeLinear" and a.metadata_props.get(Meta.QUANT) in ("per_token", "per_group", "per_tensor")
+        quantized_x = a is not None and a.op_type == "DequantizeLinear" and a.metadata_props.get(Meta.QUANT) in ACTIVATION_QUANT
         x = a.inputs[0].producer().inputs[0] if quantized_x else node.inputs[0]
         match = re.match(r"layers\.(\d+)\.", role)
         found.append(QuantizedLinear(node, role, x, floats[node.name].weight_in_out(), int(match[1]) if match else None))

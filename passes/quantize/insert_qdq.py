@@ -17,7 +17,8 @@ from qexport.passes.discovery.linear_select import prequantized_linears, selecte
 from qexport.passes.discovery.names import NameFilter, check_glob_fields
 from qexport.passes.metadata import Meta
 from qexport.passes.quantize.act_qdq import SharedConsts, per_block_qdq, per_tensor_qdq, per_token_qdq
-from qexport.passes.quantize.weight_quant import WeightClip, WeightFormat, WeightQuant, write_quantized_weight
+from qexport.passes.quantize.weight_quant import (WeightClip, WeightFormat, WeightQuant, check_group_divides,
+                                                  write_quantized_weight)
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,8 @@ class QuantizePass(ir.passes.InPlacePass):
             fmt.group_rows(linear.in_features, linear.node.name)
         if self.activations is ActQuant.PER_GROUP:
             for x, readers in by_input.items():
-                _check_activation_groups(_in_features(readers[0], linears), self.group_size, readers[0].name)
+                check_group_divides(_in_features(readers[0], linears), self.group_size, readers[0].name,
+                                    "quantize activations: per_group: ")
         scales: Mapping[ir.Value, ActivationScale] = {}
         if self.activations is ActQuant.PER_TENSOR:
             if self.calibrator is None:
@@ -134,13 +136,6 @@ class QuantizePass(ir.passes.InPlacePass):
         log.info("quantized %d linears (%d with weights already int8; %d activation tensors, %s)",
                  len(linears) + len(prequantized), len(prequantized), len(by_input), self.activations.value)
         return ir.passes.PassResult(model, True)
-
-
-def _check_activation_groups(width: int, group_size: int, where: str) -> None:
-    if width % group_size:
-        fits = [g for g in (16, 32, 64, 128) if width % g == 0]
-        raise RecipeError(f"quantize activations: per_group: group_size {group_size} does not divide the {width} input "
-                          f"channels of {where}; use a group_size that does (e.g. {fits or 'a divisor'})")
 
 
 def _in_features(node: ir.Node, linears: dict[ir.Node, site_matching.Linear]) -> int:

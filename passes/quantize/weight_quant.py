@@ -80,10 +80,7 @@ class WeightFormat:
         """Input channels per scale: ``in_features`` for int8, else ``group_size``, which must divide it."""
         if not self.grouped:
             return in_features
-        if in_features % self.group_size:
-            fits = [g for g in (32, 64, 128) if in_features % g == 0]
-            raise RecipeError(f"group_size {self.group_size} does not divide the {in_features} input channels of "
-                              f"{where or 'a linear'}; use a group_size that does (e.g. {fits or 'a divisor'})")
+        check_group_divides(in_features, self.group_size, where)
         return self.group_size
 
     def codes(self, y: np.ndarray) -> np.ndarray:
@@ -134,6 +131,15 @@ class WeightFormat:
     def dequantize(self, codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
         """The [in, out] float weight of (codes, Δ [groups, out]) as the graph computes it."""
         return self.levels(codes) * np.repeat(scale, codes.shape[0] // scale.shape[0], axis=0)
+
+
+def check_group_divides(width: int, group_size: int, where: str = "", setting: str = "") -> None:
+    """A RecipeError naming ``where`` and the group sizes that fit, when ``group_size`` does not divide ``width``
+    input channels (``setting`` says whose group size it is, before the message)."""
+    if width % group_size:
+        fits = [g for g in (16, 32, 64, 128) if width % g == 0]
+        raise RecipeError(f"{setting}group_size {group_size} does not divide the {width} input channels of "
+                          f"{where or 'a linear'}; use a group_size that does (e.g. {fits or 'a divisor'})")
 
 
 def write_quantized_weight(graph: ir.Graph, linear: site_matching.Linear, q: np.ndarray, scale: np.ndarray,

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qexport.passes.metadata import Meta
+from qexport.passes.metadata import ACTIVATION_QUANT, Meta
 
 
 def _round(x: float) -> float:
@@ -31,7 +31,7 @@ def quantized_site_stats(model: ir.Model, names: dict[ir.Node, str]) -> dict[str
             continue
         entry: dict[str, Any] = {"act": "float"}
         a = node.inputs[0].producer()
-        if a is not None and a.op_type == "DequantizeLinear" and a.metadata_props.get(Meta.QUANT) in ("per_token", "per_group", "per_tensor"):
+        if a is not None and a.op_type == "DequantizeLinear" and a.metadata_props.get(Meta.QUANT) in ACTIVATION_QUANT:
             entry["act"] = a.metadata_props[Meta.QUANT]
             meta = a.inputs[0].producer().inputs[0].meta.get(Meta.ACT_CALIBRATION)
             if meta is not None:

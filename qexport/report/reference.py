@@ -22,7 +22,7 @@ from qexport.artifact.folder import MODEL_FILE, Artifact
 from qexport.errors import QexportError
 from qexport.passes.discovery import sites as site_matching
 from qexport.passes.discovery.linear_select import linear_names
-from qexport.passes.metadata import Meta
+from qexport.passes.metadata import ACTIVATION_QUANT, Meta
 from qexport.passes.quantize.insert_qdq import ActQuant
 from qexport.recipes.registry import is_lossless
 from qexport.recipes.schema import Recipe, pass_class
@@ -156,7 +156,7 @@ def _pair(node: ir.Node, w_q: np.ndarray, linear: site_matching.Linear, name: st
     act_dq = a.producer()
     tag = act_dq.metadata_props.get(Meta.QUANT) if act_dq is not None else None
     activation, clip, kind = a, None, ActQuant.NONE
-    if act_dq is not None and act_dq.op_type == "DequantizeLinear" and tag in (ActQuant.PER_TENSOR, ActQuant.PER_TOKEN, ActQuant.PER_GROUP):
+    if act_dq is not None and act_dq.op_type == "DequantizeLinear" and tag in ACTIVATION_QUANT:
         kind = ActQuant(tag)
         q = act_dq.inputs[0].producer()
         activation = q.inputs[0]
