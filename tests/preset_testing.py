@@ -59,12 +59,12 @@ def quantize_smollm2(fp32_folder: Path, preset: str) -> ir.Model:
     return model
 
 
-def evaluate_quantized(fp32_folder: Path, model: ir.Model, out: Path, windows: int = 4) -> dict:
+def evaluate_quantized(fp32_folder: Path, model: ir.Model, out: Path, windows: int = 4, text: str | None = None) -> dict:
     """Save ``model`` beside a copy of the FP32 export's other files in ``out`` and evaluate it on ``windows`` x 512
-    tokens of the evaluation text (never the calibration text); returns `qexport.evaluation.perplexity.evaluate`'s
-    result."""
+    tokens of the evaluation text (``text``, a built-in domain, else the default; never the calibration text);
+    returns `qexport.evaluation.perplexity.evaluate`'s result."""
     from qexport.evaluation.perplexity import EvalSettings, evaluate
 
     shutil.copytree(fp32_folder, out, ignore=shutil.ignore_patterns("model.onnx"))
     ir.save(model, out / "model.onnx")
-    return evaluate(out, settings=EvalSettings(windows=windows, seq_len=512, greedy_tokens=8))
+    return evaluate(out, text=text, settings=EvalSettings(windows=windows, seq_len=512, greedy_tokens=8))

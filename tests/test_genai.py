@@ -101,9 +101,11 @@ def test_genai_stops_at_eos_as_qexport_does(tiny_export, tmp_path):
 
 
 @pytest.mark.parametrize("family, preset", [("llama", "w8a8-dynamic"), ("llama", "w8a8-group-ort"),
-                                            ("gemma3", "w8a8-group-ort"), ("opt", "w8a8-group-ort")])
+                                            ("gemma3", "w8a8-group-ort"), ("opt", "w8a8-group-ort"),
+                                            ("qwen2", "w4a8-group-ort")])
 def test_quantized_preset_generates_identically(tiny_source, tmp_path, family, preset):
-    """MatMulNBits, merged q/k/v and GroupQueryAttention (w8a8-group-ort) run in onnxruntime-genai too."""
+    """MatMulNBits, merged q/k/v and GroupQueryAttention (w8a8-group-ort; w4a8-group-ort with its online Hadamard
+    and 4-bit kernels) run in onnxruntime-genai too."""
     import qexport
 
     out = qexport.export(str(tiny_source(family)), tmp_path / "q", recipe=preset, calib_windows=2,

@@ -24,6 +24,7 @@ import qexport
 from pass_testing import load, make_feeds, max_rel_diff, padded_feeds, run
 from preset_testing import logits_sqnr_db
 from qexport.evaluation.perplexity import EvalSettings
+from qexport.passes.metadata import Meta
 from qexport.recipes import schema as rc
 from test_lower_ort import LOWERED_RTOL
 
@@ -149,7 +150,7 @@ def _assert_lowered_equals_qdq(lowered: ir.Model, qdq: ir.Model, fp32: ir.Model,
     ref, ref_q = _with_quantizer_values(qdq)
     for feeds in (padded_feeds(qdq), prefill):
         expected, got = _as_written(ref, feeds), run(low, feeds)
-        if _first_code_flip_is_a_tie(got, expected, low_q, ref_q, qdq, case, _kernel_quantized_inputs(low)):
+        if _first_code_flip_is_a_tie(got, expected, low_q, ref_q, qdq, case, _kernel_quantized_inputs(lowered, qdq)):
             continue  # past a flipped tie the two graphs round differently: nothing downstream compares tightly
         for name in outputs:
             diff = max_rel_diff(got, expected, name)
@@ -158,11 +159,26 @@ def _assert_lowered_equals_qdq(lowered: ir.Model, qdq: ir.Model, fp32: ir.Model,
     assert quant_error > 100 * LOWERED_RTOL, f"{case}: the bound means nothing next to the quantization error"
 
 
-def _kernel_quantized_inputs(model: ir.Model) -> dict[str, int]:
-    """Input name -> block, for each MatMulNBits at accuracy level 4 (``ort-nbits``): the kernel rounds that input to
-    int8 per token and block itself (absmax / 127), so its codes are not a graph value but follow from the input."""
-    return {n.inputs[0].name: n.attributes["block_size"].value for n in model.graph
-            if n.op_type == "MatMulNBits" and n.attributes["accuracy_level"].value == 4}
+def _kernel_quantized_inputs(lowered: ir.Model, qdq: ir.Model) -> dict[str, tuple[str, int]]:
+    """QDQ activation name -> (the lowered graph's name for it, block), for each MatMulNBits at accuracy level 4
+    (``ort-nbits``): the kernel rounds that input to int8 per token and block itself (absmax / 127), so its codes are
+    not a graph value but follow from the input. The lowered input may have another name (a fused skip-norm's or
+    GroupQueryAttention's output), so each kernel is paired with its QDQ linear through the weight it lowered
+    (``ort-nbits`` names the kernel ``<weight DequantizeLinear>.nbits``; a merged one lists them)."""
+    by_weight = {}
+    for n in lowered.graph:
+        if n.op_type == "MatMulNBits" and n.attributes["accuracy_level"].value == 4:
+            names = n.metadata_props.get(Meta.MERGED_LINEARS, n.name).split(",")
+            for name in names:
+                by_weight[name.removesuffix(".nbits")] = (n.inputs[0].name, n.attributes["block_size"].value)
+    pairs = {}
+    for n in qdq.graph:
+        if n.op_type == "DequantizeLinear" and n.name in by_weight:
+            for linear, _ in n.outputs[0].uses():
+                act_dq = linear.inputs[0].producer()
+                if act_dq is not None and act_dq.op_type == "DequantizeLinear":
+                    pairs[act_dq.inputs[0].producer().inputs[0].name] = by_weight[n.name]
+    return pairs
 
 
 def _with_quantizer_values(model: ir.Model) -> tuple[ir.Model, list[tuple[str, str, str]]]:
@@ -193,7 +209,7 @@ def _block_codes(x: np.ndarray, block: int) -> np.ndarray:
 
 
 def _first_code_flip_is_a_tie(got: dict[str, np.ndarray], expected: dict[str, np.ndarray], low_q: list,
-                              ref_q: list, qdq: ir.Model, case: str, in_kernel: dict[str, int] | None = None) -> bool:
+                              ref_q: list, qdq: ir.Model, case: str, in_kernel: dict[str, tuple[str, int]] | None = None) -> bool:
     """Whether the two graphs' activation codes differ somewhere (False: they agree on every quantizer both keep,
     so the outputs must agree tightly). Where they first differ (graph order), each differing code must be a
     rounding tie: the quantizer's input equal within LOWERED_RTOL in both graphs, and x / scale within 1e-3 of a
@@ -208,8 +224,9 @@ def _first_code_flip_is_a_tie(got: dict[str, np.ndarray], expected: dict[str, np
         if codes in low_inputs:
             low_codes, x_low = got[codes], got[low_inputs[codes]]
         elif x in in_kernel:  # the lowered kernel quantizes x itself: its codes follow from its input
-            low_codes, x_low = _block_codes(got[x], in_kernel[x]), got[x]
-            block_scale = np.repeat(expected[scale], in_kernel[x], axis=-1) if scale else None
+            x_name, block = in_kernel[x]
+            low_codes, x_low = _block_codes(got[x_name], block), got[x_name]
+            block_scale = np.repeat(expected[scale], block, axis=-1) if scale else None
         else:
             continue
         flipped = low_codes.astype(np.int32) != expected[codes].astype(np.int32)
