@@ -21,7 +21,7 @@ from qexport.passes.discovery.names import NameFilter, check_glob_fields
 from qexport.passes._settings import coerce_enums
 from qexport.passes.metadata import Meta
 from qexport.passes.quantize.act_qdq import SharedConsts, per_block_qdq, per_token_qdq
-from qexport.passes.quantize.precision import choose_precision
+from qexport.passes.quantize.precision import choose_precision, hessian_trace
 from qexport.passes.quantize.weight_quant import WeightClip, WeightFormat, WeightQuant, write_quantized_weight
 
 log = logging.getLogger(__name__)
@@ -278,5 +278,4 @@ def _layers(model: ir.Model, chosen: list[site_matching.Linear]) -> list[list[si
 
 def output_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray) -> float:
     """Mean squared output error per token, trace((W - W_hat)^T H (W - W_hat)) for H = X^T X / N."""
-    d = w - w_hat
-    return float(np.einsum("io,ij,jo->", d, hessian, d))
+    return hessian_trace(np.asarray(w, dtype=np.float64) - w_hat, hessian)
