@@ -100,16 +100,17 @@ def test_genai_stops_at_eos_as_qexport_does(tiny_export, tmp_path):
     assert genai.generate(prompt, no_stop) == _ours(artifact, prompt, no_stop, eos=[eos]) == free
 
 
-@pytest.mark.parametrize("family, preset", [("llama", "w8a8-dynamic"), ("llama", "w8a8-group-ort"),
-                                            ("gemma3", "w8a8-group-ort"), ("opt", "w8a8-group-ort"),
-                                            ("qwen2", "w4a8-group-ort")])
-def test_quantized_preset_generates_identically(tiny_source, tmp_path, family, preset):
+@pytest.mark.parametrize("family, preset, kv_cache", [
+    ("llama", "w8a8-dynamic", None), ("llama", "w8a8-group-ort", None), ("gemma3", "w8a8-group-ort", None),
+    ("opt", "w8a8-group-ort", None), ("qwen2", "w4a8-group-ort", None), ("llama", "w8a8-group-ort", "int8"),
+    ("gemma3", "w8a8-group-ort", "int8")])
+def test_quantized_preset_generates_identically(tiny_source, tmp_path, family, preset, kv_cache):
     """MatMulNBits, merged q/k/v and GroupQueryAttention (w8a8-group-ort; w4a8-group-ort with its online Hadamard
-    and 4-bit kernels) run in onnxruntime-genai too."""
+    and 4-bit kernels; GroupQueryAttention keeping an int8 cache) run in onnxruntime-genai too."""
     import qexport
 
     out = qexport.export(str(tiny_source(family)), tmp_path / "q", recipe=preset, calib_windows=2,
-                         calib_seq_len=64, measure_difficulty=False)
+                         calib_seq_len=64, measure_difficulty=False, kv_cache_dtype=kv_cache)
     artifact = Artifact.open(out)
     assert "genai_config.json" in artifact.manifest["files"]
     genai = artifact.genai()

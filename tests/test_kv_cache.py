@@ -162,13 +162,29 @@ def test_ort_attention_rotary_and_chunks_still_match_the_int8_cache(tiny_export)
             np.testing.assert_allclose(got[name], want[name], rtol=RTOL, atol=ATOL, err_msg=name)
 
 
-def test_ort_gqa_leaves_an_int8_cache_alone(tiny_export):
-    """GroupQueryAttention would read the dequantized cache as a cache-less key: the pass must not match it."""
-    model = load(tiny_export("llama"))
-    QuantizeKvPass(calibrator=_calibrator())(model)
-    before = [n.op_type for n in model.graph]
-    assert not OrtGqaPass()(model).modified
-    assert [n.op_type for n in model.graph] == before
+@pytest.mark.parametrize("granularity", ["per_channel", "per_head"])
+def test_ort_gqa_keeps_the_int8_cache_in_its_kernel(tiny_export, family, granularity):
+    """GroupQueryAttention with k_quant_type / v_quant_type PER_CHANNEL (the per-head scales repeated over the
+    channels) stores round(k / s) as quantize-kv's QuantizeLinear does and attends over the dequantized cache: the
+    same int8 presents and logits, prefill with left padding and decode steps on its own cache."""
+    model = load(tiny_export(family))
+    QuantizeKvPass(granularity=granularity, calibrator=_calibrator())(model)
+    scales = _pass_scales(model)
+    feeds, _ = _split_feeds(padded_feeds(model, seed=5), scales)
+    expected = decode_steps(model, feeds, steps=3)
+    assert OrtGqaPass()(model).modified
+    nodes = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert len(nodes) == len(scales) // 2 and not any(n.op_type in ("Softmax", "Concat") and
+                                                      Meta.KV_CACHE in n.metadata_props for n in model.graph)
+    assert all(n.attributes["kv_cache_bit_width"].value == 8 and n.attributes["k_quant_type"].value == "PER_CHANNEL"
+               for n in nodes)
+    assert all(v.dtype == ir.DataType.INT8 for v in model.graph.outputs if v.name.startswith("present."))
+    for step, (got, want) in enumerate(zip(decode_steps(model, feeds, steps=3), expected, strict=True)):
+        for name in want:
+            if name.startswith("present."):  # the same codes
+                np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name} step {step}")
+            else:
+                np.testing.assert_allclose(got[name], want[name], rtol=RTOL, atol=ATOL, err_msg=f"{name} step {step}")
 
 
 def test_a_lowered_cache_or_no_cache_is_a_clear_error(tiny_export):
@@ -198,7 +214,6 @@ def test_kv_cache_key_places_the_pass_before_the_ort_lowerings():
 @pytest.mark.parametrize("data, message", [
     ({"kv_cache": "int4", "passes": [{"pass": "quantize"}]}, "kv_cache: 'int4' is not allowed"),
     ({"kv_cache": "int8", "check": "tensorrt", "passes": [{"pass": "quantize"}]}, "TensorRT"),
-    ({"kv_cache": "int8", "passes": [{"pass": "quantize"}, {"pass": "ort-gqa"}]}, "ort-gqa does not read"),
     ({"passes": [{"pass": "ort-int8"}, {"pass": "quantize-kv"}]}, "before the ORT lowerings"),
     ({"passes": [{"pass": "quantize-kv"}, {"pass": "quantize"}]}, "quantize follows it"),
     ({"kv_cache": "int8", "passes": [{"pass": "quantize-kv"}]}, "already include"),

@@ -30,6 +30,17 @@ class Rotary:
 
 
 @dataclasses.dataclass(frozen=True)
+class Int8Cache:
+    """An int8 cache tensor as ``quantize-kv`` writes it: ``present = Concat(past, QuantizeLinear(new / s, 1, 0))``
+    read as ``DequantizeLinear(present, 1, 0) * s`` (per_channel), or with ``s`` per kv head on axis 1 (per_head)."""
+
+    concat: ir.Node
+    past: ir.Value  # INT8 graph input [B, H_kv, P, D]
+    new: ir.Value  # the new tokens' float key (after rotary) or value [B, H_kv, S, D]
+    scale: np.ndarray  # float32 [H_kv, 1, D]: code = round(new / scale), as GroupQueryAttention's PER_CHANNEL
+
+
+@dataclasses.dataclass(frozen=True)
 class GqaMatch:
     """An attention core whose key and value are ``Concat(past, new)`` along the sequence (or the new ones alone)."""
 
@@ -40,6 +51,36 @@ class GqaMatch:
     past_key: ir.Value | None  # graph inputs [B, H_kv, P, D]
     past_value: ir.Value | None
     rotary: Rotary | None  # the tables shared by query and key, when both are rotated by them
+    int8: tuple[Int8Cache, Int8Cache] | None = None  # key and value caches, when quantize-kv made them int8
+
+
+def _int8_cache(value: ir.Value) -> Int8Cache | None:
+    """The int8 cache that ``value`` (what attention reads) dequantizes, or None."""
+    node = value.producer()
+    if node is None or Meta.KV_CACHE not in node.metadata_props:
+        return None
+    per_head = node.metadata_props[Meta.KV_CACHE] == "per_head"
+    dq = node if per_head else node.inputs[0].producer()
+    scale = const_array(dq.inputs[1] if per_head else node.inputs[1]) if dq is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear" or scale is None or value.shape is None \
+            or not isinstance(value.shape[3], int):
+        return None
+    concat = dq.inputs[0].producer()
+    if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2 or not concat.inputs[0].is_graph_input() \
+            or concat.inputs[0].dtype != ir.DataType.INT8:
+        return None
+    quantize = concat.inputs[1].producer()
+    if quantize is None or quantize.op_type != "QuantizeLinear" or Meta.KV_CACHE not in quantize.metadata_props:
+        return None
+    new = quantize.inputs[0]
+    if not per_head:
+        divide = new.producer()
+        if divide is None or divide.op_type != "Div" or Meta.KV_CACHE not in divide.metadata_props:
+            return None
+        new = divide.inputs[0]
+    heads, head_dim = value.shape[1], value.shape[3]
+    scale = np.broadcast_to(scale.reshape(-1, 1, 1) if per_head else scale, (heads, 1, head_dim)).astype(np.float32)
+    return Int8Cache(concat, concat.inputs[0], new, scale)
 
 
 def _rotary_of(value: ir.Value) -> Rotary | None:
@@ -88,7 +129,14 @@ def match_gqa(softmax: ir.Node) -> GqaMatch | None:
     if core.mask is None:  # GroupQueryAttention is causal; without the exporter's mask the core may not be
         log.debug("%s: no additive mask", softmax.name)
         return None
-    key_parts, value_parts = _split_cache(core.key), _split_cache(core.value)
+    int8 = _int8_cache(core.key), _int8_cache(core.value)
+    if (int8[0] is None) != (int8[1] is None):
+        log.debug("%s: only one of key / value is an int8 cache", softmax.name)
+        return None
+    if int8[0] is not None:
+        key_parts, value_parts = (int8[0].past, int8[0].new), (int8[1].past, int8[1].new)
+    else:
+        key_parts, value_parts, int8 = _split_cache(core.key), _split_cache(core.value), None
     if key_parts is None or value_parts is None or (key_parts[0] is None) != (value_parts[0] is None):
         log.debug("%s: key / value are not Concat(past input, new) along the sequence", softmax.name)
         return None
@@ -100,7 +148,7 @@ def match_gqa(softmax: ir.Node) -> GqaMatch | None:
     rotary = None
     if q_rot is not None and k_rot is not None and (q_rot.cos, q_rot.sin, q_rot.half) == (k_rot.cos, k_rot.sin, k_rot.half):
         rotary, query, key = q_rot, q_rot.x, k_rot.x
-    return GqaMatch(core, query, key, value_parts[1], key_parts[0], value_parts[0], rotary)
+    return GqaMatch(core, query, key, value_parts[1], key_parts[0], value_parts[0], rotary, int8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +163,11 @@ class OrtGqaPass(ir.passes.InPlacePass):
     so every rope variant stays as exported. Per-head norms (Gemma3) stay outside. The exporter's mask is
     ``attention_bias``: left padding and sliding windows are exact; ``seqlens_k = T - 1`` and
     ``query_seqlens = S`` for every row, which also lets a batch continue a prompt over a cache.
+
+    An int8 cache from ``quantize-kv`` (``present = Concat(past, QuantizeLinear(new / s))``, read dequantized) is
+    kept int8 in the node: ``k_quant_type`` / ``v_quant_type`` PER_CHANNEL with ``k_scale`` / ``v_scale`` [H_kv, 1, D]
+    (per-head scales repeated over the channels), ``kv_cache_bit_width`` 8. The kernel stores round(new / s),
+    saturated, and attends over code * s, the QDQ graph's numerics (int8 past inputs and present outputs stay).
 
     Layout: query, key and value are read in [B, S, H * D] straight from the projections where the
     exporter's Reshape -> Transpose allows, else transposed back; after ``ort-merge-linears`` the merged
@@ -138,8 +191,11 @@ class OrtGqaPass(ir.passes.InPlacePass):
         for index, match in enumerate(matches):
             _fuse(graph, match, f"qexport.gqa.{index}", shared)
         removed = remove_dead_nodes(graph)
-        log.info("lowered %d attention cores to GroupQueryAttention (%d rotary fused, %d nodes removed)",
-                 len(matches), sum(m.rotary is not None for m in matches), removed)
+        if any(m.int8 is not None for m in matches):
+            graph.sort()  # a reader of the dequantized cache other than attention now reads the node's present
+        log.info("lowered %d attention cores to GroupQueryAttention (%d rotary fused, %d with an int8 cache, %d "
+                 "nodes removed)", len(matches), sum(m.rotary is not None for m in matches),
+                 sum(m.int8 is not None for m in matches), removed)
         return ir.passes.PassResult(model, True)
 
 
@@ -269,19 +325,30 @@ def _fuse(graph: ir.Graph, match: GqaMatch, base: str, shared: _Shared) -> None:
         query, key, value = packed, None, None
     seqlens, total, query_lens, total64, (dead, any_dead) = shared.lengths(core.mask, query, nodes)
     rotary = shared.caches(match.rotary, total64, head_dim, nodes) if match.rotary is not None else (None, None, None)
-    inputs = [query, key, value, match.past_key, match.past_value, seqlens, total, *rotary, core.mask,
-              None, None, None, None, None, query_lens]
+    scales = (None, None)
     attributes = {"num_heads": heads, "kv_num_heads": kv_heads, "scale": core.scale,
                   "do_rotary": int(match.rotary is not None)}
+    if match.int8 is not None:  # the kernel keeps the cache in int8: code = round(new / s), read as code * s
+        scales = tuple(new_initializer(graph, f"{base}.{kv}_scale", c.scale) for kv, c in zip("kv", match.int8))
+        attributes.update(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
+    inputs = [query, key, value, match.past_key, match.past_value, seqlens, total, *rotary, core.mask,
+              None, *scales, None, None, query_lens]
     node = ir.node("GroupQueryAttention", inputs, attributes=attributes, domain=MS_DOMAIN, name=base, num_outputs=3)
     node.metadata_props[Meta.GQA] = "1"
     out, present_key, present_value = node.outputs
     flat = _output_reshape(core.output, heads, head_dim)
     out.name, out.dtype, out.shape = base, core.output.dtype, flat.shape if flat is not None else None
     nodes.append(node)
-    out = _restore_dead_rows(present_value, out, (dead, any_dead), heads, kv_heads, head_dim, base, nodes, shared)
+    read_value = present_value
+    if match.int8 is not None:  # the mean of v for dead rows, over the cache as attention reads it
+        read_value = append_node(nodes, "Mul", [append_node(nodes, "Cast", [present_value], f"{base}.v_codes",
+                                                           to=core.value.dtype), scales[1]], f"{base}.v_dequantized")
+        read_value.dtype = core.value.dtype
+    out = _restore_dead_rows(read_value, out, (dead, any_dead), heads, kv_heads, head_dim, base, nodes, shared)
     graph.insert_before(core.output.producer(), nodes)
-    for old, new, label in ((core.key, present_key, "present_key"), (core.value, present_value, "present_value")):
+    # the int8 present is the concat's output (what the graph returns); attention read its dequantized value
+    replaced = (core.key, core.value) if match.int8 is None else (match.int8[0].concat.outputs[0], match.int8[1].concat.outputs[0])
+    for old, new, label in zip(replaced, (present_key, present_value), ("present_key", "present_value")):
         new.name, new.dtype, new.shape = f"{base}.{label}", old.dtype, old.shape
         if old.is_graph_output():
             set_graph_output(graph, old, new)

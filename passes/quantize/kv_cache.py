@@ -111,9 +111,6 @@ class QuantizeKvPass(ir.passes.InPlacePass):
             return ("an int8 KV cache is a Concat of an INT8 graph input and a QuantizeLinear, which TensorRT's "
                     "explicit-quantization rules (Q feeds only DQ, DQ reads only Q or constants, per-tensor "
                     "activation scales) refuse; drop kv_cache: int8 (or the quantize-kv pass) or the tensorrt check")
-        if "ort-gqa" in names:
-            return ("ort-gqa does not read an int8 cache yet (it would take the dequantized cache for the new "
-                    "tokens); use ort-attention, or drop kv_cache: int8")
         if names.count(names[index]) > 1:
             return "quantize-kv appears more than once (kv_cache: int8 adds it; write one or the other)"
         if any(n.startswith("ort-") for n in names[:index]):
