@@ -82,7 +82,7 @@ def test_the_fully_masked_row_is_restored(tiny_export, monkeypatch):
     model = load(tiny_export("llama"))
     feeds = padded_feeds(model)
     expected = run(model, feeds)
-    monkeypatch.setattr(gqa_ort, "_restore_dead_rows", lambda present_value, y, *rest: y)
+    monkeypatch.setattr(gqa_ort, "_restore_dead_rows", lambda present_value, v_scale, y, *rest: y)
     OrtGqaPass()(model)
     got = run(model, feeds)
     diff = np.abs(got["logits"] - expected["logits"])

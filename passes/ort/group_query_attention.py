@@ -339,12 +339,8 @@ def _fuse(graph: ir.Graph, match: GqaMatch, base: str, shared: _Shared) -> None:
     flat = _output_reshape(core.output, heads, head_dim)
     out.name, out.dtype, out.shape = base, core.output.dtype, flat.shape if flat is not None else None
     nodes.append(node)
-    read_value = present_value
-    if match.int8 is not None:  # the mean of v for dead rows, over the cache as attention reads it
-        read_value = append_node(nodes, "Mul", [append_node(nodes, "Cast", [present_value], f"{base}.v_codes",
-                                                           to=core.value.dtype), scales[1]], f"{base}.v_dequantized")
-        read_value.dtype = core.value.dtype
-    out = _restore_dead_rows(read_value, out, (dead, any_dead), heads, kv_heads, head_dim, base, nodes, shared)
+    out = _restore_dead_rows(present_value, scales[1], out, (dead, any_dead), heads, kv_heads, head_dim, base, nodes,
+                             shared)
     graph.insert_before(core.output.producer(), nodes)
     # the int8 present is the concat's output (what the graph returns); attention read its dequantized value
     replaced = (core.key, core.value) if match.int8 is None else (match.int8[0].concat.outputs[0], match.int8[1].concat.outputs[0])
@@ -365,12 +361,18 @@ def _fuse(graph: ir.Graph, match: GqaMatch, base: str, shared: _Shared) -> None:
     core.output.replace_all_uses_with(bnsh)
 
 
-def _restore_dead_rows(present_value: ir.Value, y: ir.Value, flags: tuple[ir.Value, ir.Value], heads: int,
-                       kv_heads: int, head_dim: int, base: str, nodes: list[ir.Node], shared: _Shared) -> ir.Value:
+def _restore_dead_rows(present_value: ir.Value, v_scale: ir.Value | None, y: ir.Value, flags: tuple[ir.Value, ir.Value],
+                       heads: int, kv_heads: int, head_dim: int, base: str, nodes: list[ir.Node],
+                       shared: _Shared) -> ir.Value:
     """``Where(dead row, mean over all T keys of v, y)`` (head h reading kv head h // (H / H_kv)), inside
-    ``If(any row dead)``."""
+    ``If(any row dead)``; an int8 cache (``v_scale`` set) is dequantized there too, as attention reads it, so a
+    batch without padding never converts the cache."""
     dead, any_dead = flags
     restore: list[ir.Node] = []
+    if v_scale is not None:
+        codes = append_node(restore, "Cast", [present_value], f"{base}.v_codes", to=y.dtype)
+        present_value = append_node(restore, "Mul", [codes, v_scale], f"{base}.v_dequantized")
+        present_value.dtype = y.dtype
     mean_v = append_node(restore, "ReduceMean", [present_value, shared.const("axis2", [2])], f"{base}.mean_v")  # [B,Hkv,1,D]
     mean_v = append_node(restore, "Unsqueeze", [append_node(restore, "Transpose", [mean_v], f"{base}.mean_v_t",
                                                             perm=BNSH_TO_BSNH), shared.const("axis3", [3])],
