@@ -33,6 +33,16 @@ def page_aligned(array: np.ndarray) -> np.ndarray:
     return out
 
 
+def _stable_buffer(tensor: ir.TensorProtocol) -> bool:
+    """Whether ``tensor.numpy()`` returns the same buffer on every call: an ``ir.Tensor`` on a numpy array, or an
+    ``ir.ExternalTensor`` (memory-mapped once). A tensor read from a protobuf is not: each call copies its bytes
+    to a new address, so whether it is page-aligned is chance, and the array handed to ONNX Runtime is yet
+    another copy."""
+    if isinstance(tensor, ir.ExternalTensor):
+        return True
+    return isinstance(tensor, ir.Tensor) and isinstance(tensor.raw, np.ndarray)
+
+
 def serialize_without_weights(model: ir.Model) -> tuple[bytes, list[str], list[np.ndarray]]:
     """(the model's bytes with its large initializers as external stubs, their names, their arrays).
 
@@ -46,7 +56,7 @@ def serialize_without_weights(model: ir.Model) -> tuple[bytes, list[str], list[n
                 or value.is_graph_input()):
             continue
         array = tensor.numpy()
-        if not array.flags.c_contiguous or array.ctypes.data % PAGE:
+        if not _stable_buffer(tensor) or not array.flags.c_contiguous or array.ctypes.data % PAGE:
             # adopt a page-aligned copy (one copy, also of a strided view), so later sessions use it in place
             value.const_value = ir.Tensor(page_aligned(array), dtype=tensor.dtype, name=name,
                                           doc_string=tensor.doc_string, metadata_props=dict(tensor.metadata_props))

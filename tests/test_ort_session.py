@@ -46,3 +46,31 @@ def test_large_initializers_leave_the_protobuf_and_small_or_overridable_ones_sta
     feeds = prefill_feeds(np.arange(3, 10), {i.name: i for i in session.get_inputs()}, model)
     zero = np.zeros_like(model.graph.initializers[bias].const_value.numpy())
     assert not np.array_equal(session.run(["logits"], feeds)[0], session.run(["logits"], {**feeds, bias: zero})[0])
+
+
+def test_a_tensor_read_from_protobuf_is_always_adopted_and_the_session_gets_that_copy(monkeypatch):
+    # a protobuf tensor's numpy() copies its bytes to a new address on every call, so whether it is page-aligned
+    # is chance: it is always adopted, and the array handed to ONNX Runtime is the adopted one. The lucky case
+    # (every copy happens to be page-aligned) is forced here: it must still be adopted.
+    import onnx
+
+    from qexport.runtimes.ort_session import page_aligned
+
+    copy = ir.serde.TensorProtoTensor.numpy
+    monkeypatch.setattr(ir.serde.TensorProtoTensor, "numpy", lambda self: page_aligned(copy(self)))
+
+    weight = np.arange(64 * 32, dtype=np.float32).reshape(64, 32)
+    proto = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 32])],
+        [onnx.numpy_helper.from_array(weight, "w")]))
+    model = ir.from_proto(proto)
+    assert isinstance(model.graph.initializers["w"].const_value, ir.serde.TensorProtoTensor)
+    _, names, arrays = serialize_without_weights(model)
+    adopted = model.graph.initializers["w"].const_value
+    assert names == ["w"] and isinstance(adopted, ir.Tensor) and adopted.numpy() is arrays[0]
+    assert arrays[0].ctypes.data % PAGE == 0
+    np.testing.assert_array_equal(arrays[0], weight)
+    serialize_without_weights(model)
+    assert model.graph.initializers["w"].const_value is adopted  # adopted once
