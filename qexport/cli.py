@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--recipe", default=None, help="recipe YAML file or preset name (see samples/recipes)")
     p.add_argument("--calib", default=None, help="calibration text: a file, a built-in domain (pydoc, manpages, gitnotes) or a mix "
-                   "(pydoc+manpages), or a dataset name (default: pydoc, its calibration half)")
+                   "(pydoc+manpages), 'machine' (pydoc mixed with the manual pages where installed), or a "
+                   "dataset name (default: the recipe's calibration.text, else pydoc; always the calibration half)")
     p.add_argument("--calib-windows", type=int, default=None,
                    help="calibration windows (default: the recipe's calibration.windows, else 16)")
     p.add_argument("--calib-seq-len", type=int, default=None,

@@ -143,3 +143,19 @@ def test_builtin_domain_names_and_their_errors(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "manpages").write_text("a user's own file wins over the built-in name")
     assert text_source("manpages") == TextSource("file", "manpages")
+
+
+def test_machine_mixes_the_domains_this_machine_has_and_falls_back_to_the_documentation(tmp_path, monkeypatch, caplog):
+    from qexport.exporter import machine_text
+
+    _fake_pages(tmp_path, [f"tool{i}" for i in range(16)])
+    monkeypatch.setattr(machine_text, "MAN_ROOT", tmp_path)
+    source = parse_source("machine")
+    assert source == TextSource("mix", "pydoc+manpages")  # the manifest names what was used, not "machine"
+    mixed = load_text(source, "calibration")
+    assert "word0" in mixed and pydoc_text("calibration")[:200] in mixed
+    assert "gitnotes" not in source.location  # git's release notes stay unseen by the default calibration
+    monkeypatch.setattr(machine_text, "MAN_ROOT", tmp_path / "nothing")
+    with caplog.at_level("WARNING"):
+        assert parse_source("machine") == TextSource("pydoc")
+    assert "no manpages text" in caplog.text

@@ -168,3 +168,11 @@ def gitnotes_text(purpose: str) -> str:
 
 
 DOMAINS: dict[str, Callable[[str], str]] = {"pydoc": pydoc_text, "manpages": manpages_text, "gitnotes": gitnotes_text}
+
+
+def has_text(domain: str, purpose: str) -> bool:
+    """Whether this machine carries ``domain``'s ``purpose`` half (reads it: under a second for any domain)."""
+    try:
+        return bool(DOMAINS[domain](purpose).strip())
+    except TextSourceError:
+        return False

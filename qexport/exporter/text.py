@@ -22,6 +22,8 @@ from qexport.exporter.machine_text import DOMAINS, PURPOSES, pydoc_text  # noqa:
 log = logging.getLogger(__name__)
 
 DATASET_SPLITS = {"evaluation": ("test", "validation"), "calibration": ("train", "validation")}
+MACHINE = "machine"  # the built-in calibration mix of the domains this machine has (machine_source)
+MACHINE_DOMAINS = ("pydoc", "manpages")
 MIX_CHUNK_CHARS = 2_000  # about 500 tokens: a 512-token window sees both domains of a two-domain mix
 
 
@@ -42,8 +44,22 @@ class TextSource:
         return dataclasses.asdict(self)
 
 
+def machine_source() -> TextSource:
+    """``machine``: the calibration prose this machine carries, mixed: the Python documentation, plus the English
+    manual pages where they are installed (a minimal container may have none: then the documentation alone, with a
+    warning). git's release notes stay out, kept as a domain no default calibration has seen. The source returned
+    names the domains actually used, so the manifest and ``qexport report`` record them."""
+    found = [d for d in MACHINE_DOMAINS if d == "pydoc" or machine_text.has_text(d, "calibration")]
+    if len(found) < len(MACHINE_DOMAINS):
+        log.warning("this machine carries no %s text: calibrating on %s alone",
+                    " or ".join(d for d in MACHINE_DOMAINS if d not in found), "+".join(found))
+    return TextSource(found[0]) if len(found) == 1 else TextSource("mix", "+".join(found))
+
+
 def _builtin(spec: str) -> TextSource | None:
-    """``pydoc``, ``manpages``, ``gitnotes`` or a ``+``-joined mix of them; None for anything else."""
+    """``pydoc``, ``manpages``, ``gitnotes``, a ``+``-joined mix of them, or ``machine``; None for anything else."""
+    if spec == MACHINE:
+        return machine_source()
     parts = spec.split("+")
     if not all(part in DOMAINS for part in parts):
         return None
