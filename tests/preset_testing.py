@@ -14,6 +14,7 @@ import onnx_ir as ir
 import qexport
 from qexport import numerics
 from pass_testing import load, make_feeds, run
+from qexport.passes.metadata import Meta
 from qexport.recipes import schema as rc
 
 Runner = Callable[[ir.Model, dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -35,6 +36,13 @@ def export_tiny_preset(source: Path, out: Path, preset: str) -> tuple[list[dict]
     assert all(s["modified"] for s in steps if not s["lossless"])  # (fold-norm has nothing to fold: gamma = 1)
     assert manifest["recipe"]["verify"]["max_abs_logit_diff"] < 1e-3  # the lossless prefix stayed exact
     return steps, ir.load(out / "model.onnx")
+
+
+def linears_merged_away(model: ir.Model) -> int:
+    """How many linears merged nodes (``ort-merge-linears``) hold beyond one each: add it to a count of kernels to
+    count linears."""
+    return sum(len(n.metadata_props[Meta.MERGED_LINEARS].split(",")) - 1 for n in model.graph
+               if Meta.MERGED_LINEARS in n.metadata_props)
 
 
 def logits_sqnr_db(model: ir.Model, fp32_folder: Path, runner: Runner = run) -> float:

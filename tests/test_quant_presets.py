@@ -8,8 +8,7 @@ import json
 import pytest
 
 import qexport
-from preset_testing import evaluate_quantized, export_tiny_preset, logits_sqnr_db, quantize_smollm2
-from qexport.passes.metadata import Meta
+from preset_testing import evaluate_quantized, export_tiny_preset, linears_merged_away, logits_sqnr_db, quantize_smollm2
 from qexport.recipes import schema as rc
 
 QUANT_PRESETS = [name for name in rc.preset_names() if name.startswith("w8a8")]
@@ -35,8 +34,7 @@ def test_quant_preset_end_to_end_on_tiny_llama(tiny_source, tiny_export, tmp_pat
     settings = dict(rc.load_recipe(preset).passes[[e.name for e in rc.load_recipe(preset).passes].index("quantize")].settings)
     linears = 14 + bool(settings.get("include_lm_head"))  # 2 layers x 7, and lm_head if the preset says so
     ran = [s["pass"] for s in steps]
-    merged_away = sum(len(n.metadata_props[Meta.MERGED_LINEARS].split(",")) - 1 for n in model.graph
-                      if Meta.MERGED_LINEARS in n.metadata_props)
+    merged_away = linears_merged_away(model)
     if "ort-nbits" in ran:  # the kernels quantize their activations: no quantizer left
         assert ops["MatMulNBits"] + merged_away == linears and ops["DequantizeLinear"] == ops["QuantizeLinear"] == 0
     elif "ort-merge-linears" in ran:  # per layer: q/k/v merged, o, gate/up merged, down
@@ -63,7 +61,6 @@ def test_quant_preset_meets_its_perplexity_target_on_smollm2(default_export, tmp
     result = evaluate_quantized(default_export, model, tmp_path / preset)
     assert result["ppl_ratio"] <= TARGETS[preset], f"{preset}: ppl ratio {result['ppl_ratio']:.4f}"
     ops = collections.Counter(n.op_type for n in model.graph)
-    merged = sum(len(n.metadata_props.get(Meta.MERGED_LINEARS, "").split(",")) - 1
-                 for n in model.graph if n.op_type in ("MatMulIntegerToFloat", "MatMulNBits"))  # linears inside merged nodes
+    merged = linears_merged_away(model)  # linears inside merged nodes
     assert ops["MatMulIntegerToFloat"] + merged + ops["DequantizeLinear"] + ops["MatMulNBits"] >= 7 * 30  # quantized
     # for real: every layer linear
