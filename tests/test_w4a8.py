@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from pass_testing import load, make_feeds
-from preset_testing import evaluate_quantized, export_tiny_preset, logits_sqnr_db, quantize_smollm2
+from preset_testing import evaluate_quantized, export_tiny_preset, linears_merged_away, logits_sqnr_db, quantize_smollm2
 from qexport.recipes import schema as rc
 from qexport.calibration.calibrator import Calibrator
 from qexport.errors import RecipeError
@@ -199,8 +199,7 @@ def test_w4a8_preset_end_to_end_on_tiny_llama(tiny_source, tiny_export, tmp_path
     eight = chosen.get("8", 0)  # linears the preset's w4_fraction keeps at int8, as recorded
     assert sum(chosen.values()) == 14
     grouped = preset.startswith("w4a8-group")  # per-group activations, lm_head with int8 weights in groups
-    merged_away = sum(len(n.metadata_props[Meta.MERGED_LINEARS].split(",")) - 1 for n in model.graph
-                      if Meta.MERGED_LINEARS in n.metadata_props)
+    merged_away = linears_merged_away(model)
     if grouped and preset.endswith("-ort"):  # every linear in MatMulNBits, which quantizes its input itself
         assert ops["MatMulNBits"] + merged_away == 15 and ops["DequantizeLinear"] == ops["QuantizeLinear"] == 0
         assert collections.Counter(n.metadata_props[Meta.LOWERED] for n in model.graph if n.op_type == "MatMulNBits"
@@ -256,12 +255,12 @@ def test_w4a8_on_smollm2_passes_the_tensorrt_check_and_meets_its_perplexity_targ
 @pytest.mark.slow
 def test_w4a8_group_ort_on_smollm2_meets_the_w4a8_targets_on_two_domains(default_export, tmp_path):
     """The per-group W4A8 preset in its ONNX Runtime form (its QDQ twin computes the same integers: the preset
-    matrix checks the lowering on every family), calibrated on the default text (the Python documentation) and held
-    to issue 15's w4a8 targets there and on git's notes, which it never saw."""
+    matrix checks the lowering on every family), calibrated on its recipe's ``machine`` text (the Python documentation
+    mixed with the manual pages) and held to issue 15's w4a8 targets on the documentation's evaluation half and on
+    git's notes, a domain no calibration saw."""
     model = quantize_smollm2(default_export, "w4a8-group-ort")
     ops = collections.Counter(n.op_type for n in model.graph)
-    merged_away = sum(len(n.metadata_props[Meta.MERGED_LINEARS].split(",")) - 1 for n in model.graph
-                      if Meta.MERGED_LINEARS in n.metadata_props)
+    merged_away = linears_merged_away(model)
     assert ops["MatMulNBits"] + merged_away == 7 * 30 + 1 and ops["QuantizeLinear"] == ops["DequantizeLinear"] == 0
     # 16 windows per domain; measured on 40 in docs/measurements.md
     for text, target in (("pydoc", 1.06), ("gitnotes", 1.08)):
