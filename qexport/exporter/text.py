@@ -69,9 +69,10 @@ def _builtin(spec: str) -> TextSource | None:
 
 
 def default_calibration_source() -> TextSource:
-    """The calibration half of the Python documentation. A mix (``--calib pydoc+manpages``) carries over better to
-    text of other domains but costs perplexity on the documentation itself (docs/measurements.md), so it is not
-    the default yet."""
+    """The calibration half of the Python documentation, for recipes that name no ``calibration.text``. The
+    ``machine`` mix carries over better to text of other domains; the presets where that was measured to pay
+    (``w4a8-group``, ``w4a8-group-ort``) name it. On ``w4a8`` it trades the documentation for the unseen domain and
+    meets neither target, and the W8A8 presets barely depend on the calibration text (docs/measurements.md)."""
     return TextSource()
 
 
