@@ -72,7 +72,8 @@ def default_calibration_source() -> TextSource:
     """The calibration half of the Python documentation, for recipes that name no ``calibration.text``. The
     ``machine`` mix carries over better to text of other domains; the presets where that was measured to pay
     (``w4a8-group``, ``w4a8-group-ort``) name it. On ``w4a8`` it trades the documentation for the unseen domain and
-    meets neither target, and the W8A8 presets barely depend on the calibration text (docs/measurements.md)."""
+    meets neither target; the W8A8 presets were not measured with it (``w8a8-group`` calibrates nothing)
+    (docs/measurements.md)."""
     return TextSource()
 
 
